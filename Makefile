@@ -1,0 +1,35 @@
+# The verbs the README names. Everything runs from the project venv (.venv).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export BENTOML_DO_NOT_TRACK := True
+
+.PHONY: install model eval test lint
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@# torch first and pinned: the CPU wheel. Any looser spec resolves a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+model: install  ## full build of both models into the BentoML store (skipped if present)
+	$(PY) -m models.build --profile full
+
+eval: model  ## accuracy, calibration and latency of both stored models
+	$(PY) -m models.evaluate
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: install  ## the whole suite: lint, unit, service and integration tests
+	$(MAKE) --no-print-directory lint
+	$(PY) -m pytest

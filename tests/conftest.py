@@ -1,0 +1,32 @@
+"""Shared fixtures. The BentoML home is a fresh folder per test session, set before anything
+imports bentoml, so tests never read or write the user's model store."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_HOME = Path(tempfile.mkdtemp(prefix="sentiment-tests-bentoml-"))
+os.environ["BENTOML_HOME"] = str(_HOME)
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parent.parent
+# The downloaded source packages are cached between runs (they are pinned by hash).
+DATA_DIR = PROJECT / "var" / "data"
+
+
+@pytest.fixture(scope="session")
+def bentoml_home() -> Path:
+    return _HOME
+
+
+@pytest.fixture(scope="session")
+def quick_models(bentoml_home: Path) -> list[str]:
+    """Both models built with the quick profile into this session's model store."""
+    from models.build import build
+
+    return build("quick", DATA_DIR)

