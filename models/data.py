@@ -286,9 +286,7 @@ def _rank(text: str) -> str:
     return hashlib.sha1(dedupe_key(text).encode()).hexdigest()
 
 
-def split(
-    examples: list[Example], validation_size: int = VALIDATION_SIZE
-) -> tuple[list[Example], list[Example]]:
+def split(examples: list[Example], validation_size: int = VALIDATION_SIZE) -> tuple[list[Example], list[Example]]:
     """A stratified (source x label) validation split that depends only on each text's hash.
 
     Adding or removing other texts never moves a text from one side to the other unless the

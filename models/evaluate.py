@@ -126,18 +126,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from models import runtime
     from models.data import prepare
 
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), help="model store tags")
-    parser.add_argument(
-        "--data", nargs="*", type=Path, help="labeled jsonl files (default: held-out corpus sets)"
-    )
+    parser.add_argument("--data", nargs="*", type=Path, help="labeled jsonl files (default: held-out corpus sets)")
     parser.add_argument("--limit", type=int, default=None, help="use at most this many texts per file")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
-    parser.add_argument(
-        "--json", type=Path, default=Path("var/evaluation.json"), help="where to write the report"
-    )
+    parser.add_argument("--json", type=Path, default=Path("var/evaluation.json"), help="where to write the report")
     args = parser.parse_args(argv)
 
     if args.data:

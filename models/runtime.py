@@ -56,6 +56,14 @@ def write_info(model_dir: Path, runtime: str, labels: Sequence[str], max_length:
     (Path(model_dir) / MODEL_INFO).write_text(json.dumps(info, indent=2))
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' per-load reports and progress bars; ours say what matters."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -68,6 +76,7 @@ class _Predictor:
     def __init__(self, model_dir: Path, name: str, threads: int) -> None:
         from transformers import AutoTokenizer
 
+        quiet_transformers()
         info = read_info(model_dir)
         self.name = name
         self.labels: tuple[str, ...] = tuple(info["labels"])

@@ -25,13 +25,22 @@ class ModelSpec:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
+def storable(value: Any) -> Any:
+    """`value` without None entries: BentoML metadata takes only basic types, and None is not one."""
+    if isinstance(value, dict):
+        return {k: storable(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value if v is not None]
+    return value
+
+
 def save_all(specs: list[ModelSpec]) -> list[str]:
     """Store every model or, if any step fails, none: those already saved are deleted again."""
     saved: list[str] = []
     try:
         for spec in specs:
             info = read_info(spec.folder)
-            metadata = {**info, **spec.metadata}
+            metadata = storable({**info, **spec.metadata})
             labels = {"runtime": info["runtime"], **spec.labels}
             with bentoml.models.create(spec.name, labels=labels, metadata=metadata) as model:
                 shutil.copytree(spec.folder, model.path, dirs_exist_ok=True)

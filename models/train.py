@@ -17,6 +17,7 @@ from tqdm import tqdm  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 from models.data import LABELS, Example  # noqa: E402
+from models.runtime import quiet_transformers  # noqa: E402
 
 ID2LABEL = dict(enumerate(LABELS))
 
@@ -60,6 +61,7 @@ def length_grouped_batches(lengths: list[int], cfg: TrainConfig, rng: random.Ran
 
 def load_base(encoder_dir: Path):
     """Tokenizer and a fresh two-label classifier on top of the base encoder."""
+    quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
     model = AutoModelForSequenceClassification.from_pretrained(
         str(encoder_dir),

@@ -27,11 +27,7 @@ class FixedPredictor:
         for t in texts:
             label, p = self.answers[t]
             other = 1 - p
-            probs = (
-                {"positive": p, "negative": other}
-                if label == "positive"
-                else {"negative": p, "positive": other}
-            )
+            probs = {"positive": p, "negative": other} if label == "positive" else {"negative": p, "positive": other}
             out.append(Prediction(label, p, probs))
         return out
 
@@ -89,3 +85,10 @@ def test_table_lists_every_model_and_dataset() -> None:
     assert len(rows) == 4
     assert "90.00" in rows[0] and "20.2" in rows[0]
     assert "m2 / other: s 90.0 (n=10)" in text
+
+
+def test_metadata_is_made_storable() -> None:
+    from models.store import storable
+
+    cfg = {"max_steps": None, "epochs": 1.0, "nested": {"a": None, "b": [1, None, {"c": None}]}}
+    assert storable(cfg) == {"epochs": 1.0, "nested": {"b": [1, {}]}}
