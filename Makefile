@@ -3,11 +3,13 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+BENTOML := $(VENV)/bin/bentoml
 STAMP := $(VENV)/.installed
+PORT ?= 3000
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install model eval test lint
+.PHONY: install model eval serve bento test lint bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +27,12 @@ model: install  ## full build of both models into the BentoML store (skipped if 
 eval: model  ## accuracy, calibration and latency of both stored models
 	$(PY) -m models.evaluate
 
+serve: model  ## the API on http://127.0.0.1:$(PORT), embedded cache, limiter and SQLite
+	$(BENTOML) serve service.service:Sentiment --port $(PORT)
+
+bento: model  ## a versioned Bento recording both model tags
+	$(BENTOML) build
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -33,3 +41,6 @@ lint: install
 test: install  ## the whole suite: lint, unit, service and integration tests
 	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest
+
+bench: model  ## raw model throughput and HTTP load at 1/16/64 clients, unique and repeated texts
+	$(PY) loadtests/bench.py

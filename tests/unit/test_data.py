@@ -14,9 +14,7 @@ from models.data import DataError, Example, Package, dedupe, dedupe_key, split
 
 def test_dedupe_key_matches_retypeset_copies() -> None:
     original = "The Rock is destined to be the 21st Century's new ''Conan''; co writer/director J.R.R."
-    retyped = (
-        'the rock is destined to be the 21st century\'s new "" conan "" ; co-writer/director j . r . r .'
-    )
+    retyped = 'the rock is destined to be the 21st century\'s new "" conan "" ; co-writer/director j . r . r .'
     assert dedupe_key(original) == dedupe_key(retyped)
     assert dedupe_key("good movie") != dedupe_key("good movies")
 

@@ -1,0 +1,54 @@
+"""Closed-loop /predict load for `make bench`: each user sends its next request on reply.
+
+BENCH_MODE=unique gives every request a text never sent before (no cache hits);
+BENCH_MODE=repeated cycles through a few texts (all cache hits after the first round).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+from pathlib import Path
+
+from locust import FastHttpUser, constant, task
+
+MODE = os.environ.get("BENCH_MODE", "unique")
+POOL_FILE = Path(os.environ.get("BENCH_TEXTS", "var/data/corpus/validation.jsonl"))
+FALLBACK = [
+    "The food was cold and the waiter ignored us all evening.",
+    "A warm, funny and beautifully acted film.",
+    "Delivery took three weeks and the box arrived crushed.",
+    "Exactly what I needed, works perfectly.",
+]
+
+
+def _pool() -> list[str]:
+    if POOL_FILE.exists():
+        with POOL_FILE.open() as f:
+            return [json.loads(line)["text"][:300] for line in f if line.strip()]
+    return FALLBACK
+
+
+TEXTS = _pool()
+REPEATED = TEXTS[:20]
+_counter = itertools.count()
+_salt = random.Random().randrange(1 << 30)
+
+
+class PredictUser(FastHttpUser):
+    wait_time = constant(0)
+
+    @task
+    def predict(self) -> None:
+        n = next(_counter)
+        if MODE == "unique":
+            text = f"{TEXTS[n % len(TEXTS)]} [{_salt}-{n}]"
+        else:
+            text = REPEATED[n % len(REPEATED)]
+        with self.client.post("/predict", json={"text": text}, catch_response=True) as r:
+            if r.status_code != 200:
+                r.failure(f"status {r.status_code}")
+            elif r.json().get("label") not in ("positive", "negative"):
+                r.failure("no label in response")

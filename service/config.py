@@ -1,0 +1,66 @@
+"""Every setting of the service, from the environment, in one place (see the README's table)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from functools import lru_cache
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Two workers with one torch thread each measured faster than one worker with two threads
+# on this 2-core machine under concurrent load (see the README's benchmark section).
+DEFAULT_WORKERS = 2
+
+
+class Settings(BaseSettings):
+    """The contract's configuration variables (shared/API.md), typed and with defaults."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    redis_url: str | None = None
+    database_url: str = "sqlite:///var/analytics.db"
+    sentiment_model: str = "sentiment-minilm:latest"
+    ab_model_b: str = "sentiment-minilm-int8:latest"
+    ab_split: float = Field(0.5, ge=0.0, le=1.0)
+    cache_ttl_seconds: int = Field(86400, gt=0)
+    # A limits-style string ("100/minute", "10 per second"), or "0" to switch the limit off.
+    rate_limit_predict: str = "100/minute"
+    rate_limit_batch: str = "20/minute"
+    trusted_proxies: Annotated[list[str], NoDecode] = []
+    admin_api_key: SecretStr | None = None
+    max_text_chars: int = Field(5000, gt=0)
+    max_batch_size: int = Field(64, gt=0)
+    max_body_bytes: int = Field(1_048_576, gt=0)
+    service_workers: int = Field(DEFAULT_WORKERS, gt=0)
+    torch_num_threads: int | None = Field(None, gt=0)
+    torch_num_interop_threads: int = Field(1, gt=0)
+    store_text: bool = False
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_proxies(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            ipaddress.ip_network(net, strict=False)
+        return value
+
+    @property
+    def threads_per_worker(self) -> int:
+        """Intra-op threads per worker: the cores shared out between the workers."""
+        if self.torch_num_threads:
+            return self.torch_num_threads
+        return max(1, (os.cpu_count() or 1) // self.service_workers)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,144 @@
+"""Request guards in front of the endpoints: body size, in-flight load, client identity."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequence[str]) -> str:
+    """The peer, or the first X-Forwarded-For address when the peer is a trusted proxy."""
+    if not peer:
+        return "unknown"
+    if forwarded_for and trusted:
+        try:
+            addr = ipaddress.ip_address(peer)
+        except ValueError:
+            return peer
+        if any(addr in ipaddress.ip_network(net, strict=False) for net in trusted):
+            first = forwarded_for.split(",")[0].strip()
+            try:
+                return str(ipaddress.ip_address(first))
+            except ValueError:
+                return peer
+    return peer
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+    payload = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimit:
+    """413 for bodies over `max_bytes`, from Content-Length before reading, or while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = {"error": f"request body exceeds {self.max_bytes} bytes (MAX_BODY_BYTES)"}
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    too_large = int(value) > self.max_bytes
+                except ValueError:
+                    too_large = False
+                if too_large:
+                    await _send_json(send, 413, error, {"Connection": "close"})
+                    return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _send_json(send, 413, error, {"Connection": "close"})
+
+
+class InFlightLimit:
+    """503 with Retry-After when more than `limit` requests are in flight in this worker.
+
+    BentoML's own `traffic.max_concurrency` answers a bare 429 that clients would take for a
+    rate limit, and it also counts the internal batching calls; this guard counts only the
+    public requests it wraps.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, paths: Sequence[str], retry_after: int = 1) -> None:
+        self.app = app
+        self.limit = limit
+        self.paths = tuple(paths)
+        self.retry_after = retry_after
+        self.in_flight = 0
+        self.rejected = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.paths):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            self.rejected += 1
+            await _send_json(
+                send,
+                503,
+                {"error": "service overloaded, retry later"},
+                {"Retry-After": str(self.retry_after)},
+            )
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+class InternalOnly:
+    """403 for outside callers of the internal batching API.
+
+    BentoML calls `infer` through an in-process client whose peer is 127.0.0.1 and which
+    sends a Runner-Name header; anything else reaching those paths is refused, so the
+    public endpoints' limits and validation cannot be bypassed.
+    """
+
+    def __init__(self, app: ASGIApp, prefix: str = "/internal/") -> None:
+        self.app = app
+        self.prefix = prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefix):
+            peer = (scope.get("client") or ("",))[0]
+            names = {k for k, _ in scope.get("headers", [])}
+            if peer not in ("127.0.0.1", "::1") or b"runner-name" not in names:
+                await _send_json(send, 403, {"error": "internal endpoint"}, {})
+                return
+        await self.app(scope, receive, send)

@@ -1,0 +1,280 @@
+"""The sentiment service: endpoints and wiring (shared/API.md is the contract).
+
+Public endpoints live on a FastAPI app mounted into the BentoML service, so that errors,
+limits and headers follow the contract exactly. Every inference, whether from /predict,
+/predict/ab or /batch, goes through the one batchable `infer` API, called through
+`self.to_async`, so BentoML's adaptive batcher groups texts from concurrent requests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+import uuid
+from datetime import timedelta
+from http import HTTPStatus
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Annotated, Any
+
+import bentoml
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from models import runtime
+from service import ab, errors
+from service.config import Settings, get_settings
+from service.errors import ApiError
+from service.limits import BodySizeLimit, InFlightLimit, InternalOnly, client_address
+from service.schemas import (
+    ABPrediction,
+    ABRequest,
+    BatchRequest,
+    BatchResponse,
+    FeedbackRequest,
+    FeedbackResponse,
+    Prediction,
+    PredictRequest,
+)
+from storage.analytics import PredictionRecord, SqlAnalyticsStore
+from storage.cache import MemoryPredictionCache, PredictionCache, cache_key
+from storage.ratelimit import Decision, LimitsRateLimiter, RateLimiter, parse_limit
+
+log = logging.getLogger("sentiment")
+settings: Settings = get_settings()
+VERSION = package_version("sentiment-service")
+PUBLIC_PATHS = ("/predict", "/batch", "/feedback", "/analytics")
+# Per worker. Beyond this many public requests in flight a worker answers 503 at once
+# rather than queueing work it cannot finish in time.
+MAX_IN_FLIGHT = 512
+
+app = FastAPI(title="sentiment", docs_url=None, redoc_url=None, openapi_url=None)
+errors.install(app)
+app.add_middleware(InFlightLimit, limit=MAX_IN_FLIGHT, paths=PUBLIC_PATHS)
+app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+
+
+class InferItem(BaseModel):
+    """One text for one model: the unit the adaptive batcher groups."""
+
+    model: str
+    text: str
+
+
+class InferResult(BaseModel):
+    label: str
+    score: float
+    probabilities: dict[str, float]
+
+
+def _window(value: str) -> timedelta:
+    match = re.fullmatch(r"(\d{1,6})([smhd])", value.strip())
+    if not match:
+        raise ApiError(400, "invalid request: window: expected a number and a unit s, m, h or d, e.g. 15m")
+    n, unit = int(match[1]), match[2]
+    return timedelta(seconds=n * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+
+
+@bentoml.service(
+    name="sentiment",
+    workers=settings.service_workers,
+    # Internal batching calls reuse one client; BentoML replaces it after max_requests
+    # while calls are in flight, which reset connections under load (BENTOML_NOTES.md).
+    runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
+    traffic={"timeout": 60},
+    envs=[{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "BENTOML_DO_NOT_TRACK", "value": "True"}],
+)
+@bentoml.asgi_app(app, path="/")
+class Sentiment:
+    """Sentiment predictions with caching, rate limits, an A/B test and analytics."""
+
+    model_a = bentoml.models.BentoModel(settings.sentiment_model)
+    model_b = bentoml.models.BentoModel(settings.ab_model_b)
+    to_async: Any  # set by BentoML on each instance: calls through its own batching server
+
+    def __init__(self) -> None:
+        threads = settings.threads_per_worker
+        self.predictors: dict[str, runtime.Predictor] = {}
+        for stored in (self.model_a, self.model_b):
+            tag = str(stored.tag)
+            self.predictors[tag] = runtime.load_dir(Path(stored.path), tag, threads)
+        self.tag_a, self.tag_b = str(self.model_a.tag), str(self.model_b.tag)
+        self.experiment = f"{self.model_a.tag.name}-vs-{self.model_b.tag.name}"
+        self.cache: PredictionCache = MemoryPredictionCache(settings.cache_ttl_seconds)
+        self.limiter: RateLimiter = LimitsRateLimiter("memory://")
+        self.limits = {
+            "predict": parse_limit(settings.rate_limit_predict),
+            "batch": parse_limit(settings.rate_limit_batch),
+        }
+        self.analytics = SqlAnalyticsStore(settings.database_url, store_text=settings.store_text)
+        if self.analytics.dialect == "sqlite":
+            self.analytics.create_schema()
+        self.analytics.start()
+
+    @bentoml.on_shutdown
+    def _close(self) -> None:
+        self.analytics.close()
+
+    # --- the one inference path ---------------------------------------------------------
+
+    @bentoml.api(route="/internal/infer", batchable=True, max_batch_size=settings.max_batch_size)
+    def infer(self, items: list[InferItem]) -> list[InferResult]:
+        """Model outputs for (model, text) items, each model run once per batch."""
+        results: list[InferResult | None] = [None] * len(items)
+        by_model: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            by_model.setdefault(item.model, []).append(i)
+        for tag, idx in by_model.items():
+            preds = self.predictors[tag].predict([items[i].text for i in idx])
+            for i, p in zip(idx, preds, strict=True):
+                results[i] = InferResult(label=p.label, score=p.score, probabilities=p.probabilities)
+        return [r for r in results if r is not None]
+
+    async def _predict(self, texts: list[str], tag: str, endpoint: str, variant: str | None = None):
+        """Predictions for `texts` by model `tag`: cache first, the rest through the batcher."""
+        started = time.perf_counter()
+        keys = [cache_key(tag, t) for t in texts]
+        found = self.cache.get_many(keys)
+        missing = [i for i, hit in enumerate(found) if hit is None]
+        if missing:
+            items = [InferItem(model=tag, text=texts[i]) for i in missing]
+            try:
+                outputs = await self.to_async.infer(items)
+            except bentoml.exceptions.BentoMLException as exc:
+                if exc.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
+                    raise ApiError(503, "service overloaded, retry later", {"Retry-After": "1"}) from exc
+                raise
+            fresh = {}
+            for i, out in zip(missing, outputs, strict=True):
+                value = out if isinstance(out, dict) else out.model_dump()
+                found[i] = value
+                fresh[keys[i]] = value
+            self.cache.set_many(fresh)
+        latency_ms = round((time.perf_counter() - started) * 1000, 2)
+        cached_idx = set(range(len(texts))) - set(missing)
+        predictions = [
+            Prediction(
+                request_id=str(uuid.uuid4()),
+                label=value["label"],
+                score=value["score"],
+                probabilities=value["probabilities"],
+                model=tag,
+                cached=i in cached_idx,
+                latency_ms=latency_ms,
+            )
+            for i, value in enumerate(found)
+            if value is not None
+        ]
+        self.analytics.record(
+            PredictionRecord(
+                request_id=p.request_id,
+                endpoint=endpoint,
+                model=tag,
+                label=p.label,
+                score=p.score,
+                cached=p.cached,
+                latency_ms=latency_ms,
+                text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+                text_length=len(text),
+                variant=variant,
+                text=text,
+            )
+            for p, text in zip(predictions, texts, strict=True)
+        )
+        return predictions
+
+    # --- public endpoints ----------------------------------------------------------------
+
+    def _limit(self, request: Request, response: Response, scope: str) -> None:
+        limit = self.limits[scope]
+        if limit is None:
+            return
+        peer = request.client.host if request.client else None
+        client = client_address(peer, request.headers.get("x-forwarded-for"), settings.trusted_proxies)
+        decision: Decision = self.limiter.hit(scope, client, limit)
+        if not decision.allowed:
+            raise ApiError(429, f"rate limit exceeded: {limit} per client", decision.headers())
+        response.headers.update(decision.headers())
+
+    def _admin(self, request: Request) -> None:
+        key = settings.admin_api_key
+        if key is None:
+            return
+        if request.headers.get("authorization") != f"Bearer {key.get_secret_value()}":
+            raise ApiError(401, "analytics need Authorization: Bearer <ADMIN_API_KEY>", {"WWW-Authenticate": "Bearer"})
+
+    @app.post("/predict", response_model=Prediction)
+    async def predict(self, body: PredictRequest, request: Request, response: Response) -> Prediction:
+        self._limit(request, response, "predict")
+        [prediction] = await self._predict([body.text], self.tag_a, "/predict")
+        return prediction
+
+    @app.post("/predict/ab", response_model=ABPrediction)
+    async def predict_ab(self, body: ABRequest, request: Request, response: Response) -> ABPrediction:
+        self._limit(request, response, "predict")
+        variant = ab.assign(self.experiment, body.user_id, settings.ab_split)
+        tag = self.tag_b if variant == "B" else self.tag_a
+        [prediction] = await self._predict([body.text], tag, "/predict/ab", variant)
+        return ABPrediction(**prediction.model_dump(), variant=variant, experiment=self.experiment)
+
+    @app.post("/batch", response_model=BatchResponse)
+    async def batch(self, body: BatchRequest, request: Request, response: Response) -> BatchResponse:
+        self._limit(request, response, "batch")
+        predictions = await self._predict(body.texts, self.tag_a, "/batch")
+        cached = sum(p.cached for p in predictions)
+        return BatchResponse(predictions=predictions, count=len(predictions), cached_count=cached)
+
+    @app.post("/feedback", response_model=FeedbackResponse)
+    async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
+        self.analytics.record_feedback(str(body.request_id), body.label)
+        return FeedbackResponse(accepted=True)
+
+    @app.get("/analytics/summary")
+    async def analytics_summary(self, request: Request, window: Annotated[str, Query()] = "1h") -> dict:
+        self._admin(request)
+        return self.analytics.summary(_window(window))
+
+    @app.get("/analytics/ab")
+    async def analytics_ab(self, request: Request, window: Annotated[str, Query()] = "1h") -> dict:
+        self._admin(request)
+        report = self.analytics.ab_report(_window(window))
+        return {"experiment": self.experiment, "split": settings.ab_split, **report}
+
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        cache, database = self.cache.status(), self.analytics.status()
+        serving = bool(self.predictors)
+        degraded = "down" in (cache, database)
+        body = {
+            "status": "ok" if serving and not degraded else "degraded",
+            "model": {
+                "A": self.tag_a,
+                "B": self.tag_b,
+                "runtimes": {tag: p.runtime for tag, p in self.predictors.items()},
+                "threads": settings.threads_per_worker,
+            },
+            "cache": cache,
+            "database": database,
+            "rate_limiter": self.limiter.status(),
+            "version": VERSION,
+        }
+        return JSONResponse(body, status_code=200 if serving else 503)
+
+
+Sentiment.add_asgi_middleware(InternalOnly)  # type: ignore[attr-defined]  # a bentoml Service
+
+
+@app.middleware("http")
+async def _request_context(request: Request, call_next):
+    """A request id on every response, and every error counted in the analytics store."""
+    rid = errors.request_id(request)
+    response = await call_next(request)
+    response.headers["X-Request-ID"] = rid
+    if response.status_code >= 400 and request.url.path.startswith(PUBLIC_PATHS):
+        service = bentoml.get_current_service()
+        if service is not None:
+            service.analytics.record_error(request.url.path, response.status_code)
+    return response

@@ -1,0 +1,345 @@
+"""The analytics store: every prediction, feedback and error, and the reports built from them.
+
+Writes never happen on the request path: records go to an in-memory buffer that a background
+thread flushes in batches with `INSERT ... ON CONFLICT DO NOTHING` on the request id, so a
+record written twice is stored once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import Engine, case, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from storage.db import make_engine
+from storage.tables import feedback, metadata, predictions, request_errors
+
+log = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class PredictionRecord:
+    """One answered prediction, as stored (the text itself only when configured)."""
+
+    request_id: str
+    endpoint: str
+    model: str
+    label: str
+    score: float
+    cached: bool
+    latency_ms: float
+    text_sha256: str
+    text_length: int
+    variant: str | None = None
+    text: str | None = None
+    created_at: datetime = field(default_factory=utcnow)
+
+
+class AnalyticsStore(Protocol):
+    def record(self, records: Iterable[PredictionRecord]) -> None: ...
+
+    def record_error(self, endpoint: str, status: int) -> None: ...
+
+    def record_feedback(self, request_id: str, label: str) -> None: ...
+
+    def summary(self, window: timedelta) -> dict[str, Any]: ...
+
+    def ab_report(self, window: timedelta) -> dict[str, Any]: ...
+
+    def status(self) -> str: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# --- statistics for the A/B report -------------------------------------------------------
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a proportion; None without observations."""
+    if n == 0:
+        return None
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def two_proportion_p_value(s1: int, n1: int, s2: int, n2: int) -> float | None:
+    """Two-sided p-value of the pooled two-proportion z-test; None when it is undefined."""
+    if n1 == 0 or n2 == 0:
+        return None
+    pooled = (s1 + s2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if se == 0:
+        return 1.0 if s1 / n1 == s2 / n2 else 0.0
+    z = (s1 / n1 - s2 / n2) / se
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile, as PostgreSQL's percentile_cont computes it."""
+    if not sorted_values:
+        return None
+    pos = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+# --- the SQL store ------------------------------------------------------------------------
+
+
+class SqlAnalyticsStore:
+    """Analytics on SQLAlchemy: SQLite by default, PostgreSQL in production."""
+
+    def __init__(
+        self,
+        url: str,
+        store_text: bool = False,
+        flush_interval: float = 0.5,
+        batch_size: int = 500,
+        buffer_limit: int = 100_000,
+    ) -> None:
+        self.url = url
+        self.engine: Engine = make_engine(url)
+        self.store_text = store_text
+        self.flush_interval = flush_interval
+        self.batch_size = batch_size
+        self._buffer: deque[dict[str, Any]] = deque()
+        self._errors: deque[dict[str, Any]] = deque()
+        self._buffer_limit = buffer_limit
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._healthy = True
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def create_schema(self) -> None:
+        """Create missing tables (the embedded SQLite default; PostgreSQL uses migrations)."""
+        metadata.create_all(self.engine, checkfirst=True)
+
+    # writes
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="analytics-writer", daemon=True)
+            self._thread.start()
+
+    def record(self, records: Iterable[PredictionRecord]) -> None:
+        rows = []
+        for rec in records:
+            row = asdict(rec)
+            if not self.store_text:
+                row["text"] = None
+            rows.append(row)
+        with self._lock:
+            self._buffer.extend(rows)
+            overflow = len(self._buffer) - self._buffer_limit
+            for _ in range(max(0, overflow)):
+                self._buffer.popleft()
+                self.dropped += 1
+        if len(self._buffer) >= self.batch_size:
+            self._wake.set()
+
+    def record_error(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self._errors.append({"created_at": utcnow(), "endpoint": endpoint, "status": status})
+            if len(self._errors) > self._buffer_limit:
+                self._errors.popleft()
+
+    def record_feedback(self, request_id: str, label: str) -> None:
+        ins = self._insert(feedback).values(request_id=request_id, label=label, created_at=utcnow())
+        stmt = ins.on_conflict_do_update(
+            index_elements=[feedback.c.request_id],
+            set_={"label": ins.excluded.label, "created_at": ins.excluded.created_at},
+        )
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def _insert(self, table):
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+
+    def _flush_errors(self) -> None:
+        with self._lock:
+            rows = list(self._errors)
+            self._errors.clear()
+        if not rows:
+            return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(request_errors.insert(), rows)
+        except Exception:
+            with self._lock:
+                self._errors.extendleft(reversed(rows))
+
+    def flush(self) -> int:
+        """Write everything buffered; returns the number of prediction rows written."""
+        written = 0
+        with self._flush_lock:
+            self._flush_errors()
+            while True:
+                with self._lock:
+                    batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
+                if not batch:
+                    return written
+                try:
+                    with self.engine.begin() as conn:
+                        conn.execute(
+                            self._insert(predictions).on_conflict_do_nothing(index_elements=[predictions.c.request_id]),
+                            batch,
+                        )
+                except Exception as exc:
+                    with self._lock:
+                        self._buffer.extendleft(reversed(batch))
+                    if self._healthy:
+                        log.warning("analytics database unavailable, buffering: %s", exc)
+                    self._healthy = False
+                    return written
+                if not self._healthy:
+                    log.warning("analytics database back; writing buffered rows")
+                self._healthy = True
+                written += len(batch)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            self.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self.flush()
+        self.engine.dispose()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    def status(self) -> str:
+        if self.dialect == "sqlite":
+            return "sqlite"
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+            return "ok"
+        except Exception:
+            return "down"
+
+    # reads
+
+    def _latencies(self, conn, where, quantiles: Sequence[float]) -> list[float | None]:
+        if self.dialect == "postgresql":
+            cols = [func.percentile_cont(q).within_group(predictions.c.latency_ms) for q in quantiles]
+            row = conn.execute(select(*cols).where(*where)).one()
+            return [_round(v) for v in row]
+        values = conn.execute(select(predictions.c.latency_ms).where(*where).order_by(predictions.c.latency_ms))
+        ordered = [v for (v,) in values]
+        return [_round(percentile(ordered, q)) for q in quantiles]
+
+    def summary(self, window: timedelta) -> dict[str, Any]:
+        since = utcnow() - window
+        where = [predictions.c.created_at >= since]
+        p = predictions.c
+        with self.engine.connect() as conn:
+            total, hits = conn.execute(
+                select(func.count(), func.coalesce(func.sum(case((p.cached, 1), else_=0)), 0)).where(*where)
+            ).one()
+
+            def grouped(col) -> dict[str, int]:
+                rows = conn.execute(select(col, func.count()).where(*where).group_by(col))
+                return {str(k): int(n) for k, n in rows}
+
+            p50, p95, p99 = self._latencies(conn, where, (0.5, 0.95, 0.99))
+            errors = conn.execute(
+                select(request_errors.c.status, func.count())
+                .where(request_errors.c.created_at >= since)
+                .group_by(request_errors.c.status)
+            )
+            by_status = {int(s): int(n) for s, n in errors}
+            by_endpoint, by_model, by_label = grouped(p.endpoint), grouped(p.model), grouped(p.label)
+        return {
+            "window_seconds": int(window.total_seconds()),
+            "total": int(total),
+            "by_endpoint": by_endpoint,
+            "by_model": by_model,
+            "by_label": by_label,
+            "cache_hit_rate": round(int(hits) / total, 4) if total else None,
+            "latency_ms": {"p50": p50, "p95": p95, "p99": p99},
+            "errors": sum(n for s, n in by_status.items() if s != 429),
+            "rate_limited": by_status.get(429, 0),
+            "errors_by_status": {str(s): n for s, n in sorted(by_status.items())},
+        }
+
+    def ab_report(self, window: timedelta) -> dict[str, Any]:
+        since = utcnow() - window
+        p = predictions.c
+        variants: dict[str, Any] = {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(p.variant, p.model, func.count(), func.avg(p.score))
+                .where(p.created_at >= since, p.variant.is_not(None))
+                .group_by(p.variant, p.model)
+            )
+            for variant, model, n, mean_score in rows:
+                v = variants.setdefault(variant, {"requests": 0, "models": {}, "mean_score": 0.0})
+                v["models"][model] = int(n)
+                v["mean_score"] += float(mean_score) * int(n)
+                v["requests"] += int(n)
+            for name, v in variants.items():
+                where = [p.created_at >= since, p.variant == name]
+                v["mean_score"] = round(v["mean_score"] / v["requests"], 4)
+                labels = conn.execute(select(p.label, func.count()).where(*where).group_by(p.label))
+                v["labels"] = {str(k): int(n) for k, n in labels}
+                p50, p95 = self._latencies(conn, where, (0.5, 0.95))
+                v["latency_ms"] = {"p50": p50, "p95": p95}
+                fb_n, fb_ok = conn.execute(
+                    select(
+                        func.count(),
+                        func.coalesce(func.sum(case((feedback.c.label == p.label, 1), else_=0)), 0),
+                    )
+                    .select_from(predictions.join(feedback, feedback.c.request_id == p.request_id))
+                    .where(*where)
+                ).one()
+                interval = wilson_interval(int(fb_ok), int(fb_n))
+                v["feedback"] = int(fb_n)
+                v["accuracy"] = round(int(fb_ok) / int(fb_n), 4) if fb_n else None
+                v["accuracy_ci95"] = [round(x, 4) for x in interval] if interval else None
+                v["_correct"] = int(fb_ok)
+        a, b = variants.get("A"), variants.get("B")
+        p_value = None
+        if a and b:
+            p_value = two_proportion_p_value(a["_correct"], a["feedback"], b["_correct"], b["feedback"])
+        for v in variants.values():
+            v.pop("_correct")
+        return {
+            "window_seconds": int(window.total_seconds()),
+            "variants": dict(sorted(variants.items())),
+            "accuracy_difference_p_value": None if p_value is None else round(p_value, 6),
+        }

@@ -1,0 +1,82 @@
+"""Per-client rate limits: a Protocol and an implementation on the `limits` library.
+
+`limits` gives an atomic moving window on every storage it supports: in-process memory here
+(one window per worker) and Redis when REDIS_URL is set (one window for every worker and
+replica). A storage failure lets the request through and is counted, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from limits import RateLimitItem, parse, storage, strategies
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether a hit is allowed, and what the RateLimit headers should say."""
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_after: int
+    window_seconds: int
+
+    def headers(self) -> dict[str, str]:
+        headers = {
+            "RateLimit-Policy": f"{self.limit};w={self.window_seconds}",
+            "RateLimit": f"limit={self.limit}, remaining={self.remaining}, reset={self.reset_after}",
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(max(1, self.reset_after))
+        return headers
+
+
+def parse_limit(spec: str) -> RateLimitItem | None:
+    """A limits item from "100/minute" and the like; None for "0" (no limit)."""
+    if spec.strip() in ("", "0"):
+        return None
+    return parse(spec)
+
+
+class RateLimiter(Protocol):
+    def hit(self, scope: str, client: str, limit: RateLimitItem) -> Decision: ...
+
+    def status(self) -> str: ...
+
+
+class LimitsRateLimiter:
+    """A moving-window limiter on a `limits` storage URI (`memory://`, `redis://...`)."""
+
+    def __init__(self, storage_uri: str = "memory://") -> None:
+        self._storage = storage.storage_from_string(storage_uri)
+        self._limiter = strategies.MovingWindowRateLimiter(self._storage)
+        self._embedded = storage_uri.startswith("memory://")
+        self.errors = 0
+
+    def hit(self, scope: str, client: str, limit: RateLimitItem) -> Decision:
+        window = limit.get_expiry()
+        try:
+            allowed = self._limiter.hit(limit, scope, client)
+            stats = self._limiter.get_window_stats(limit, scope, client)
+        except Exception as exc:  # fail open: a limiter outage must not stop predictions
+            self.errors += 1
+            if self.errors == 1 or self.errors % 1000 == 0:
+                log.warning("rate limiter storage failed (%s errors so far): %s", self.errors, exc)
+            return Decision(True, limit.amount, limit.amount, window, window)
+        reset = max(0, math.ceil(stats.reset_time - time.time()))
+        return Decision(allowed, limit.amount, max(0, stats.remaining), reset, window)
+
+    def status(self) -> str:
+        if self._embedded:
+            return "memory"
+        try:
+            return "ok" if self._storage.check() else "down"
+        except Exception:
+            return "down"

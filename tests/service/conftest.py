@@ -1,0 +1,49 @@
+"""The service through BentoML's ASGI app, with the embedded backends and the quick models."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+_clients = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def service_env(quick_models: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment read by service.config before the service module is first imported."""
+    db = Path(tmp_path_factory.mktemp("analytics")) / "analytics.db"
+    env = {
+        "DATABASE_URL": f"sqlite:///{db}",
+        "SENTIMENT_MODEL": quick_models[0],
+        "AB_MODEL_B": quick_models[1],
+        # The test client's peer; each test then names its own client in X-Forwarded-For.
+        "TRUSTED_PROXIES": "10.0.0.0/8",
+        "SERVICE_WORKERS": "1",
+    }
+    os.environ.update(env)
+    return env
+
+
+@pytest.fixture(scope="session")
+def client(service_env: dict[str, str]) -> Iterator[TestClient]:
+    from service.service import Sentiment
+
+    with TestClient(Sentiment.to_asgi(), client=("10.0.0.9", 5555), raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture
+def ip() -> str:
+    """A client address of this test's own, so rate limits never leak between tests."""
+    n = next(_clients)
+    return f"192.0.2.{n}" if n < 255 else f"198.51.100.{n - 254}"
+
+
+@pytest.fixture
+def headers(ip: str) -> dict[str, str]:
+    return {"X-Forwarded-For": ip}

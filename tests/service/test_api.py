@@ -1,0 +1,180 @@
+"""Every endpoint and every error case of the contract, through the ASGI app."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from starlette.testclient import TestClient
+
+pytestmark = pytest.mark.slow
+
+PREDICTION_FIELDS = {"request_id", "label", "score", "probabilities", "model", "cached", "latency_ms"}
+
+
+def test_predict_returns_a_prediction(client: TestClient, headers: dict[str, str], service_env) -> None:
+    r = client.post("/predict", json={"text": "What a wonderful, delightful film!"}, headers=headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == PREDICTION_FIELDS
+    assert body["label"] == "positive"
+    assert body["score"] == pytest.approx(body["probabilities"]["positive"])
+    assert body["model"] == service_env["SENTIMENT_MODEL"]
+    uuid.UUID(body["request_id"])
+    assert r.headers["X-Request-ID"]
+    assert r.headers["RateLimit-Policy"] == "100;w=60"
+
+
+def test_repeat_is_served_from_cache(client: TestClient, headers: dict[str, str]) -> None:
+    text = f"An awful, boring waste of time {uuid.uuid4()}"
+    first = client.post("/predict", json={"text": text}, headers=headers).json()
+    second = client.post("/predict", json={"text": text}, headers=headers).json()
+    assert first["cached"] is False and second["cached"] is True
+    assert second["label"] == first["label"] == "negative"
+    assert second["probabilities"] == first["probabilities"]
+    assert second["request_id"] != first["request_id"]
+    # the text as the model sees it is the key: surrounding blanks do not matter
+    third = client.post("/predict", json={"text": f"  {text}\n"}, headers=headers).json()
+    assert third["cached"] is True
+
+
+def test_ab_is_sticky_and_names_variant_and_model(client: TestClient, headers: dict[str, str], service_env) -> None:
+    models = {"A": service_env["SENTIMENT_MODEL"], "B": service_env["AB_MODEL_B"]}
+    seen = set()
+    for user in (f"user-{i}" for i in range(12)):
+        answers = [
+            client.post("/predict/ab", json={"text": f"fine {k}", "user_id": user}, headers=headers).json()
+            for k in range(2)
+        ]
+        assert answers[0]["variant"] == answers[1]["variant"]
+        assert answers[0]["model"] == models[answers[0]["variant"]]
+        assert answers[0]["experiment"]
+        seen.add(answers[0]["variant"])
+    assert seen == {"A", "B"}
+    anonymous = client.post("/predict/ab", json={"text": "no user id"}, headers=headers)
+    assert anonymous.status_code == 200 and anonymous.json()["variant"] in ("A", "B")
+
+
+def test_batch_answers_in_order_and_counts_cached(client: TestClient, headers: dict[str, str]) -> None:
+    tag = uuid.uuid4()
+    texts = [f"I love it {tag}", f"I hate it, terrible {tag}", f"Brilliant and moving {tag}"]
+    client.post("/predict", json={"text": texts[0]}, headers=headers)
+    r = client.post("/batch", json={"texts": texts}, headers=headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["count"] == 3 and body["cached_count"] == 1
+    assert [p["cached"] for p in body["predictions"]] == [True, False, False]
+    assert [p["label"] for p in body["predictions"]] == ["positive", "negative", "positive"]
+    assert r.headers["RateLimit-Policy"] == "20;w=60"
+
+
+def test_feedback_and_analytics(client: TestClient, headers: dict[str, str]) -> None:
+    pred = client.post("/predict/ab", json={"text": "great stuff", "user_id": "fb-user"}, headers=headers).json()
+    r = client.post("/feedback", json={"request_id": pred["request_id"], "label": "positive"}, headers=headers)
+    assert r.status_code == 200 and r.json() == {"accepted": True}
+    from service.service import bentoml
+
+    bentoml.get_current_service().analytics.flush()
+    summary = client.get("/analytics/summary", params={"window": "15m"}).json()
+    assert summary["total"] >= 1
+    assert "/predict/ab" in summary["by_endpoint"]
+    assert set(summary["latency_ms"]) == {"p50", "p95", "p99"}
+    assert 0.0 <= summary["cache_hit_rate"] <= 1.0
+    report = client.get("/analytics/ab").json()
+    variant = report["variants"][pred["variant"]]
+    assert variant["feedback"] >= 1
+    low, high = variant["accuracy_ci95"]
+    assert 0.0 <= low <= variant["accuracy"] <= high <= 1.0
+
+
+def test_health_reports_embedded_backends(client: TestClient) -> None:
+    r = client.get("/health")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok"
+    assert body["cache"] == "memory" and body["database"] == "sqlite"
+    assert body["model"]["runtimes"] == {
+        body["model"]["A"]: "pytorch",
+        body["model"]["B"]: "onnxruntime",
+    }
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "field"),
+    [
+        ("/predict", {"text": "   "}, "text"),
+        ("/predict", {"text": "x" * 5001}, "text"),
+        ("/predict", {"text": 42}, "text"),
+        ("/predict", {}, "text"),
+        ("/predict", {"text": "ok", "extra": 1}, "extra"),
+        ("/predict/ab", {"text": "ok", "user_id": 7}, "user_id"),
+        ("/batch", {"texts": []}, "texts"),
+        ("/batch", {"texts": ["ok"] * 65}, "texts"),
+        ("/batch", {"texts": ["ok", " "]}, "texts"),
+        ("/batch", {"texts": "not a list"}, "texts"),
+        ("/feedback", {"request_id": "nope", "label": "positive"}, "request_id"),
+        ("/feedback", {"request_id": str(uuid.uuid4()), "label": "neutral"}, "label"),
+    ],
+)
+def test_bad_input_is_a_400_naming_the_field(
+    client: TestClient, headers: dict[str, str], path: str, payload: dict, field: str
+) -> None:
+    r = client.post(path, json=payload, headers=headers)
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert field in [f["field"] for f in body["fields"]]
+    assert field in body["error"]
+    assert "Traceback" not in r.text
+
+
+def test_invalid_json_is_a_400(client: TestClient, headers: dict[str, str]) -> None:
+    r = client.post("/predict", content=b'{"text": ', headers={**headers, "Content-Type": "application/json"})
+    assert r.status_code == 400
+    assert "not valid JSON" in r.json()["error"]
+
+
+def test_bad_window_is_a_400(client: TestClient) -> None:
+    r = client.get("/analytics/summary", params={"window": "forever"})
+    assert r.status_code == 400 and "window" in r.json()["error"]
+
+
+def test_oversized_body_is_a_413_before_parsing(client: TestClient, headers: dict[str, str]) -> None:
+    body = b'{"text": "' + b"a" * (1_048_576 + 10) + b'"}'
+    r = client.post("/predict", content=body, headers={**headers, "Content-Type": "application/json"})
+    assert r.status_code == 413
+    assert "MAX_BODY_BYTES" in r.json()["error"]
+
+
+def test_rate_limit_gives_429_with_headers(client: TestClient, headers: dict[str, str]) -> None:
+    statuses = [
+        client.post("/predict", json={"text": "same text for the limiter"}, headers=headers).status_code
+        for _ in range(101)
+    ]
+    assert statuses[:100] == [200] * 100
+    assert statuses[100] == 429
+    r = client.post("/predict", json={"text": "same text for the limiter"}, headers=headers)
+    assert r.status_code == 429
+    assert int(r.headers["Retry-After"]) >= 1
+    assert r.headers["RateLimit-Policy"] == "100;w=60"
+    assert "remaining=0" in r.headers["RateLimit"]
+    assert "rate limit" in r.json()["error"]
+    other = client.post("/predict", json={"text": "another client"}, headers={"X-Forwarded-For": "203.0.113.77"})
+    assert other.status_code == 200
+
+
+def test_untrusted_forwarded_for_is_ignored(client: TestClient) -> None:
+    """Only the configured proxies may name the client: others are limited by their peer."""
+    from service.limits import client_address
+
+    assert client_address("10.0.0.9", "203.0.113.5, 10.0.0.1", ["10.0.0.0/8"]) == "203.0.113.5"
+    assert client_address("198.51.100.7", "203.0.113.5", ["10.0.0.0/8"]) == "198.51.100.7"
+    assert client_address("10.0.0.9", "garbage", ["10.0.0.0/8"]) == "10.0.0.9"
+
+
+def test_internal_batching_api_refuses_outside_callers(client: TestClient, headers: dict[str, str]) -> None:
+    r = client.post("/internal/infer", json={"items": [{"model": "x", "text": "y"}]}, headers=headers)
+    assert r.status_code == 403
+    spoofed = client.post(
+        "/internal/infer", json={"items": [{"model": "x", "text": "y"}]}, headers={"Runner-Name": "sentiment"}
+    )
+    assert spoofed.status_code == 403  # the test client's peer is 10.0.0.9, not loopback

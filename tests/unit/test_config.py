@@ -1,0 +1,54 @@
+"""Settings: defaults from the contract, parsing, and the README's table kept in step."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)
+    s = Settings()
+    assert s.redis_url is None
+    assert s.database_url == "sqlite:///var/analytics.db"
+    assert s.sentiment_model == "sentiment-minilm:latest"
+    assert s.ab_split == 0.5
+    assert s.cache_ttl_seconds == 86400
+    assert (s.rate_limit_predict, s.rate_limit_batch) == ("100/minute", "20/minute")
+    assert (s.max_text_chars, s.max_batch_size, s.max_body_bytes) == (5000, 64, 1_048_576)
+    assert s.trusted_proxies == [] and s.admin_api_key is None and s.store_text is False
+    assert s.torch_num_interop_threads == 1
+
+
+def test_environment_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1")
+    monkeypatch.setenv("SERVICE_WORKERS", "2")
+    monkeypatch.setenv("STORE_TEXT", "true")
+    monkeypatch.delenv("TORCH_NUM_THREADS", raising=False)
+    s = Settings()
+    assert s.trusted_proxies == ["10.0.0.0/8", "127.0.0.1"]
+    assert s.store_text is True
+    assert s.threads_per_worker >= 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("AB_SPLIT", "1.5"), ("TRUSTED_PROXIES", "not-an-ip"), ("MAX_BATCH_SIZE", "0")]
+)
+def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"^\| `([A-Z_]+)`", readme, flags=re.M))
+    assert documented == {name.upper() for name in Settings.model_fields}

@@ -1,0 +1,59 @@
+"""Pure logic of the storage layer: cache keys, the TTL cache, the A/B statistics."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from storage.analytics import percentile, two_proportion_p_value, wilson_interval
+from storage.cache import MemoryPredictionCache, cache_key
+from storage.ratelimit import LimitsRateLimiter, parse_limit
+
+
+def test_cache_key_depends_on_model_and_text_only() -> None:
+    assert cache_key("m:1", "good") == cache_key("m:1", "good")
+    assert cache_key("m:1", "good") != cache_key("m:2", "good")
+    assert cache_key("m:1", "good") != cache_key("m:1", "Good")
+    assert "good" not in cache_key("m:1", "good")
+
+
+def test_memory_cache_expires_entries() -> None:
+    cache = MemoryPredictionCache(ttl_seconds=1)
+    cache.set_many({"a": {"label": "positive"}})
+    assert cache.get_many(["a", "b"]) == [{"label": "positive"}, None]
+    time.sleep(1.1)
+    assert cache.get_many(["a"]) == [None]
+
+
+def test_wilson_interval_known_values() -> None:
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-3) and high == pytest.approx(0.9433, abs=1e-3)
+    assert wilson_interval(0, 0) is None
+
+
+def test_two_proportion_test_known_values() -> None:
+    # 60/100 against 45/100: z = 2.1234, two-sided p = 0.0337
+    assert two_proportion_p_value(60, 100, 45, 100) == pytest.approx(0.0337, abs=1e-3)
+    assert two_proportion_p_value(5, 10, 5, 10) == pytest.approx(1.0)
+    assert two_proportion_p_value(1, 0, 1, 1) is None
+
+
+def test_percentile_matches_percentile_cont() -> None:
+    values = [1.0, 2.0, 3.0, 4.0]
+    assert percentile(values, 0.5) == 2.5
+    assert percentile(values, 0.95) == pytest.approx(3.85)
+    assert percentile([], 0.5) is None
+    assert math.isclose(percentile([7.0], 0.99), 7.0)
+
+
+def test_limiter_counts_a_moving_window_per_client() -> None:
+    limiter = LimitsRateLimiter("memory://")
+    limit = parse_limit("3/minute")
+    decisions = [limiter.hit("predict", "a", limit) for _ in range(4)]
+    assert [d.allowed for d in decisions] == [True, True, True, False]
+    assert [d.remaining for d in decisions] == [2, 1, 0, 0]
+    assert decisions[-1].headers()["Retry-After"]
+    assert limiter.hit("predict", "b", limit).allowed
+    assert parse_limit("0") is None
