@@ -36,12 +36,10 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dic
     await send({"type": "http.response.body", "body": payload})
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodySizeLimit:
-    """413 for bodies over `max_bytes`, from Content-Length before reading, or while streaming."""
+    """413 for bodies over `max_bytes`: from Content-Length before reading anything, or, for a
+    body without one (chunked), as soon as the bytes read pass the limit. Such a body is read
+    here before the app sees it: FastAPI would turn an error raised mid-read into a 400."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -52,38 +50,31 @@ class BodySizeLimit:
             await self.app(scope, receive, send)
             return
         error = {"error": f"request body exceeds {self.max_bytes} bytes (MAX_BODY_BYTES)"}
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    too_large = int(value) > self.max_bytes
-                except ValueError:
-                    too_large = False
-                if too_large:
-                    await _send_json(send, 413, error, {"Connection": "close"})
-                    return
-        received = 0
-        started = False
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
+        length = next((v for k, v in scope.get("headers", []) if k == b"content-length"), None)
+        if length is not None:
+            if length.isdigit() and int(length) > self.max_bytes:
                 await _send_json(send, 413, error, {"Connection": "close"})
+                return
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await _send_json(send, 413, error, {"Connection": "close"})
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
 
 class InFlightLimit:

@@ -145,6 +145,34 @@ def test_oversized_body_is_a_413_before_parsing(client: TestClient, headers: dic
     assert "MAX_BODY_BYTES" in r.json()["error"]
 
 
+def test_oversized_chunked_body_is_a_413(client: TestClient, headers: dict[str, str]) -> None:
+    def chunks():
+        yield b'{"text": "'
+        for _ in range(20):
+            yield b"a" * 65_536
+        yield b'"}'
+
+    r = client.post("/predict", content=chunks(), headers={**headers, "Content-Type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_unexpected_failure_is_a_generic_500(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bentoml
+
+    service = bentoml.get_current_service()
+
+    def broken(window):
+        raise RuntimeError("secret detail /etc/passwd")
+
+    monkeypatch.setattr(service.analytics, "summary", broken)
+    r = client.get("/analytics/summary")
+    assert r.status_code == 500
+    body = r.json()
+    assert body["error"] == "internal server error"
+    uuid.UUID(body["request_id"])
+    assert "secret" not in r.text and "Traceback" not in r.text
+
+
 def test_rate_limit_gives_429_with_headers(client: TestClient, headers: dict[str, str]) -> None:
     statuses = [
         client.post("/predict", json={"text": "same text for the limiter"}, headers=headers).status_code

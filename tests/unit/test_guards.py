@@ -1,0 +1,60 @@
+"""The ASGI guards in front of the endpoints, on a small app of their own."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route, Router
+
+from service.limits import BodySizeLimit, InFlightLimit
+
+
+async def _slow(request: Request) -> JSONResponse:
+    await request.body()
+    await asyncio.sleep(0.3)
+    return JSONResponse({"ok": True})
+
+
+def _app() -> Router:
+    return Router(routes=[Route("/predict", _slow, methods=["POST"]), Route("/other", _slow, methods=["POST"])])
+
+
+@pytest.mark.anyio
+async def test_in_flight_limit_answers_503_with_retry_after() -> None:
+    guard = InFlightLimit(_app(), limit=2, paths=["/predict"])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://t") as client:
+        replies = await asyncio.gather(*(client.post("/predict", json={}) for _ in range(3)))
+        unguarded = await asyncio.gather(*(client.post("/other", json={}) for _ in range(3)))
+    statuses = sorted(r.status_code for r in replies)
+    assert statuses == [200, 200, 503]
+    rejected = next(r for r in replies if r.status_code == 503)
+    assert rejected.headers["Retry-After"] == "1"
+    assert "overloaded" in rejected.json()["error"]
+    assert [r.status_code for r in unguarded] == [200, 200, 200]
+    assert guard.in_flight == 0 and guard.rejected == 1
+
+
+@pytest.mark.anyio
+async def test_body_limit_checks_streamed_bodies_too() -> None:
+    guard = BodySizeLimit(_app(), max_bytes=100)
+
+    async def chunks():
+        for _ in range(5):
+            yield b"x" * 40
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://t") as client:
+        small = await client.post("/predict", content=b"x" * 100)
+        declared = await client.post("/predict", content=b"x" * 101)
+        streamed = await client.post("/predict", content=chunks())
+    assert small.status_code == 200
+    assert declared.status_code == 413 and "100 bytes" in declared.json()["error"]
+    assert streamed.status_code == 413
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
