@@ -9,7 +9,7 @@ PORT ?= 3000
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install model eval serve bento test lint bench
+.PHONY: install model eval serve migrate bento test lint bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ eval: model  ## accuracy, calibration and latency of both stored models
 
 serve: model  ## the API on http://127.0.0.1:$(PORT), embedded cache, limiter and SQLite
 	$(BENTOML) serve service.service:Sentiment --port $(PORT)
+
+migrate: install  ## apply the analytics migrations to DATABASE_URL (bentoml serve also does, once)
+	$(PY) -m storage.migrate upgrade
 
 bento: model  ## a versioned Bento recording both model tags
 	$(BENTOML) build

@@ -39,9 +39,10 @@ from service.schemas import (
     Prediction,
     PredictRequest,
 )
+from storage import migrate
 from storage.analytics import PredictionRecord, SqlAnalyticsStore
-from storage.cache import MemoryPredictionCache, PredictionCache, cache_key
-from storage.ratelimit import Decision, LimitsRateLimiter, RateLimiter, parse_limit
+from storage.cache import PredictionCache, cache_key, make_cache
+from storage.ratelimit import Decision, RateLimiter, make_limiter, parse_limit
 
 log = logging.getLogger("sentiment")
 settings: Settings = get_settings()
@@ -103,16 +104,25 @@ class Sentiment:
             self.predictors[tag] = runtime.load_dir(Path(stored.path), tag, threads)
         self.tag_a, self.tag_b = str(self.model_a.tag), str(self.model_b.tag)
         self.experiment = f"{self.model_a.tag.name}-vs-{self.model_b.tag.name}"
-        self.cache: PredictionCache = MemoryPredictionCache(settings.cache_ttl_seconds)
-        self.limiter: RateLimiter = LimitsRateLimiter("memory://")
+        self.cache: PredictionCache = make_cache(settings.redis_url, settings.cache_ttl_seconds)
+        self.limiter: RateLimiter = make_limiter(settings.redis_url)
         self.limits = {
             "predict": parse_limit(settings.rate_limit_predict),
             "batch": parse_limit(settings.rate_limit_batch),
         }
         self.analytics = SqlAnalyticsStore(settings.database_url, store_text=settings.store_text)
-        if self.analytics.dialect == "sqlite":
-            self.analytics.create_schema()
         self.analytics.start()
+
+    @bentoml.on_deployment
+    def _migrate() -> None:
+        """Bring the analytics schema up to date, once, before any worker starts: two workers
+        running DDL at start-up race (BENTOML_NOTES.md). A database that is down now does not
+        stop the service: rows are buffered and spilled until it is back and migrated
+        (`make migrate`)."""
+        try:
+            migrate.upgrade(settings.database_url)
+        except Exception as exc:
+            log.error("analytics migrations not applied (%s); predictions are buffered meanwhile", exc)
 
     @bentoml.on_shutdown
     def _close(self) -> None:

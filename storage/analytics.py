@@ -7,20 +7,25 @@ record written twice is stored once.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import math
+import os
 import threading
+import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import Engine, case, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from storage.db import make_engine
-from storage.tables import feedback, metadata, predictions, request_errors
+from storage.tables import feedback, predictions, request_errors
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +113,14 @@ def _round(value: float | None, digits: int = 2) -> float | None:
 
 
 class SqlAnalyticsStore:
-    """Analytics on SQLAlchemy: SQLite by default, PostgreSQL in production."""
+    """Analytics on SQLAlchemy: SQLite by default, PostgreSQL in production.
+
+    Prediction rows wait in a bounded in-memory buffer for the writer thread. While the
+    database is down, rows beyond `buffer_limit` are appended to a spill file on local disk
+    (JSON lines, one file per process); on recovery, and at the next start, spill files are
+    replayed. Every insert is `ON CONFLICT (request_id) DO NOTHING`, so a row replayed twice
+    is stored once, and no answered prediction is lost while the disk holds.
+    """
 
     def __init__(
         self,
@@ -116,13 +128,16 @@ class SqlAnalyticsStore:
         store_text: bool = False,
         flush_interval: float = 0.5,
         batch_size: int = 500,
-        buffer_limit: int = 100_000,
+        buffer_limit: int = 10_000,
+        spill_dir: Path | str = Path("var/spill"),
     ) -> None:
         self.url = url
         self.engine: Engine = make_engine(url)
         self.store_text = store_text
         self.flush_interval = flush_interval
         self.batch_size = batch_size
+        self.spill_dir = Path(spill_dir)
+        self._spill_file = self.spill_dir / f"analytics-{os.getpid()}-{uuid.uuid4().hex[:8]}.jsonl"
         self._buffer: deque[dict[str, Any]] = deque()
         self._errors: deque[dict[str, Any]] = deque()
         self._buffer_limit = buffer_limit
@@ -132,15 +147,13 @@ class SqlAnalyticsStore:
         self._stop = threading.Event()
         self._healthy = True
         self._thread: threading.Thread | None = None
-        self.dropped = 0
+        self.spilled = 0
+        self.replayed = 0
+        self.written = 0
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
-
-    def create_schema(self) -> None:
-        """Create missing tables (the embedded SQLite default; PostgreSQL uses migrations)."""
-        metadata.create_all(self.engine, checkfirst=True)
 
     # writes
 
@@ -158,18 +171,17 @@ class SqlAnalyticsStore:
             rows.append(row)
         with self._lock:
             self._buffer.extend(rows)
-            overflow = len(self._buffer) - self._buffer_limit
-            for _ in range(max(0, overflow)):
-                self._buffer.popleft()
-                self.dropped += 1
-        if len(self._buffer) >= self.batch_size:
+            size = len(self._buffer)
+        if size > self._buffer_limit:
+            self._spill_overflow()
+        if size >= self.batch_size:
             self._wake.set()
 
     def record_error(self, endpoint: str, status: int) -> None:
         with self._lock:
             self._errors.append({"created_at": utcnow(), "endpoint": endpoint, "status": status})
             if len(self._errors) > self._buffer_limit:
-                self._errors.popleft()
+                self._errors.popleft()  # error counts are statistics: the oldest may go
 
     def record_feedback(self, request_id: str, label: str) -> None:
         ins = self._insert(feedback).values(request_id=request_id, label=label, created_at=utcnow())
@@ -182,6 +194,64 @@ class SqlAnalyticsStore:
 
     def _insert(self, table):
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        stmt = self._insert(predictions).on_conflict_do_nothing(index_elements=[predictions.c.request_id])
+        with self.engine.begin() as conn:
+            conn.execute(stmt, rows)
+
+    # spill file
+
+    def _spill(self, rows: list[dict[str, Any]]) -> None:
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            with self._spill_file.open("a", encoding="utf-8") as f:
+                # The same lock a replaying process holds while it reads and unlinks a file;
+                # a file unlinked meanwhile is reopened, so no row lands in a deleted file.
+                fcntl.flock(f, fcntl.LOCK_EX)
+                if os.fstat(f.fileno()).st_nlink == 0:
+                    continue
+                for row in rows:
+                    f.write(json.dumps({**row, "created_at": row["created_at"].isoformat()}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                break
+        self.spilled += len(rows)
+
+    def _spill_overflow(self) -> None:
+        with self._lock:
+            excess = len(self._buffer) - self._buffer_limit // 2
+            rows = [self._buffer.popleft() for _ in range(max(0, excess))]
+        if rows:
+            self._spill(rows)
+
+    def spill_files(self) -> list[Path]:
+        return sorted(self.spill_dir.glob("analytics-*.jsonl")) if self.spill_dir.exists() else []
+
+    def _replay(self) -> None:
+        """Write spilled rows back, file by file; a file is removed once all its rows are in."""
+        for path in self.spill_files():
+            try:
+                with path.open("r+", encoding="utf-8") as f:
+                    try:
+                        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # another worker is replaying it
+                    rows = []
+                    for line in f:
+                        if line.strip():
+                            row = json.loads(line)
+                            row["created_at"] = datetime.fromisoformat(row["created_at"])
+                            rows.append(row)
+                    for i in range(0, len(rows), self.batch_size):
+                        self._write(rows[i : i + self.batch_size])
+                    path.unlink()
+                self.replayed += len(rows)
+                log.warning("replayed %s analytics rows from %s", len(rows), path.name)
+            except FileNotFoundError:
+                continue
+
+    # flushing
 
     def _flush_errors(self) -> None:
         with self._lock:
@@ -197,21 +267,16 @@ class SqlAnalyticsStore:
                 self._errors.extendleft(reversed(rows))
 
     def flush(self) -> int:
-        """Write everything buffered; returns the number of prediction rows written."""
+        """Write everything buffered, then any spill files; returns the prediction rows written."""
         written = 0
         with self._flush_lock:
-            self._flush_errors()
             while True:
                 with self._lock:
                     batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
                 if not batch:
-                    return written
+                    break
                 try:
-                    with self.engine.begin() as conn:
-                        conn.execute(
-                            self._insert(predictions).on_conflict_do_nothing(index_elements=[predictions.c.request_id]),
-                            batch,
-                        )
+                    self._write(batch)
                 except Exception as exc:
                     with self._lock:
                         self._buffer.extendleft(reversed(batch))
@@ -219,23 +284,40 @@ class SqlAnalyticsStore:
                         log.warning("analytics database unavailable, buffering: %s", exc)
                     self._healthy = False
                     return written
-                if not self._healthy:
-                    log.warning("analytics database back; writing buffered rows")
-                self._healthy = True
                 written += len(batch)
+            if not self._healthy:
+                log.warning("analytics database back; writing buffered rows")
+            self._healthy = True
+            self.written += written
+            try:
+                self._flush_errors()
+                self._replay()
+            except Exception as exc:
+                self._healthy = False
+                log.warning("analytics replay interrupted: %s", exc)
+        return written
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._wake.wait(self.flush_interval)
             self._wake.clear()
-            self.flush()
+            try:
+                self.flush()
+            except Exception:
+                log.exception("analytics writer failed; retrying")
 
     def close(self) -> None:
+        """Stop the writer; flush what is buffered, or spill it if the database is down."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.flush()
+        with self._lock:
+            rows = list(self._buffer)
+            self._buffer.clear()
+        if rows:
+            self._spill(rows)
         self.engine.dispose()
 
     @property

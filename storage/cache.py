@@ -7,13 +7,17 @@ never reads another model's entry and no raw text is kept in a key.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 from cachetools import TTLCache
 
 CacheValue = dict[str, Any]
+log = logging.getLogger(__name__)
 
 
 def cache_key(model_tag: str, text: str) -> str:
@@ -55,3 +59,73 @@ class MemoryPredictionCache:
     def __len__(self) -> int:
         with self._lock:
             return len(self._data)
+
+
+class RedisPredictionCache:
+    """Redis cache shared by every worker and replica; JSON values, TTL per entry.
+
+    Fails open: when Redis is down or slow, lookups miss and writes are dropped, so requests
+    are answered uncached. One warning per outage; redis-py reconnects by itself, and the
+    cache is used again as soon as a command succeeds.
+    """
+
+    def __init__(self, url: str, ttl_seconds: int, timeout: float = 0.25) -> None:
+        import redis
+
+        self.ttl = ttl_seconds
+        self._client = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=5
+        )
+        self._down_since: float | None = None
+        self.errors = 0
+
+    def _failed(self, exc: Exception) -> None:
+        self.errors += 1
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            log.warning("prediction cache unavailable, serving uncached: %s", exc)
+
+    def _ok(self) -> None:
+        if self._down_since is not None:
+            log.warning("prediction cache back after %.1f s", time.monotonic() - self._down_since)
+            self._down_since = None
+
+    def get_many(self, keys: Sequence[str]) -> list[CacheValue | None]:
+        if not keys:
+            return []
+        try:
+            raw = self._client.mget(list(keys))
+        except Exception as exc:
+            self._failed(exc)
+            return [None] * len(keys)
+        self._ok()
+        return [json.loads(v) if v is not None else None for v in raw]
+
+    def set_many(self, items: dict[str, CacheValue]) -> None:
+        if not items:
+            return
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key, value in items.items():
+                pipe.set(key, json.dumps(value, separators=(",", ":")), ex=self.ttl)
+            pipe.execute()
+        except Exception as exc:
+            self._failed(exc)
+            return
+        self._ok()
+
+    def status(self) -> str:
+        try:
+            self._client.ping()
+        except Exception as exc:
+            self._failed(exc)
+            return "down"
+        self._ok()
+        return "ok"
+
+
+def make_cache(redis_url: str | None, ttl_seconds: int) -> PredictionCache:
+    """Redis when a URL is configured, otherwise the in-process cache."""
+    if redis_url:
+        return RedisPredictionCache(redis_url, ttl_seconds)
+    return MemoryPredictionCache(ttl_seconds)

@@ -54,8 +54,8 @@ class RateLimiter(Protocol):
 class LimitsRateLimiter:
     """A moving-window limiter on a `limits` storage URI (`memory://`, `redis://...`)."""
 
-    def __init__(self, storage_uri: str = "memory://") -> None:
-        self._storage = storage.storage_from_string(storage_uri)
+    def __init__(self, storage_uri: str = "memory://", **options: float | str | bool) -> None:
+        self._storage = storage.storage_from_string(storage_uri, **options)
         self._limiter = strategies.MovingWindowRateLimiter(self._storage)
         self._embedded = storage_uri.startswith("memory://")
         self.errors = 0
@@ -80,3 +80,11 @@ class LimitsRateLimiter:
             return "ok" if self._storage.check() else "down"
         except Exception:
             return "down"
+
+
+def make_limiter(redis_url: str | None) -> LimitsRateLimiter:
+    """One window per client across all workers and replicas with Redis, per worker without."""
+    if redis_url:
+        # Short timeouts: a slow Redis must not hold requests; the limiter fails open instead.
+        return LimitsRateLimiter(redis_url, socket_timeout=0.25, socket_connect_timeout=0.25)
+    return LimitsRateLimiter("memory://")

@@ -26,6 +26,9 @@ def service_env(quick_models: list[str], tmp_path_factory: pytest.TempPathFactor
         "SERVICE_WORKERS": "1",
     }
     os.environ.update(env)
+    from storage import migrate
+
+    migrate.upgrade(env["DATABASE_URL"])  # what the on_deployment hook does under bentoml serve
     return env
 
 

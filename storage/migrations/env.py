@@ -1,0 +1,34 @@
+"""Alembic environment: the URL comes from storage.migrate (never from a file of its own)."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine, pool
+
+from storage.tables import metadata
+
+config = context.config
+url = config.get_main_option("sqlalchemy.url")
+if not url:
+    raise RuntimeError("no database URL: run migrations through storage.migrate")
+
+
+def run_offline() -> None:
+    context.configure(url=url, target_metadata=metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_online() -> None:
+    engine = create_engine(str(url), poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_offline()
+else:
+    run_online()

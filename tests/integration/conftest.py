@@ -1,0 +1,57 @@
+"""Real Redis and PostgreSQL for the integration tests.
+
+`redis_url` / `database_url`: TEST_REDIS_URL / TEST_DATABASE_URL when set, otherwise throwaway
+servers this session starts. Fault tests use `redis_server` / `postgres_server` directly, which
+are always their own servers, so stopping them never touches anybody else's.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.servers import PostgresServer, RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(request: pytest.FixtureRequest) -> str:
+    if os.environ.get("TEST_REDIS_URL"):
+        return os.environ["TEST_REDIS_URL"]
+    return request.getfixturevalue("redis_server").url
+
+
+@pytest.fixture
+def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A database of this test's own on the shared server, migrated to the newest schema."""
+    import sqlalchemy as sa
+
+    from storage import migrate
+
+    base = os.environ.get("TEST_DATABASE_URL") or request.getfixturevalue("postgres_server").url
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = str(sa.make_url(base).set(database=name).render_as_string(hide_password=False))
+    migrate.upgrade(url)
+    yield url
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.dispose()
