@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     torch_num_threads: int | None = Field(None, gt=0)
     torch_num_interop_threads: int = Field(1, gt=0)
     store_text: bool = False
+    # Where analytics rows go while the database is down; replayed when it is back. Keep it
+    # on a persistent volume in containers so a restart during an outage loses nothing.
+    spill_dir: str = "var/spill"
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from models import runtime
-from service import ab, errors
+from service import ab, errors, metrics
 from service.config import Settings, get_settings
 from service.errors import ApiError
 from service.limits import BodySizeLimit, InFlightLimit, InternalOnly, client_address
@@ -110,7 +110,9 @@ class Sentiment:
             "predict": parse_limit(settings.rate_limit_predict),
             "batch": parse_limit(settings.rate_limit_batch),
         }
-        self.analytics = SqlAnalyticsStore(settings.database_url, store_text=settings.store_text)
+        self.analytics = SqlAnalyticsStore(
+            settings.database_url, store_text=settings.store_text, spill_dir=settings.spill_dir
+        )
         self.analytics.start()
 
     @bentoml.on_deployment
@@ -141,7 +143,11 @@ class Sentiment:
         for i, item in enumerate(items):
             by_model.setdefault(item.model, []).append(i)
         for tag, idx in by_model.items():
+            started = time.perf_counter()
             preds = self.predictors[tag].predict([items[i].text for i in idx])
+            metrics.INFERENCE_SECONDS.labels(tag).observe(time.perf_counter() - started)
+            metrics.INFERENCE_BATCH_TEXTS.labels(tag).observe(len(idx))
+            metrics.INFERRED_TEXTS.labels(tag).inc(len(idx))
             for i, p in zip(idx, preds, strict=True):
                 results[i] = InferResult(label=p.label, score=p.score, probabilities=p.probabilities)
         return [r for r in results if r is not None]

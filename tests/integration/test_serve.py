@@ -3,65 +3,31 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.serving import Served
+
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def served(quick_models: list[str], bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    workdir = tmp_path_factory.mktemp("serve")
     env = {
-        **os.environ,
         "BENTOML_HOME": str(bentoml_home),
         "SENTIMENT_MODEL": quick_models[0],
         "AB_MODEL_B": quick_models[1],
-        "DATABASE_URL": f"sqlite:///{log.parent / 'analytics.db'}",
-        "SERVICE_WORKERS": "2",
+        "DATABASE_URL": f"sqlite:///{workdir / 'analytics.db'}",
+        "SPILL_DIR": str(workdir / "spill"),
         "TRUSTED_PROXIES": "127.0.0.1",
     }
-    cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:Sentiment", "--port", str(port)]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve not ready in 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    server = Served(env, workdir / "serve.log", workers=2).start()
+    yield server.url
+    server.stop()
 
 
 def test_served_predict_and_health(served: str, quick_models: list[str]) -> None:
