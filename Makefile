@@ -9,7 +9,7 @@ PORT ?= 3000
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install model eval serve migrate bento test lint bench
+.PHONY: install model eval serve migrate bento test lint bench bench-analytics
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,3 +47,6 @@ test: install  ## the whole suite: lint, unit, service and integration tests
 
 bench: model  ## raw model throughput and HTTP load at 1/16/64 clients, unique and repeated texts
 	$(PY) loadtests/bench.py
+
+bench-analytics: install  ## /analytics query times on PostgreSQL over a seeded million-row table
+	$(PY) loadtests/analytics_bench.py $(if $(DATABASE_URL),--url $(DATABASE_URL),)

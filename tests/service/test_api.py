@@ -206,3 +206,15 @@ def test_internal_batching_api_refuses_outside_callers(client: TestClient, heade
         "/internal/infer", json={"items": [{"model": "x", "text": "y"}]}, headers={"Runner-Name": "sentiment"}
     )
     assert spoofed.status_code == 403  # the test client's peer is 10.0.0.9, not loopback
+
+
+def test_admin_key_guards_analytics(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import SecretStr
+
+    from service import service as module
+
+    monkeypatch.setattr(module.settings, "admin_api_key", SecretStr("s3cret"))
+    assert client.get("/analytics/summary").status_code == 401
+    assert client.get("/analytics/ab", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = client.get("/analytics/summary", headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and "total" in ok.json()

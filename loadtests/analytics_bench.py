@@ -1,0 +1,98 @@
+"""Time /analytics/summary and /analytics/ab queries on PostgreSQL over a seeded table.
+
+    python loadtests/analytics_bench.py --url postgresql+psycopg://postgres@127.0.0.1:5432/postgres
+
+Creates a scratch database beside the one in --url, migrates it, seeds --rows predictions
+(default one million) spread evenly over --days, with feedback on 2% of the A/B rows, then
+runs each report for several windows and prints the median of repeated runs. The scratch
+database is dropped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import uuid
+from datetime import timedelta
+
+import sqlalchemy as sa
+
+from storage import migrate
+from storage.analytics import SqlAnalyticsStore
+
+SEED = """
+INSERT INTO predictions (request_id, created_at, endpoint, model, variant, label, score, cached,
+                         latency_ms, text_sha256, text_length)
+SELECT md5(i::text || :salt)::uuid::text,
+       now() - (i::float8 / :rows) * (:days * interval '1 day'),
+       (ARRAY['/predict', '/predict', '/predict', '/predict', '/predict', '/predict', '/predict',
+              '/predict/ab', '/predict/ab', '/batch'])[1 + i % 10],
+       CASE WHEN i % 10 IN (7, 8) AND i % 20 < 10 THEN 'sentiment-minilm-int8:v1' ELSE 'sentiment-minilm:v1' END,
+       CASE WHEN i % 10 IN (7, 8) THEN (ARRAY['A', 'B'])[1 + (i / 10) % 2] END,
+       CASE WHEN random() < 0.55 THEN 'positive' ELSE 'negative' END,
+       0.5 + random() / 2,
+       random() < 0.7,
+       5 + random() * 120,
+       md5(i::text),
+       10 + (i % 400)
+FROM generate_series(1, :rows) AS s(i)
+"""
+FEEDBACK = """
+INSERT INTO feedback (request_id, label, created_at)
+SELECT request_id, CASE WHEN random() < 0.9 THEN label ELSE 'negative' END, created_at
+FROM predictions WHERE variant IS NOT NULL AND random() < 0.02
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--days", type=float, default=30)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+
+    name = f"sentiment_bench_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(args.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = sa.make_url(args.url).set(database=name).render_as_string(hide_password=False)
+    try:
+        migrate.upgrade(url)
+        engine = sa.create_engine(url)
+        started = time.perf_counter()
+        with engine.begin() as conn:
+            conn.execute(sa.text(SEED), {"rows": args.rows, "days": args.days, "salt": name})
+            conn.execute(sa.text(FEEDBACK))
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE predictions")
+            conn.exec_driver_sql("VACUUM ANALYZE feedback")
+        print(f"seeded {args.rows:,} rows over {args.days:g} days in {time.perf_counter() - started:.1f} s")
+        engine.dispose()
+
+        store = SqlAnalyticsStore(url)
+        print(f"{'report':<10} {'window':>7} {'rows in window':>15} {'median ms':>10} {'max ms':>8}")
+        for window in ("15m", "1h", "24h", "7d"):
+            delta = timedelta(seconds=int(window[:-1]) * {"m": 60, "h": 3600, "d": 86400}[window[-1]])
+            for report, run in (("summary", store.summary), ("ab", store.ab_report)):
+                run(delta)  # warm the cache and the plan
+                times = []
+                for _ in range(args.repeats):
+                    t = time.perf_counter()
+                    result = run(delta)
+                    times.append((time.perf_counter() - t) * 1000)
+                rows = (
+                    result["total"] if report == "summary" else sum(v["requests"] for v in result["variants"].values())
+                )
+                print(f"{report:<10} {window:>7} {rows:>15,} {statistics.median(times):>10.1f} {max(times):>8.1f}")
+        store.close()
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
