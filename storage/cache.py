@@ -56,10 +56,6 @@ class MemoryPredictionCache:
     def status(self) -> str:
         return "memory"
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._data)
-
 
 class RedisPredictionCache:
     """Redis cache shared by every worker and replica; JSON values, TTL per entry.
