@@ -75,4 +75,6 @@ def install(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         rid = request_id(request)
         log.error("unhandled error on %s %s (request %s)", request.method, request.url.path, rid, exc_info=exc)
-        return JSONResponse({"error": "internal server error", "request_id": rid}, status_code=500)
+        return JSONResponse(
+            {"error": "internal server error", "request_id": rid}, status_code=500, headers={"X-Request-ID": rid}
+        )

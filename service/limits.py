@@ -129,7 +129,10 @@ class InternalOnly:
         if scope["type"] == "http" and scope["path"].startswith(self.prefix):
             peer = (scope.get("client") or ("",))[0]
             names = {k for k, _ in scope.get("headers", [])}
-            if peer not in ("127.0.0.1", "::1") or b"runner-name" not in names:
+            # A reverse proxy on the same host also connects from loopback, but it adds
+            # forwarding headers; BentoML's in-process client never does.
+            forwarded = bool(names & {b"x-forwarded-for", b"forwarded"})
+            if peer not in ("127.0.0.1", "::1") or b"runner-name" not in names or forwarded:
                 await _send_json(send, 403, {"error": "internal endpoint"}, {})
                 return
         await self.app(scope, receive, send)

@@ -13,6 +13,10 @@ Label = Literal["negative", "positive"]
 
 
 def _check_text(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
     stripped = value.strip()
     if not stripped:
         raise ValueError("must not be blank")

@@ -9,6 +9,7 @@ limits and headers follow the contract exactly. Every inference, whether from /p
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import re
 import time
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
+from anyio.to_thread import run_sync
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
 
 from models import runtime
 from service import ab, errors, metrics
@@ -51,6 +54,7 @@ PUBLIC_PATHS = ("/predict", "/batch", "/feedback", "/analytics")
 # Per worker. Beyond this many public requests in flight a worker answers 503 at once
 # rather than queueing work it cannot finish in time.
 MAX_IN_FLIGHT = 512
+MAX_WINDOW_SECONDS = 3650 * 86400
 
 app = FastAPI(title="sentiment", docs_url=None, redoc_url=None, openapi_url=None)
 errors.install(app)
@@ -75,8 +79,10 @@ def _window(value: str) -> timedelta:
     match = re.fullmatch(r"(\d{1,6})([smhd])", value.strip())
     if not match:
         raise ApiError(400, "invalid request: window: expected a number and a unit s, m, h or d, e.g. 15m")
-    n, unit = int(match[1]), match[2]
-    return timedelta(seconds=n * {"s": 1, "m": 60, "h": 3600, "d": 86400}[unit])
+    seconds = int(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    if seconds > MAX_WINDOW_SECONDS:
+        raise ApiError(400, f"invalid request: window: at most {MAX_WINDOW_SECONDS // 86400} days")
+    return timedelta(seconds=seconds)
 
 
 @bentoml.service(
@@ -156,7 +162,8 @@ class Sentiment:
         """Predictions for `texts` by model `tag`: cache first, the rest through the batcher."""
         started = time.perf_counter()
         keys = [cache_key(tag, t) for t in texts]
-        found = self.cache.get_many(keys)
+        # Redis calls block; off the event loop they cannot stall other requests in an outage.
+        found = await run_sync(self.cache.get_many, keys)
         missing = [i for i, hit in enumerate(found) if hit is None]
         if missing:
             items = [InferItem(model=tag, text=texts[i]) for i in missing]
@@ -171,7 +178,7 @@ class Sentiment:
                 value = out if isinstance(out, dict) else out.model_dump()
                 found[i] = value
                 fresh[keys[i]] = value
-            self.cache.set_many(fresh)
+            await run_sync(self.cache.set_many, fresh)
         latency_ms = round((time.perf_counter() - started) * 1000, 2)
         cached_idx = set(range(len(texts))) - set(missing)
         predictions = [
@@ -207,13 +214,13 @@ class Sentiment:
 
     # --- public endpoints ----------------------------------------------------------------
 
-    def _limit(self, request: Request, response: Response, scope: str) -> None:
+    async def _limit(self, request: Request, response: Response, scope: str) -> None:
         limit = self.limits[scope]
         if limit is None:
             return
         peer = request.client.host if request.client else None
         client = client_address(peer, request.headers.get("x-forwarded-for"), settings.trusted_proxies)
-        decision: Decision = self.limiter.hit(scope, client, limit)
+        decision: Decision = await run_sync(self.limiter.hit, scope, client, limit)
         if not decision.allowed:
             raise ApiError(429, f"rate limit exceeded: {limit} per client", decision.headers())
         response.headers.update(decision.headers())
@@ -222,18 +229,19 @@ class Sentiment:
         key = settings.admin_api_key
         if key is None:
             return
-        if request.headers.get("authorization") != f"Bearer {key.get_secret_value()}":
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {key.get_secret_value()}".encode()):
             raise ApiError(401, "analytics need Authorization: Bearer <ADMIN_API_KEY>", {"WWW-Authenticate": "Bearer"})
 
     @app.post("/predict", response_model=Prediction)
     async def predict(self, body: PredictRequest, request: Request, response: Response) -> Prediction:
-        self._limit(request, response, "predict")
+        await self._limit(request, response, "predict")
         [prediction] = await self._predict([body.text], self.tag_a, "/predict")
         return prediction
 
     @app.post("/predict/ab", response_model=ABPrediction)
     async def predict_ab(self, body: ABRequest, request: Request, response: Response) -> ABPrediction:
-        self._limit(request, response, "predict")
+        await self._limit(request, response, "predict")
         variant = ab.assign(self.experiment, body.user_id, settings.ab_split)
         tag = self.tag_b if variant == "B" else self.tag_a
         [prediction] = await self._predict([body.text], tag, "/predict/ab", variant)
@@ -241,30 +249,35 @@ class Sentiment:
 
     @app.post("/batch", response_model=BatchResponse)
     async def batch(self, body: BatchRequest, request: Request, response: Response) -> BatchResponse:
-        self._limit(request, response, "batch")
+        await self._limit(request, response, "batch")
         predictions = await self._predict(body.texts, self.tag_a, "/batch")
         cached = sum(p.cached for p in predictions)
         return BatchResponse(predictions=predictions, count=len(predictions), cached_count=cached)
 
     @app.post("/feedback", response_model=FeedbackResponse)
     async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
-        self.analytics.record_feedback(str(body.request_id), body.label)
+        try:
+            await run_sync(self.analytics.record_feedback, str(body.request_id), body.label)
+        except SQLAlchemyError as exc:
+            log.warning("feedback not stored: %s", exc)
+            raise ApiError(503, "analytics database unavailable, retry later", {"Retry-After": "5"}) from exc
         return FeedbackResponse(accepted=True)
 
     @app.get("/analytics/summary")
     async def analytics_summary(self, request: Request, window: Annotated[str, Query()] = "1h") -> dict:
         self._admin(request)
-        return self.analytics.summary(_window(window))
+        return await run_sync(self.analytics.summary, _window(window))
 
     @app.get("/analytics/ab")
     async def analytics_ab(self, request: Request, window: Annotated[str, Query()] = "1h") -> dict:
         self._admin(request)
-        report = self.analytics.ab_report(_window(window))
+        report = await run_sync(self.analytics.ab_report, _window(window))
         return {"experiment": self.experiment, "split": settings.ab_split, **report}
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        cache, database = self.cache.status(), self.analytics.status()
+        cache = await run_sync(self.cache.status)
+        database = await run_sync(self.analytics.status)
         serving = bool(self.predictors)
         degraded = "down" in (cache, database)
         body = {
@@ -277,7 +290,7 @@ class Sentiment:
             },
             "cache": cache,
             "database": database,
-            "rate_limiter": self.limiter.status(),
+            "rate_limiter": await run_sync(self.limiter.status),
             "version": VERSION,
         }
         return JSONResponse(body, status_code=200 if serving else 503)
@@ -290,10 +303,23 @@ Sentiment.add_asgi_middleware(InternalOnly)  # type: ignore[attr-defined]  # a b
 async def _request_context(request: Request, call_next):
     """A request id on every response, and every error counted in the analytics store."""
     rid = errors.request_id(request)
-    response = await call_next(request)
+    try:
+        response = await call_next(request)
+    except Exception:
+        _count_error(request.url.path, 500)  # the generic 500 itself is written by errors.py
+        raise
     response.headers["X-Request-ID"] = rid
-    if response.status_code >= 400 and request.url.path.startswith(PUBLIC_PATHS):
-        service = bentoml.get_current_service()
-        if service is not None:
-            service.analytics.record_error(request.url.path, response.status_code)
+    if response.status_code >= 400:
+        _count_error(request.url.path, response.status_code)
     return response
+
+
+def _count_error(path: str, status: int) -> None:
+    if not path.startswith(PUBLIC_PATHS):
+        return
+    try:
+        service = bentoml.get_current_service()
+    except Exception:  # during shutdown there is no service left to count in
+        return
+    if service is not None:
+        service.analytics.record_error(path, status)

@@ -172,9 +172,8 @@ class SqlAnalyticsStore:
         with self._lock:
             self._buffer.extend(rows)
             size = len(self._buffer)
-        if size > self._buffer_limit:
-            self._spill_overflow()
-        if size >= self.batch_size:
+        # Never blocks or raises on the request path: overflow is spilled by the writer thread.
+        if size >= self.batch_size or size > self._buffer_limit:
             self._wake.set()
 
     def record_error(self, endpoint: str, status: int) -> None:
@@ -211,6 +210,9 @@ class SqlAnalyticsStore:
                 fcntl.flock(f, fcntl.LOCK_EX)
                 if os.fstat(f.fileno()).st_nlink == 0:
                     continue
+                # A leading newline ends any line a failed earlier write left torn (blank lines
+                # are skipped on replay), so a torn line never swallows the next row.
+                f.write("\n")
                 for row in rows:
                     f.write(json.dumps({**row, "created_at": row["created_at"].isoformat()}) + "\n")
                 f.flush()
@@ -219,11 +221,18 @@ class SqlAnalyticsStore:
         self.spilled += len(rows)
 
     def _spill_overflow(self) -> None:
+        """Move the oldest rows beyond half the buffer limit to the spill file."""
         with self._lock:
+            if len(self._buffer) <= self._buffer_limit:
+                return
             excess = len(self._buffer) - self._buffer_limit // 2
-            rows = [self._buffer.popleft() for _ in range(max(0, excess))]
-        if rows:
+            rows = [self._buffer.popleft() for _ in range(excess)]
+        try:
             self._spill(rows)
+        except OSError as exc:  # disk full or not writable: keep them in memory rather than lose them
+            with self._lock:
+                self._buffer.extendleft(reversed(rows))
+            log.error("cannot write the analytics spill file %s: %s", self._spill_file, exc)
 
     def spill_files(self) -> list[Path]:
         return sorted(self.spill_dir.glob("analytics-*.jsonl")) if self.spill_dir.exists() else []
@@ -237,12 +246,20 @@ class SqlAnalyticsStore:
                         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
                         continue  # another worker is replaying it
+                    if os.fstat(f.fileno()).st_nlink == 0:
+                        continue  # replayed and removed by another worker meanwhile
                     rows = []
-                    for line in f:
-                        if line.strip():
+                    for n, line in enumerate(f, 1):
+                        if not line.strip():
+                            continue
+                        try:
                             row = json.loads(line)
                             row["created_at"] = datetime.fromisoformat(row["created_at"])
-                            rows.append(row)
+                        except (ValueError, KeyError) as exc:
+                            # a line torn by a crash mid-write: skip it, keep the rest
+                            log.error("skipping unreadable line %s of %s: %s", n, path.name, exc)
+                            continue
+                        rows.append(row)
                     for i in range(0, len(rows), self.batch_size):
                         self._write(rows[i : i + self.batch_size])
                     path.unlink()
@@ -283,6 +300,7 @@ class SqlAnalyticsStore:
                     if self._healthy:
                         log.warning("analytics database unavailable, buffering: %s", exc)
                     self._healthy = False
+                    self._spill_overflow()
                     return written
                 written += len(batch)
             if not self._healthy:

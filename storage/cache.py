@@ -67,10 +67,17 @@ class RedisPredictionCache:
 
     def __init__(self, url: str, ttl_seconds: int, timeout: float = 0.25) -> None:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
         self.ttl = ttl_seconds
+        # No retries: a failed call is a cache miss at once, not a second and more of backoff.
         self._client = redis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=5
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=5,
+            retry=Retry(NoBackoff(), 0),
         )
         self._down_since: float | None = None
         self.errors = 0

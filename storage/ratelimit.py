@@ -54,8 +54,8 @@ class RateLimiter(Protocol):
 class LimitsRateLimiter:
     """A moving-window limiter on a `limits` storage URI (`memory://`, `redis://...`)."""
 
-    def __init__(self, storage_uri: str = "memory://", **options: float | str | bool) -> None:
-        self._storage = storage.storage_from_string(storage_uri, **options)
+    def __init__(self, storage_uri: str = "memory://", **options: object) -> None:
+        self._storage = storage.storage_from_string(storage_uri, **options)  # type: ignore[arg-type]  # passed on to redis.Redis
         self._limiter = strategies.MovingWindowRateLimiter(self._storage)
         self._embedded = storage_uri.startswith("memory://")
         self.errors = 0
@@ -86,5 +86,10 @@ def make_limiter(redis_url: str | None) -> LimitsRateLimiter:
     """One window per client across all workers and replicas with Redis, per worker without."""
     if redis_url:
         # Short timeouts: a slow Redis must not hold requests; the limiter fails open instead.
-        return LimitsRateLimiter(redis_url, socket_timeout=0.25, socket_connect_timeout=0.25)
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        return LimitsRateLimiter(
+            redis_url, socket_timeout=0.25, socket_connect_timeout=0.25, retry=Retry(NoBackoff(), 0)
+        )
     return LimitsRateLimiter("memory://")

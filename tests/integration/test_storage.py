@@ -134,7 +134,7 @@ def test_spill_file_is_replayed_by_the_next_process(postgres_server: PostgresSer
     try:
         first.record(_record() for _ in range(40))
         first.close()  # shutdown during the outage: everything buffered goes to the spill file
-        assert sum(1 for f in spill.glob("*.jsonl") for _ in f.open()) == 40
+        assert sum(1 for f in spill.glob("*.jsonl") for line in f.open() if line.strip()) == 40
     finally:
         postgres_server.start()
     second = SqlAnalyticsStore(url, spill_dir=spill)
@@ -143,6 +143,22 @@ def test_spill_file_is_replayed_by_the_next_process(postgres_server: PostgresSer
     assert _count(url) == before + 40
     assert not list(spill.glob("*.jsonl"))
     second.close()
+
+
+def test_a_torn_spill_line_does_not_block_the_rest(postgres_server: PostgresServer, tmp_path: Path) -> None:
+    url = postgres_server.url
+    migrate.upgrade(url)
+    before = _count(url)
+    spill = tmp_path / "spill"
+    first = SqlAnalyticsStore(url, spill_dir=spill)
+    first._spill([{**vars(_record()), "text": None} for _ in range(3)])
+    with next(spill.glob("*.jsonl")).open("a") as f:
+        f.write('{"request_id": "torn-by-a-cr')  # a crash mid-write
+    first._spill([{**vars(_record()), "text": None} for _ in range(2)])
+    first.flush()
+    assert _count(url) == before + 5
+    assert not list(spill.glob("*.jsonl"))
+    first.close()
 
 
 @pytest.mark.parametrize("backend", ["postgresql", "sqlite"])

@@ -133,9 +133,16 @@ def test_invalid_json_is_a_400(client: TestClient, headers: dict[str, str]) -> N
     assert "not valid JSON" in r.json()["error"]
 
 
-def test_bad_window_is_a_400(client: TestClient) -> None:
-    r = client.get("/analytics/summary", params={"window": "forever"})
+@pytest.mark.parametrize("window", ["forever", "740000d", "1y"])
+def test_bad_window_is_a_400(client: TestClient, window: str) -> None:
+    r = client.get("/analytics/summary", params={"window": window})
     assert r.status_code == 400 and "window" in r.json()["error"]
+
+
+def test_lone_surrogate_is_a_400(client: TestClient, headers: dict[str, str]) -> None:
+    body = b'{"text": "bad \\ud800 text"}'
+    r = client.post("/predict", content=body, headers={**headers, "Content-Type": "application/json"})
+    assert r.status_code == 400 and "text" in r.json()["error"]
 
 
 def test_oversized_body_is_a_413_before_parsing(client: TestClient, headers: dict[str, str]) -> None:
@@ -170,6 +177,7 @@ def test_unexpected_failure_is_a_generic_500(client: TestClient, monkeypatch: py
     body = r.json()
     assert body["error"] == "internal server error"
     uuid.UUID(body["request_id"])
+    assert r.headers["X-Request-ID"] == body["request_id"]
     assert "secret" not in r.text and "Traceback" not in r.text
 
 

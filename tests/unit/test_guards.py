@@ -58,3 +58,19 @@ async def test_body_limit_checks_streamed_bodies_too() -> None:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_internal_routes_accept_only_the_in_process_client() -> None:
+    from service.limits import InternalOnly
+
+    guard = InternalOnly(_app(), prefix="/predict")
+    transport = httpx.ASGITransport(app=guard, client=("127.0.0.1", 123))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        inside = await client.post("/predict", json={}, headers={"Runner-Name": "sentiment"})
+        no_header = await client.post("/predict", json={})
+        proxied = await client.post(
+            "/predict", json={}, headers={"Runner-Name": "sentiment", "X-Forwarded-For": "203.0.113.5"}
+        )
+    assert inside.status_code == 200
+    assert no_header.status_code == 403 and proxied.status_code == 403
