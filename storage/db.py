@@ -31,5 +31,14 @@ def make_engine(url: str) -> Engine:
         pool_size=5,
         max_overflow=5,
         pool_timeout=2,
-        connect_args={"connect_timeout": 3},
+        connect_args={
+            "connect_timeout": 3,
+            # A query on a connection that died silently must fail, not hang the writer or a
+            # shutdown: a statement timeout plus TCP keepalives bound both.
+            "options": "-c statement_timeout=15000",
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+        },
     )
