@@ -46,6 +46,13 @@ def _count(url: str) -> int:
     return int(n)
 
 
+@pytest.fixture
+def migrated(postgres_server: PostgresServer) -> tuple[str, int]:
+    """This session's own PostgreSQL (the fault tests stop it), migrated; and its row count now."""
+    migrate.upgrade(postgres_server.url)
+    return postgres_server.url, _count(postgres_server.url)
+
+
 def test_redis_cache_round_trip_ttl_and_model_isolation(redis_url: str) -> None:
     cache = RedisPredictionCache(redis_url, ttl_seconds=1)
     key_a, key_b = cache_key("model-a:1", "text"), cache_key("model-b:1", "text")
@@ -103,10 +110,10 @@ def test_postgres_analytics_reports(database_url: str, tmp_path: Path) -> None:
     store.close()
 
 
-def test_rows_survive_a_postgres_outage_exactly_once(postgres_server: PostgresServer, tmp_path: Path) -> None:
-    url = postgres_server.url
-    migrate.upgrade(url)
-    before = _count(url)
+def test_rows_survive_a_postgres_outage_exactly_once(
+    postgres_server: PostgresServer, migrated: tuple[str, int], tmp_path: Path
+) -> None:
+    url, before = migrated
     store = SqlAnalyticsStore(url, buffer_limit=50, spill_dir=tmp_path / "spill")
     store.record(_record() for _ in range(30))
     assert store.flush() == 30
@@ -124,10 +131,10 @@ def test_rows_survive_a_postgres_outage_exactly_once(postgres_server: PostgresSe
     store.close()
 
 
-def test_spill_file_is_replayed_by_the_next_process(postgres_server: PostgresServer, tmp_path: Path) -> None:
-    url = postgres_server.url
-    migrate.upgrade(url)
-    before = _count(url)
+def test_spill_file_is_replayed_by_the_next_process(
+    postgres_server: PostgresServer, migrated: tuple[str, int], tmp_path: Path
+) -> None:
+    url, before = migrated
     spill = tmp_path / "spill"
     first = SqlAnalyticsStore(url, spill_dir=spill)
     postgres_server.stop()
@@ -145,10 +152,8 @@ def test_spill_file_is_replayed_by_the_next_process(postgres_server: PostgresSer
     second.close()
 
 
-def test_a_torn_spill_line_does_not_block_the_rest(postgres_server: PostgresServer, tmp_path: Path) -> None:
-    url = postgres_server.url
-    migrate.upgrade(url)
-    before = _count(url)
+def test_a_torn_spill_line_does_not_block_the_rest(migrated: tuple[str, int], tmp_path: Path) -> None:
+    url, before = migrated
     spill = tmp_path / "spill"
     first = SqlAnalyticsStore(url, spill_dir=spill)
     first._spill([{**vars(_record()), "text": None} for _ in range(3)])
