@@ -46,7 +46,7 @@ test: install  ## the whole suite: lint, unit, service and integration tests
 	$(PY) -m pytest
 
 bench: model  ## raw model throughput and HTTP load at 1/16/64 clients, unique and repeated texts
-	$(PY) loadtests/bench.py
+	$(PY) -m loadtests.bench
 
 bench-analytics: install  ## /analytics query times on PostgreSQL over a seeded million-row table
 	$(PY) loadtests/analytics_bench.py $(if $(DATABASE_URL),--url $(DATABASE_URL),)

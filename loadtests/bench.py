@@ -1,4 +1,5 @@
-"""`make bench`: raw model throughput, then HTTP load on a real `bentoml serve`, in one run.
+"""`make bench` (`python -m loadtests.bench`): raw model throughput, then HTTP load on a real
+`bentoml serve`, in one run.
 
 Cases: unique texts (every request a cache miss) and repeated texts (cache hits), each at 1, 16
 and 64 concurrent closed-loop Locust users. Rate limits are switched off for the served
@@ -11,8 +12,6 @@ import argparse
 import csv
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,14 +21,10 @@ from pathlib import Path
 
 import httpx
 
+from loadtests.serving import Served
+
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("unique", 1), ("unique", 16), ("unique", 64), ("repeated", 1), ("repeated", 16), ("repeated", 64)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def raw_throughput(tag: str, texts: list[str], seconds: float, threads: int) -> dict[str, float]:
@@ -98,44 +93,28 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=Path("var/bench.json"))
     args = parser.parse_args()
 
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "loadtests"))
-    from bench_locustfile import TEXTS
+    from loadtests.bench_locustfile import TEXTS
 
     print(f"raw model throughput ({args.model}, batch 32, {os.cpu_count()} threads, {args.raw_seconds:.0f} s)...")
     raw = raw_throughput(args.model, TEXTS, args.raw_seconds, os.cpu_count() or 1)
     print(f"  {raw['texts_per_s']} texts/s, batch of 32 in {raw['batch32_ms_median']} ms (median)")
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     workdir = Path(tempfile.mkdtemp(prefix="sentiment-bench-"))
     env = {
-        **os.environ,
         "SENTIMENT_MODEL": args.model,
         "RATE_LIMIT_PREDICT": "0",
         "RATE_LIMIT_BATCH": "0",
         "DATABASE_URL": f"sqlite:///{workdir / 'analytics.db'}",
+        "SPILL_DIR": str(workdir / "spill"),
     }
-    if args.workers:
-        env["SERVICE_WORKERS"] = str(args.workers)
-    log = (workdir / "serve.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "service.service:Sentiment", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    try:
+        server = Served(env, workdir / "serve.log", workers=args.workers).start(timeout=180)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    url = server.url
     results = []
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                print((workdir / "serve.log").read_text()[-3000:], file=sys.stderr)
-                return 1
-            time.sleep(0.5)
         health = httpx.get(f"{url}/health", timeout=10).json()
         print(f"serving {health['model']['A']} on {url}, {health['model']['threads']} torch thread(s) per worker")
         for mode, users in CASES:
@@ -150,8 +129,7 @@ def main() -> int:
                   f"p95 {stats['p95_ms']:>5.0f}  p99 {stats['p99_ms']:>5.0f} ms  "
                   f"errors {stats['failures']}  mean batch {stats['mean_batch']}", flush=True)  # fmt: skip
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        server.stop()
 
     print()
     print(f"{'texts':<9} {'clients':>7} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6} "

@@ -1,9 +1,10 @@
-"""A real `bentoml serve` of the service in a subprocess, for the integration tests."""
+"""A real `bentoml serve` of the service in a subprocess, for the benchmarks and the tests."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,16 +12,21 @@ from pathlib import Path
 
 import httpx
 
-from tests.servers import free_port
-
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Served:
     """`bentoml serve service.service:Sentiment` on a free port with the given environment."""
 
-    def __init__(self, env: dict[str, str], log: Path, workers: int = 2) -> None:
-        self.env = {**os.environ, "SERVICE_WORKERS": str(workers), **env}
+    def __init__(self, env: dict[str, str], log: Path, workers: int | None = 2) -> None:
+        """`workers` None leaves SERVICE_WORKERS to `env` or the service's default."""
+        self.env = {**os.environ, **({"SERVICE_WORKERS": str(workers)} if workers else {}), **env}
         self.log = log
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None

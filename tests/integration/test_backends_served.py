@@ -13,8 +13,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from loadtests.serving import Served
 from tests.servers import PostgresServer, RedisServer
-from tests.serving import Served
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

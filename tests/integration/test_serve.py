@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving import Served
+from loadtests.serving import Served
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
