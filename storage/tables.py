@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -36,6 +37,23 @@ predictions = Table(
 )
 Index("ix_predictions_created_at", predictions.c.created_at)
 Index("ix_predictions_variant_created_at", predictions.c.variant, predictions.c.created_at)
+
+# Per-minute counts of `predictions`, written in the same transaction as the rows they count
+# (only rows actually inserted are counted, so a replayed row is never counted twice). The
+# reports read whole minutes from here and only the window's first partial minute from
+# `predictions`, so their cost follows the window's length in minutes, not its row count.
+prediction_counts = Table(
+    "prediction_counts",
+    metadata,
+    Column("minute", DateTime(timezone=True), primary_key=True),
+    Column("endpoint", String(32), primary_key=True),
+    Column("model", String(128), primary_key=True),
+    Column("variant", String(1), primary_key=True),  # "" for requests outside the A/B test
+    Column("label", String(16), primary_key=True),
+    Column("cached", Boolean, primary_key=True),
+    Column("n", BigInteger, nullable=False),
+    Column("score_sum", Float, nullable=False),
+)
 
 feedback = Table(
     "feedback",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import random
 import time
 import uuid
 from datetime import timedelta
@@ -11,8 +12,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from storage import migrate
-from storage.analytics import PredictionRecord, SqlAnalyticsStore
+from storage import analytics, migrate
+from storage.analytics import PredictionRecord, SqlAnalyticsStore, utcnow
 from storage.cache import RedisPredictionCache, cache_key
 from storage.ratelimit import LimitsRateLimiter, parse_limit
 from tests.servers import PostgresServer, RedisServer
@@ -110,6 +111,58 @@ def test_postgres_analytics_reports(database_url: str, tmp_path: Path) -> None:
     store.close()
 
 
+def test_reports_count_each_stored_row_once_across_minutes_and_rewrites(database_url: str, tmp_path: Path) -> None:
+    """Whole minutes come from prediction_counts, the first partial one from the rows; a row
+    written again (a replay) is neither stored nor counted twice."""
+    store = SqlAnalyticsStore(database_url, spill_dir=tmp_path)
+    now = utcnow()
+    ages = [400, 170, 130, 95, 65, 40, 10, 2]  # seconds
+    records = []
+    for i, age in enumerate(ages):
+        rec = _record("/predict/ab" if i % 2 else "/predict", variant="AB"[i % 4 // 2] if i % 2 else None)
+        rec.created_at = now - timedelta(seconds=age)
+        rec.score = 0.5 + i / 100
+        records.append(rec)
+    store.record(records)
+    store.flush()
+    store.record(records[2:6])  # the same request ids again
+    store.flush()
+    assert _count(database_url) == len(ages)
+    for window_s in (5, 60, 100, 150, 300, 3600):  # each at least 5 s from an age
+        expected = [r for r, age in zip(records, ages, strict=True) if age < window_s]
+        summary = store.summary(timedelta(seconds=window_s))
+        assert summary["total"] == len(expected), window_s
+        assert summary["latency_rows"] == len(expected)
+        ab = [r for r in expected if r.variant]
+        report = store.ab_report(timedelta(seconds=window_s))
+        assert sum(v["requests"] for v in report["variants"].values()) == len(ab)
+        for name, v in report["variants"].items():
+            scores = [r.score for r in ab if r.variant == name]
+            assert v["mean_score"] == round(sum(scores) / len(scores), 4)
+    store.close()
+
+
+def test_percentiles_of_a_large_window_come_from_a_page_sample(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(analytics, "EXACT_PERCENTILE_ROWS", 2_000)
+    store = SqlAnalyticsStore(database_url, spill_dir=tmp_path, batch_size=5_000)
+    latencies = [float(i) for i in range(1, 20_001)]
+    random.Random(7).shuffle(latencies)
+    store.record(_record(latency=lat) for lat in latencies)
+    store.flush()
+    summary = store.summary(timedelta(hours=1))
+    assert summary["total"] == 20_000
+    assert 500 < summary["latency_rows"] < 8_000  # about a tenth of the pages
+    assert abs(summary["latency_ms"]["p50"] - 10_000) < 1_500
+    assert abs(summary["latency_ms"]["p95"] - 19_000) < 1_000
+    assert store.summary(timedelta(hours=1))["latency_ms"] == summary["latency_ms"]  # same pages each call
+    monkeypatch.setattr(analytics, "EXACT_PERCENTILE_ROWS", 50_000)
+    exact = store.summary(timedelta(hours=1))
+    assert exact["latency_rows"] == 20_000 and exact["latency_ms"]["p50"] == 10_000.5
+    store.close()
+
+
 def test_rows_survive_a_postgres_outage_exactly_once(
     postgres_server: PostgresServer, migrated: tuple[str, int], tmp_path: Path
 ) -> None:
@@ -181,3 +234,27 @@ def test_migrations_upgrade_downgrade_and_match_the_models(
     engine = sa.create_engine(url)
     assert {"predictions", "feedback", "request_errors"} <= set(sa.inspect(engine).get_table_names())
     engine.dispose()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_upgrade_counts_the_rows_stored_before_it(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    url = request.getfixturevalue("database_url") if backend == "postgresql" else f"sqlite:///{tmp_path}/m.db"
+    if backend == "postgresql":
+        migrate.downgrade(url, "base")  # the fixture migrated it to the newest revision
+    migrate.upgrade(url, "0001")
+    now = utcnow()
+    records = [_record("/predict/ab", variant="AB"[i % 2]) for i in range(6)] + [_record() for _ in range(4)]
+    for i, rec in enumerate(records):
+        rec.created_at = now - timedelta(seconds=30 * i + 5)
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.table("predictions", *[sa.column(k) for k in vars(records[0])]).insert(), [vars(r) for r in records]
+        )
+    engine.dispose()
+    migrate.upgrade(url)
+    store = SqlAnalyticsStore(url, spill_dir=tmp_path / "spill")
+    summary = store.summary(timedelta(hours=1))
+    assert summary["total"] == 10 and summary["by_endpoint"] == {"/predict/ab": 6, "/predict": 4}
+    assert {k: v["requests"] for k, v in store.ab_report(timedelta(hours=1))["variants"].items()} == {"A": 3, "B": 3}
+    store.close()
