@@ -9,6 +9,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import metrics
+
 
 def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequence[str]) -> str:
     """The peer, or the first X-Forwarded-For address when the peer is a trusted proxy."""
@@ -99,6 +101,7 @@ class InFlightLimit:
             return
         if self.in_flight >= self.limit:
             self.rejected += 1
+            metrics.OVERLOAD_REJECTIONS.labels(metrics.endpoint_label(scope["path"]), "in_flight").inc()
             await _send_json(
                 send,
                 503,

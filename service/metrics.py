@@ -1,9 +1,49 @@
-"""Prometheus metrics of the service, beside BentoML's own; summed over workers on /metrics."""
+"""Prometheus metrics of the service, beside BentoML's own `bentoml_*` series.
+
+Under `bentoml serve` every worker writes its values to BentoML's multiprocess directory and
+`/metrics` shows them summed over workers (gauges as their `multiprocess_mode` says). The
+README lists every series; the dashboards and alert rules use only these and `up`.
+Storage metrics (cache and limiter errors, analytics rows) are defined in their modules.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+import os
+import resource
+from pathlib import Path
 
+from prometheus_client import Counter, Gauge, Histogram
+
+# Endpoints as labels: the public routes, and "other" for anything else (bounded cardinality).
+ENDPOINTS = ("/predict", "/predict/ab", "/batch", "/feedback", "/analytics/summary", "/analytics/ab", "/health")
+
+HTTP_REQUESTS = Counter(
+    "sentiment_http_requests_total",
+    "Public HTTP requests answered, by endpoint and status code.",
+    ["endpoint", "status"],
+)
+HTTP_REQUEST_SECONDS = Histogram(
+    "sentiment_http_request_duration_seconds",
+    "Time to answer a public HTTP request, by endpoint.",
+    ["endpoint"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0),
+)
+PREDICTIONS = Counter(
+    "sentiment_predictions_total",
+    "Predictions answered, by endpoint, model, A/B variant (none outside the test), label and cached.",
+    ["endpoint", "model", "variant", "label", "cached"],
+)
+PREDICTION_SECONDS = Histogram(
+    "sentiment_prediction_duration_seconds",
+    "Time from cache lookup to answer for one request's predictions, by endpoint and A/B variant.",
+    ["endpoint", "variant"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+)
+CACHE_LOOKUPS = Counter(
+    "sentiment_cache_lookups_total",
+    "Prediction cache lookups, one per text, by result (hit or miss; a failed lookup is a miss).",
+    ["result"],
+)
 INFERRED_TEXTS = Counter(
     "sentiment_inferred_texts_total",
     "Texts run through a model (cache misses), by model.",
@@ -21,3 +61,63 @@ INFERENCE_SECONDS = Histogram(
     ["model"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+RATE_LIMITED = Counter(
+    "sentiment_rate_limited_requests_total",
+    "Requests refused with 429 by the per-client rate limit, by endpoint.",
+    ["endpoint"],
+)
+OVERLOAD_REJECTIONS = Counter(
+    "sentiment_overload_rejections_total",
+    "Requests refused with 503 for overload, by endpoint and reason (in_flight or batch_queue).",
+    ["endpoint", "reason"],
+)
+DEPENDENCY_UP = Gauge(
+    "sentiment_dependency_up",
+    "1 when a dependency answers (embedded ones always do), 0 when it is down; the lowest over workers.",
+    ["dependency", "backend"],
+    multiprocess_mode="livemin",
+)
+RESIDENT_MEMORY = Gauge(
+    "sentiment_process_resident_memory_bytes",
+    "Resident memory of the service's worker processes, summed over live workers.",
+    multiprocess_mode="livesum",
+)
+MEMORY_LIMIT = Gauge(
+    "sentiment_memory_limit_bytes",
+    "Memory the service may use: the cgroup limit, or the machine's memory when there is none.",
+    multiprocess_mode="livemax",
+)
+
+# Series that exist from the start, at zero: a rate of "none yet" is 0, not "no data".
+for _result in ("hit", "miss"):
+    CACHE_LOOKUPS.labels(_result)
+for _endpoint in ("/predict", "/predict/ab", "/batch"):
+    RATE_LIMITED.labels(_endpoint)
+    for _reason in ("in_flight", "batch_queue"):
+        OVERLOAD_REJECTIONS.labels(_endpoint, _reason)
+
+
+def endpoint_label(path: str) -> str:
+    return path if path in ENDPOINTS else "other"
+
+
+def resident_memory_bytes() -> int:
+    """This process's resident set size, from /proc (peak RSS where /proc is missing)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_limit_bytes() -> int:
+    """The cgroup v2 (or v1) memory limit, else the machine's physical memory."""
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and 0 < int(value) < physical:
+            return int(value)
+    return physical

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import logging
 import re
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -120,6 +121,24 @@ class Sentiment:
             settings.database_url, store_text=settings.store_text, spill_dir=settings.spill_dir
         )
         self.analytics.start()
+        self._stop_watch = threading.Event()
+        threading.Thread(target=self._watch, name="metrics-watch", daemon=True).start()
+
+    def _watch(self, interval: float = 5.0) -> None:
+        """Keep this worker's gauges current: dependencies, memory, analytics buffer and spill."""
+        cache_backend = "redis" if settings.redis_url else "memory"
+        limit = metrics.memory_limit_bytes()
+        while True:
+            try:
+                metrics.DEPENDENCY_UP.labels("cache", cache_backend).set(self.cache.status() != "down")
+                metrics.DEPENDENCY_UP.labels("database", self.analytics.dialect).set(self.analytics.status() != "down")
+                metrics.RESIDENT_MEMORY.set(metrics.resident_memory_bytes())
+                metrics.MEMORY_LIMIT.set(limit)
+                self.analytics.update_gauges()
+            except Exception:  # a gauge is not worth a worker: log and carry on
+                log.exception("updating gauges failed")
+            if self._stop_watch.wait(interval):
+                return
 
     @bentoml.on_deployment
     def _migrate() -> None:
@@ -134,6 +153,7 @@ class Sentiment:
 
     @bentoml.on_shutdown
     def _close(self) -> None:
+        self._stop_watch.set()
         self.analytics.close()
 
     # --- the one inference path ---------------------------------------------------------
@@ -171,6 +191,7 @@ class Sentiment:
                 outputs = await self.to_async.infer(items)
             except bentoml.exceptions.BentoMLException as exc:
                 if exc.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
+                    metrics.OVERLOAD_REJECTIONS.labels(endpoint, "batch_queue").inc()
                     raise ApiError(503, "service overloaded, retry later", {"Retry-After": "1"}) from exc
                 raise
             fresh = {}
@@ -179,7 +200,11 @@ class Sentiment:
                 found[i] = value
                 fresh[keys[i]] = value
             await run_sync(self.cache.set_many, fresh)
-        latency_ms = round((time.perf_counter() - started) * 1000, 2)
+        elapsed = time.perf_counter() - started
+        latency_ms = round(elapsed * 1000, 2)
+        metrics.CACHE_LOOKUPS.labels("hit").inc(len(texts) - len(missing))
+        metrics.CACHE_LOOKUPS.labels("miss").inc(len(missing))
+        metrics.PREDICTION_SECONDS.labels(endpoint, variant or "none").observe(elapsed)
         cached_idx = set(range(len(texts))) - set(missing)
         predictions = [
             Prediction(
@@ -194,6 +219,8 @@ class Sentiment:
             for i, value in enumerate(found)
             if value is not None
         ]
+        for p in predictions:
+            metrics.PREDICTIONS.labels(endpoint, tag, variant or "none", p.label, str(p.cached).lower()).inc()
         self.analytics.record(
             PredictionRecord(
                 request_id=p.request_id,
@@ -215,6 +242,7 @@ class Sentiment:
     # --- public endpoints ----------------------------------------------------------------
 
     async def _limit(self, request: Request, response: Response, scope: str) -> None:
+        """Count this request against its client's limit; 429 with the contract's headers over it."""
         limit = self.limits[scope]
         if limit is None:
             return
@@ -222,6 +250,7 @@ class Sentiment:
         client = client_address(peer, request.headers.get("x-forwarded-for"), settings.trusted_proxies)
         decision: Decision = await run_sync(self.limiter.hit, scope, client, limit)
         if not decision.allowed:
+            metrics.RATE_LIMITED.labels(metrics.endpoint_label(request.url.path)).inc()
             raise ApiError(429, f"rate limit exceeded: {limit} per client", decision.headers())
         response.headers.update(decision.headers())
 
@@ -301,13 +330,22 @@ Sentiment.add_asgi_middleware(InternalOnly)  # type: ignore[attr-defined]  # a b
 
 @app.middleware("http")
 async def _request_context(request: Request, call_next):
-    """A request id on every response, and every error counted in the analytics store."""
+    """A request id on every response; public requests timed and counted, errors recorded."""
     rid = errors.request_id(request)
+    path = request.url.path
+    public = path.startswith(PUBLIC_PATHS) or path == "/health"
+    started = time.perf_counter()
     try:
         response = await call_next(request)
     except Exception:
-        _count_error(request.url.path, 500)  # the generic 500 itself is written by errors.py
+        _count_error(path, 500)  # the generic 500 itself is written by errors.py
+        if public:
+            metrics.HTTP_REQUESTS.labels(metrics.endpoint_label(path), "500").inc()
         raise
+    if public:
+        endpoint = metrics.endpoint_label(path)
+        metrics.HTTP_REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
+        metrics.HTTP_REQUESTS.labels(endpoint, str(response.status_code)).inc()
     response.headers["X-Request-ID"] = rid
     if response.status_code >= 400:
         _count_error(request.url.path, response.status_code)

@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
+from prometheus_client import Counter, Gauge
 from sqlalchemy import Engine, FromClause, case, func, literal, select, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -28,6 +29,24 @@ from storage.db import make_engine
 from storage.tables import feedback, prediction_counts, predictions, request_errors
 
 log = logging.getLogger(__name__)
+
+ANALYTICS_ROWS = Counter(
+    "sentiment_analytics_rows_total",
+    "Prediction rows by outcome: written to the database, spilled to disk, replayed from disk.",
+    ["outcome"],
+)
+for _outcome in ("written", "spilled", "replayed"):
+    ANALYTICS_ROWS.labels(_outcome)
+ANALYTICS_BUFFERED = Gauge(
+    "sentiment_analytics_buffered_rows",
+    "Prediction rows waiting in memory for the database, summed over live workers.",
+    multiprocess_mode="livesum",
+)
+ANALYTICS_SPILL_BYTES = Gauge(
+    "sentiment_analytics_spill_bytes",
+    "Bytes in the analytics spill files waiting to be replayed (one directory for all workers).",
+    multiprocess_mode="livemax",
+)
 
 
 # Up to this many rows in a window, latency percentiles are exact; beyond, they may come from
@@ -260,6 +279,7 @@ class SqlAnalyticsStore:
                 os.fsync(f.fileno())
                 break
         self.spilled += len(rows)
+        ANALYTICS_ROWS.labels("spilled").inc(len(rows))
 
     def _spill_overflow(self) -> None:
         """Move the oldest rows beyond half the buffer limit to the spill file."""
@@ -305,6 +325,7 @@ class SqlAnalyticsStore:
                         self._write(rows[i : i + self.batch_size])
                     path.unlink()
                 self.replayed += len(rows)
+                ANALYTICS_ROWS.labels("replayed").inc(len(rows))
                 log.warning("replayed %s analytics rows from %s", len(rows), path.name)
             except FileNotFoundError:
                 continue
@@ -348,6 +369,7 @@ class SqlAnalyticsStore:
                 log.warning("analytics database back; writing buffered rows")
             self._healthy = True
             self.written += written
+            ANALYTICS_ROWS.labels("written").inc(written)
             try:
                 self._flush_errors()
                 self._replay()
@@ -382,6 +404,19 @@ class SqlAnalyticsStore:
     @property
     def buffered(self) -> int:
         return len(self._buffer)
+
+    def spill_bytes(self) -> int:
+        total = 0
+        for path in self.spill_files():
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:  # replayed meanwhile
+                continue
+        return total
+
+    def update_gauges(self) -> None:
+        ANALYTICS_BUFFERED.set(self.buffered)
+        ANALYTICS_SPILL_BYTES.set(self.spill_bytes())
 
     def status(self) -> str:
         if self.dialect == "sqlite":

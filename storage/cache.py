@@ -15,9 +15,18 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from cachetools import TTLCache
+from prometheus_client import Counter
 
 CacheValue = dict[str, Any]
 log = logging.getLogger(__name__)
+
+CACHE_ERRORS = Counter(
+    "sentiment_cache_errors_total",
+    "Failed prediction cache operations (the request is answered uncached), by operation.",
+    ["operation"],
+)
+for _operation in ("get", "set", "ping"):
+    CACHE_ERRORS.labels(_operation)
 
 
 def cache_key(model_tag: str, text: str) -> str:
@@ -82,8 +91,9 @@ class RedisPredictionCache:
         self._down_since: float | None = None
         self.errors = 0
 
-    def _failed(self, exc: Exception) -> None:
+    def _failed(self, exc: Exception, operation: str) -> None:
         self.errors += 1
+        CACHE_ERRORS.labels(operation).inc()
         if self._down_since is None:
             self._down_since = time.monotonic()
             log.warning("prediction cache unavailable, serving uncached: %s", exc)
@@ -99,7 +109,7 @@ class RedisPredictionCache:
         try:
             raw = self._client.mget(list(keys))
         except Exception as exc:
-            self._failed(exc)
+            self._failed(exc, "get")
             return [None] * len(keys)
         self._ok()
         return [json.loads(v) if v is not None else None for v in raw]
@@ -113,7 +123,7 @@ class RedisPredictionCache:
                 pipe.set(key, json.dumps(value, separators=(",", ":")), ex=self.ttl)
             pipe.execute()
         except Exception as exc:
-            self._failed(exc)
+            self._failed(exc, "set")
             return
         self._ok()
 
@@ -121,7 +131,7 @@ class RedisPredictionCache:
         try:
             self._client.ping()
         except Exception as exc:
-            self._failed(exc)
+            self._failed(exc, "ping")
             return "down"
         self._ok()
         return "ok"

@@ -14,8 +14,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from limits import RateLimitItem, parse, storage, strategies
+from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
+
+LIMITER_ERRORS = Counter(
+    "sentiment_rate_limiter_errors_total",
+    "Rate-limit checks that failed on the limiter's storage and let the request through.",
+)
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class LimitsRateLimiter:
             stats = self._limiter.get_window_stats(limit, scope, client)
         except Exception as exc:  # fail open: a limiter outage must not stop predictions
             self.errors += 1
+            LIMITER_ERRORS.inc()
             if self.errors == 1 or self.errors % 1000 == 0:
                 log.warning("rate limiter storage failed (%s errors so far): %s", self.errors, exc)
             return Decision(True, limit.amount, limit.amount, window, window)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers import PostgresServer, RedisServer
+from loadtests.servers import PostgresServer, RedisServer
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from loadtests.servers import PostgresServer, RedisServer
 from loadtests.serving import Served
-from tests.servers import PostgresServer, RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

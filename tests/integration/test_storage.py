@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from loadtests.servers import PostgresServer, RedisServer
 from storage import analytics, migrate
 from storage.analytics import PredictionRecord, SqlAnalyticsStore, utcnow
 from storage.cache import RedisPredictionCache, cache_key
 from storage.ratelimit import LimitsRateLimiter, parse_limit
-from tests.servers import PostgresServer, RedisServer
 
 pytestmark = pytest.mark.integration
 

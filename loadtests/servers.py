@@ -1,4 +1,4 @@
-"""Throwaway Redis and PostgreSQL servers for the tests, started from the local binaries.
+"""Throwaway Redis and PostgreSQL servers for the tests and the load tests, from the local binaries.
 
 Each lives in a temporary folder on a free loopback port and dies with the test session.
 Fault tests stop and restart these, never a server the machine runs for anyone else.
@@ -95,6 +95,10 @@ class PostgresServer:
         self._run("pg_ctl", "-D", str(self.data), "-o", opts, "-l", str(self.dir / "log"), "-w", "start")
         _wait_port(self.port, up=True)
         return self
+
+    def pid(self) -> int:
+        """The postmaster's pid (its children are the backends)."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")

@@ -1,0 +1,209 @@
+"""A real Prometheus beside a served instance, the dashboard's and alerts' queries, and a plot.
+
+    python -m loadtests.monitoring plot --prometheus http://127.0.0.1:9090 --minutes 15 --out docs/dashboard.png
+
+The queries come from the committed files (grafana/dashboards/*.json, prometheus/alerts.yml),
+so the tests and the plot evaluate exactly what operators see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMETHEUS_DIR = ROOT / "prometheus"
+DASHBOARDS = ROOT / "grafana" / "dashboards"
+# "<measure> <comparison> <threshold>" as every rule in alerts.yml is written.
+THRESHOLD = re.compile(r"^(?P<measure>.*\S)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<value>[0-9.eE+-]+)\s*$", re.S)
+
+
+@dataclass(frozen=True)
+class Query:
+    source: str  # panel title or alert name
+    expr: str
+    legend: str = ""
+
+
+def dashboard_queries() -> list[Query]:
+    out = []
+    for path in sorted(DASHBOARDS.glob("*.json")):
+        for panel in json.loads(path.read_text())["panels"]:
+            for target in panel.get("targets", []):
+                out.append(Query(panel["title"], target["expr"], target.get("legendFormat", "")))
+    return out
+
+
+def alert_rules() -> list[dict]:
+    rules = yaml.safe_load((PROMETHEUS_DIR / "alerts.yml").read_text())
+    return [rule for group in rules["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def alert_measures() -> list[Query]:
+    """Each alert's expression without its threshold: what it compares, which has data when the
+    service is scraped even though the alert itself is quiet."""
+    out = []
+    for rule in alert_rules():
+        match = THRESHOLD.match(rule["expr"].strip())
+        if not match:
+            raise ValueError(f"alert {rule['alert']}: expected '<measure> <op> <number>', got {rule['expr']!r}")
+        out.append(Query(rule["alert"], match["measure"]))
+    return out
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names an expression reads (identifiers followed by a selector or a range)."""
+    names = set(re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*(?=\{|\[)", expr))
+    return {n for n in names if n not in {"by", "without", "on", "ignoring"}}
+
+
+class PrometheusClient:
+    """Prometheus' HTTP query API."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+
+    def query(self, expr: str) -> list[dict]:
+        r = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=30)
+        body = r.json()
+        if body.get("status") != "success":
+            raise ValueError(f"{expr}: {body.get('error', r.text)}")
+        return body["data"]["result"]
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
+        params = {"query": expr, "start": start, "end": end, "step": step}
+        body = httpx.get(f"{self.url}/api/v1/query_range", params=params, timeout=60).json()
+        if body.get("status") != "success":
+            raise ValueError(f"{expr}: {body.get('error')}")
+        return body["data"]["result"]
+
+
+class Prometheus(PrometheusClient):
+    """A Prometheus server from the local binary, scraping `targets` with the committed rules."""
+
+    def __init__(self, targets: list[str], workdir: Path, port: int, scrape_interval: str = "1s") -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            raise RuntimeError("prometheus not found: install the Debian package `prometheus` (.ci/run does)")
+        self.binary = binary
+        self.workdir = workdir
+        super().__init__(f"http://127.0.0.1:{port}")
+        self.port = port
+        config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+        config["global"]["scrape_interval"] = scrape_interval
+        config["global"]["evaluation_interval"] = scrape_interval
+        config["rule_files"] = [str(PROMETHEUS_DIR / f) for f in config["rule_files"]]
+        config["scrape_configs"][0]["static_configs"] = [{"targets": targets}]
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "prometheus.yml"
+        self.config.write_text(yaml.safe_dump(config, sort_keys=False))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> Prometheus:
+        cmd = [
+            self.binary,
+            f"--config.file={self.config}",
+            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+        ]
+        with (self.workdir / "prometheus.log").open("ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited: {(self.workdir / 'prometheus.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError("prometheus not ready")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+
+# The panels of the README's plot, by title, as they are in the dashboard.
+PLOTTED = (
+    "Requests/s by endpoint",
+    "Latency of predictions (p50, p95, p99)",
+    "5xx error rate",
+    "Rate-limited (429) per second",
+    "Cache hit rate",
+    "Inference time per forward call (p50, p95) and mean batch size",
+    "A/B requests/s per variant",
+    "Memory of the API workers",
+)
+
+
+def _legend(template: str, labels: dict[str, str]) -> str:
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: labels.get(m[1], ""), template) or str(labels)
+
+
+def plot_dashboard(prometheus_url: str, start: float, end: float, out: Path, step: float | None = None) -> Path:
+    """Render the main dashboard panels from Prometheus' range queries into one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.dates as mdates
+    import matplotlib.pyplot as plt
+
+    step = step or max(1.0, (end - start) / 300)
+    client = PrometheusClient(prometheus_url)
+    queries = [q for q in dashboard_queries() if q.source in PLOTTED]
+    fig, axes = plt.subplots(4, 2, figsize=(14, 14), sharex=True)
+    for ax, title in zip(axes.flat, PLOTTED, strict=True):
+        for q in (q for q in queries if q.source == title):
+            if "mean batch" in q.legend:
+                continue  # another unit: kept to the dashboard's second axis
+            for series in client.query_range(q.expr, start, end, step):
+                xs = [datetime.fromtimestamp(float(t), UTC) for t, _ in series["values"]]
+                ys = [float(v) for _, v in series["values"]]
+                ax.plot(xs, ys, label=_legend(q.legend, series["metric"]))
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7, loc="upper left")
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
+    fig.suptitle(
+        f"Sentiment service dashboard panels from Prometheus, {datetime.fromtimestamp(start, UTC):%Y-%m-%d %H:%M} "
+        f"to {datetime.fromtimestamp(end, UTC):%H:%M} UTC",
+        fontsize=12,
+    )
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="action", required=True)
+    plot = sub.add_parser("plot", help="render the main panels over the last minutes into a PNG")
+    plot.add_argument("--prometheus", default="http://127.0.0.1:9090")
+    plot.add_argument("--minutes", type=float, default=15)
+    plot.add_argument("--out", type=Path, default=ROOT / "docs" / "dashboard.png")
+    args = parser.parse_args()
+    end = time.time()
+    path = plot_dashboard(args.prometheus, end - args.minutes * 60, end, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
