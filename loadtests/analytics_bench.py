@@ -52,6 +52,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--days", type=float, default=30)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--keep", action="store_true", help="keep the scratch database (for EXPLAIN)")
     args = parser.parse_args()
 
     name = f"sentiment_bench_{uuid.uuid4().hex[:8]}"
@@ -100,8 +101,11 @@ def main() -> int:
                 )
         store.close()
     finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if args.keep:
+            print(f"kept database {name}")
+        else:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
     return 0
 

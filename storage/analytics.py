@@ -51,7 +51,7 @@ ANALYTICS_SPILL_BYTES = Gauge(
 
 # Up to this many rows in a window, latency percentiles are exact; beyond, they may come from
 # a page sample of about this many rows (SqlAnalyticsStore._percentiles).
-EXACT_PERCENTILE_ROWS = 50_000
+EXACT_PERCENTILE_ROWS = 20_000
 
 
 def utcnow() -> datetime:
@@ -231,20 +231,15 @@ class SqlAnalyticsStore:
             counts: dict[tuple, list] = {}
             for row in unique:
                 if row["request_id"] in inserted:
-                    key = (
-                        row["created_at"].replace(second=0, microsecond=0),
-                        row["endpoint"],
-                        row["model"],
-                        row["variant"] or "",
-                        row["label"],
-                        bool(row["cached"]),
-                    )
-                    c = counts.setdefault(key, [0, 0.0])
-                    c[0] += 1
-                    c[1] += row["score"]
+                    rest = (row["endpoint"], row["model"], row["variant"] or "", row["label"], bool(row["cached"]))
+                    minute = row["created_at"].replace(second=0, microsecond=0)
+                    for period, start in ((60, minute), (3600, minute.replace(minute=0))):
+                        c = counts.setdefault((period, start, *rest), [0, 0.0])
+                        c[0] += 1
+                        c[1] += row["score"]
             if counts:
                 # Sorted keys: concurrent writers lock the count rows in one order, never deadlock.
-                names = ("minute", "endpoint", "model", "variant", "label", "cached")
+                names = ("period_s", "period_start", "endpoint", "model", "variant", "label", "cached")
                 values = [
                     {**dict(zip(names, key, strict=True)), "n": n, "score_sum": score}
                     for key, (n, score) in sorted(counts.items())
@@ -422,33 +417,49 @@ class SqlAnalyticsStore:
         if self.dialect == "sqlite":
             return "sqlite"
         try:
-            with self.engine.connect() as conn:
+            with self._read() as conn:
                 conn.exec_driver_sql("SELECT 1")
             return "ok"
         except Exception:
             return "down"
 
-    # reads: the window's whole minutes come from `prediction_counts` and only its first,
-    # partial minute from `predictions`, so the counts cost the same for 1,000 or 1,000,000
-    # rows in the window. Percentiles need the latencies themselves: see _percentiles.
+    # reads: the window's whole hours and minutes come from `prediction_counts` and only its
+    # first, partial minute from `predictions`, so the counts cost about the same for 1,000 or
+    # 1,000,000 rows in the window. Percentiles need the latencies themselves: see _percentiles.
+
+    def _read(self):
+        """A connection for the reports; on PostgreSQL with room to sort a sampled window in memory."""
+        conn = self.engine.connect()
+        if self.dialect == "postgresql":
+            conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
+        return conn
 
     def _counts(self, conn, since: datetime, keys: Sequence[str], ab_only: bool = False) -> list[Any]:
-        """Exact (key values..., n, score sum) per group of `keys` over the rows since `since`."""
+        """Exact (key values..., n, score sum) per group of `keys` over the rows since `since`:
+        hours from `since` rounded up to the hour, minutes before that, rows before the first
+        whole minute."""
         first_minute = since.replace(second=0, microsecond=0)
         if first_minute < since:
             first_minute += timedelta(minutes=1)
+        first_hour = first_minute.replace(minute=0)
+        if first_hour < first_minute:
+            first_hour += timedelta(hours=1)
         c, p = prediction_counts.c, predictions.c
-        whole = select(*[c[k] for k in keys], c.n.label("n"), c.score_sum.label("score")).where(
-            c.minute >= first_minute
-        )
+
+        def periods(period: int, start: datetime, end: datetime | None):
+            q = select(*[c[k] for k in keys], c.n.label("n"), c.score_sum.label("score")).where(
+                c.period_s == period, c.period_start >= start
+            )
+            q = q if end is None else q.where(c.period_start < end)
+            return q.where(c.variant != "") if ab_only else q
+
         raw_keys = [(func.coalesce(p.variant, "") if k == "variant" else p[k]).label(k) for k in keys]
         partial = select(*raw_keys, literal(1).label("n"), p.score.label("score")).where(
             p.created_at >= since, p.created_at < first_minute
         )
         if ab_only:
-            whole = whole.where(c.variant != "")
             partial = partial.where(p.variant.is_not(None))
-        u = union_all(whole, partial).subquery()
+        u = union_all(periods(3600, first_hour, None), periods(60, first_minute, first_hour), partial).subquery()
         group = [u.c[k] for k in keys]
         return conn.execute(select(*group, func.sum(u.c.n), func.sum(u.c.score)).group_by(*group)).all()
 
@@ -461,7 +472,7 @@ class SqlAnalyticsStore:
         On PostgreSQL, `percentile_cont` sorts the window's latencies: exact for up to
         EXACT_PERCENTILE_ROWS rows. A larger window is sampled page-wise (TABLESAMPLE SYSTEM,
         about EXACT_PERCENTILE_ROWS of its rows, the same pages on each call while the table is
-        unchanged) when the sample reads fewer rows than the window holds; otherwise it is exact.
+        unchanged) when the sample reads fewer than 4x the window's rows; otherwise it is exact.
         """
         table: FromClause = predictions
         if self.dialect == "postgresql" and rows > EXACT_PERCENTILE_ROWS:
@@ -469,7 +480,9 @@ class SqlAnalyticsStore:
             table_rows = conn.exec_driver_sql(
                 "SELECT reltuples FROM pg_class WHERE oid = 'predictions'::regclass"
             ).scalar_one()
-            if table_rows * percent / 100 < rows:
+            # A page sample reads `percent` of the whole table but sorts only its sample: worth it
+            # unless the table is much larger than the window (a short window on a long history).
+            if table_rows * percent / 100 < 4 * rows:
                 table = predictions.tablesample(func.system(percent), name="sampled", seed=literal(13))
         t = table.c
         where = [t.created_at >= since] + ([t.variant.is_not(None)] if by_variant else [])
@@ -493,7 +506,7 @@ class SqlAnalyticsStore:
         by_endpoint: dict[str, int] = {}
         by_model: dict[str, int] = {}
         by_label: dict[str, int] = {}
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             for endpoint, model, label, cached, n, _ in self._counts(
                 conn, since, ("endpoint", "model", "label", "cached")
             ):
@@ -530,7 +543,7 @@ class SqlAnalyticsStore:
         since = utcnow() - window
         p = predictions.c
         variants: dict[str, dict[str, Any]] = {}
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             for variant, model, label, n, score_sum in self._counts(
                 conn, since, ("variant", "model", "label"), ab_only=True
             ):
@@ -543,7 +556,8 @@ class SqlAnalyticsStore:
             latencies = self._percentiles(
                 conn, since, (0.5, 0.95), sum(v["requests"] for v in variants.values()), by_variant=True
             )
-            # Driven from feedback, which holds a small share of the predictions.
+            # Feedback comes after its prediction, so the window bounds both sides of the join;
+            # the A/B rows come from their covering index (request id and label included).
             judged = conn.execute(
                 select(
                     p.variant,
@@ -551,7 +565,7 @@ class SqlAnalyticsStore:
                     func.coalesce(func.sum(case((feedback.c.label == p.label, 1), else_=0)), 0),
                 )
                 .select_from(feedback.join(predictions, feedback.c.request_id == p.request_id))
-                .where(p.created_at >= since, p.variant.is_not(None))
+                .where(feedback.c.created_at >= since, p.created_at >= since, p.variant.is_not(None))
                 .group_by(p.variant)
             )
             feedback_by_variant = {variant: (int(n), int(ok)) for variant, n, ok in judged}

@@ -35,17 +35,26 @@ predictions = Table(
     # Only with STORE_TEXT=true; otherwise the hash and length above are all that is kept.
     Column("text", Text, nullable=True),
 )
-Index("ix_predictions_created_at", predictions.c.created_at)
-Index("ix_predictions_variant_created_at", predictions.c.variant, predictions.c.created_at)
+# Index-only scans for the reports: the window's latencies for the summary's percentiles, and
+# the A/B rows (a fifth of all, say) by time, with what their latency and feedback queries read.
+Index("ix_predictions_created_at", predictions.c.created_at, postgresql_include=["latency_ms"])
+Index(
+    "ix_predictions_ab_created_at",
+    predictions.c.created_at,
+    postgresql_include=["variant", "latency_ms", "label", "request_id"],
+    postgresql_where=predictions.c.variant.is_not(None),
+    sqlite_where=predictions.c.variant.is_not(None),
+)
 
-# Per-minute counts of `predictions`, written in the same transaction as the rows they count
-# (only rows actually inserted are counted, so a replayed row is never counted twice). The
-# reports read whole minutes from here and only the window's first partial minute from
-# `predictions`, so their cost follows the window's length in minutes, not its row count.
+# Counts of `predictions` per hour and per minute, written in the same transaction as the rows
+# they count (only rows actually inserted are counted, so a replayed row is never counted
+# twice). The reports read whole hours and minutes from here and only the window's first,
+# partial minute from `predictions`, so their cost follows the window's length, not its rows.
 prediction_counts = Table(
     "prediction_counts",
     metadata,
-    Column("minute", DateTime(timezone=True), primary_key=True),
+    Column("period_s", Integer, primary_key=True, autoincrement=False),  # 60 or 3600
+    Column("period_start", DateTime(timezone=True), primary_key=True),
     Column("endpoint", String(32), primary_key=True),
     Column("model", String(128), primary_key=True),
     Column("variant", String(1), primary_key=True),  # "" for requests outside the A/B test
@@ -62,6 +71,7 @@ feedback = Table(
     Column("label", String(16), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
+Index("ix_feedback_created_at", feedback.c.created_at)
 
 request_errors = Table(
     "request_errors",

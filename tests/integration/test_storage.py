@@ -116,7 +116,7 @@ def test_reports_count_each_stored_row_once_across_minutes_and_rewrites(database
     written again (a replay) is neither stored nor counted twice."""
     store = SqlAnalyticsStore(database_url, spill_dir=tmp_path)
     now = utcnow()
-    ages = [400, 170, 130, 95, 65, 40, 10, 2]  # seconds
+    ages = [5000, 3700, 400, 170, 130, 95, 65, 40, 10, 2]  # seconds: whole hours, minutes and a partial one
     records = []
     for i, age in enumerate(ages):
         rec = _record("/predict/ab" if i % 2 else "/predict", variant="AB"[i % 4 // 2] if i % 2 else None)
@@ -125,10 +125,10 @@ def test_reports_count_each_stored_row_once_across_minutes_and_rewrites(database
         records.append(rec)
     store.record(records)
     store.flush()
-    store.record(records[2:6])  # the same request ids again
+    store.record(records[2:8])  # the same request ids again
     store.flush()
     assert _count(database_url) == len(ages)
-    for window_s in (5, 60, 100, 150, 300, 3600):  # each at least 5 s from an age
+    for window_s in (5, 60, 100, 150, 300, 3600, 4000, 6000):  # each at least 5 s from an age
         expected = [r for r, age in zip(records, ages, strict=True) if age < window_s]
         summary = store.summary(timedelta(seconds=window_s))
         assert summary["total"] == len(expected), window_s
