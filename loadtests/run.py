@@ -1,0 +1,356 @@
+"""Run the original deployment's load-test plan and write a report per scenario.
+
+    python -m loadtests.run baseline|spike|cache|all [--profile full|quick] [--url URL]
+                            [--users N] [--duration 10m] [--out DIR] [--no-thresholds]
+
+`make loadtest SCENARIO=... [URL=...] [USERS=...] [DURATION=...] [PROFILE=quick]` calls this.
+Without --url it starts the service itself (`bentoml serve`, 2 workers, the models in the
+BentoML store) on throwaway Redis and PostgreSQL servers, and a Prometheus when one is
+installed; it samples CPU and memory of the API, PostgreSQL, Redis and Locust every second.
+Each scenario runs Locust headless (loadtests/locustfile.py), then loadtests/report.py writes
+`<out>/<scenario>/report.md` with tables and plots.
+
+Exit status: 1 when a scenario's errors other than 429 exceed 1% of its requests or its p95
+exceeds the scenario's limit (--p95-limit-ms overrides it), unless --no-thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import psutil
+
+from loadtests import report
+from loadtests.serving import ROOT, Served, free_port
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    users: int
+    spawn_rate: float
+    duration_s: float
+    repeat_share: float
+    repeat_pool: int = 200
+    shape: bool = False  # the spike's LoadTestShape drives users and duration
+    ramp_s: float = 0
+    hold_s: float = 0
+    p95_limit_ms: float = 120.0
+    description: str = ""
+
+
+# The original plan. p95 limits: baseline's target, and the original's own p95 elsewhere.
+PLAN = {
+    "baseline": Scenario(
+        "baseline", 100, 10, 600, 0.72, p95_limit_ms=120, description="100 users, spawn 10/s, 10 minutes"
+    ),
+    "spike": Scenario(
+        "spike",
+        500,
+        0,
+        420,
+        0.72,
+        shape=True,
+        ramp_s=120,
+        hold_s=300,
+        p95_limit_ms=140,
+        description="0 to 500 users over 2 minutes, 500 held for 5 minutes",
+    ),
+    "cache": Scenario(
+        "cache",
+        50,
+        10,
+        300,
+        1.0,
+        repeat_pool=100,
+        p95_limit_ms=120,
+        description="50 users, 5 minutes, only repeated texts",
+    ),
+}
+# About two minutes for all three: the same mix at a small scale, for CI.
+QUICK = {
+    "baseline": replace(PLAN["baseline"], users=20, spawn_rate=10, duration_s=40, description="quick: 20 users, 40 s"),
+    "spike": replace(
+        PLAN["spike"], users=60, duration_s=40, ramp_s=15, hold_s=25, description="quick: 0 to 60 users in 15 s, 25 s"
+    ),
+    "cache": replace(PLAN["cache"], users=10, duration_s=30, repeat_pool=20, description="quick: 10 users, 30 s"),
+}
+
+
+def parse_duration(text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"duration {text!r}: expected e.g. 90s, 10m or 1h")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+# --- resources --------------------------------------------------------------------------
+
+
+@dataclass
+class ResourceSampler:
+    """CPU (cores in use) and memory (PSS, so shared pages count once) of process groups,
+    each given by its root pid, sampled every `interval` seconds in a thread."""
+
+    roots: dict[str, int]
+    interval: float = 1.0
+    extras: dict[str, Callable[[], float]] = field(default_factory=dict)  # more columns, e.g. Redis memory
+    rows: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._last: dict[int, float] = {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _group(self, root: int) -> list[psutil.Process]:
+        try:
+            proc = psutil.Process(root)
+            return [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def _sample(self, previous: float) -> float:
+        now = time.monotonic()
+        row: dict = {"t": time.time()}
+        for name, root in self.roots.items():
+            cpu = mem = 0.0
+            for proc in self._group(root):
+                try:
+                    times = proc.cpu_times()
+                    total = times.user + times.system
+                    if proc.pid in self._last and now > previous:
+                        cpu += (total - self._last[proc.pid]) / (now - previous)
+                    self._last[proc.pid] = total
+                    mem += proc.memory_full_info().pss
+                except psutil.Error:
+                    continue
+            row[f"{name}_cores"] = round(cpu, 3)
+            row[f"{name}_mb"] = round(mem / 2**20, 1)
+        for name, read in self.extras.items():
+            try:
+                row[name] = read()
+            except Exception:
+                row[name] = None
+        self.rows.append(row)
+        return now
+
+    def _run(self) -> None:
+        previous = self._sample(time.monotonic())
+        while not self._stop.wait(self.interval):
+            previous = self._sample(previous)
+
+    def start(self) -> ResourceSampler:
+        self._thread.start()
+        return self
+
+    def stop(self) -> list[dict]:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.rows
+
+
+# --- one scenario -----------------------------------------------------------------------
+
+
+def run_locust(scenario: Scenario, url: str, out: Path, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+    files = "loadtests/locustfile.py" + (",loadtests/shapes.py" if scenario.shape else "")
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        files,
+        "--headless",
+        "--host",
+        url,
+        "--csv",
+        str(out / "locust"),
+        "--csv-full-history",
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+        "--exit-code-on-error",
+        "0",
+        "--stop-timeout",
+        "10",
+        "--repeat-share",
+        str(scenario.repeat_share),
+        "--repeat-pool",
+        str(scenario.repeat_pool),
+        "--outcomes",
+        str(out / "outcomes.json"),
+    ]
+    if not scenario.shape:
+        cmd += ["-u", str(scenario.users), "-r", str(scenario.spawn_rate), "-t", f"{int(scenario.duration_s)}s"]
+    env = {**os.environ, **extra_env}
+    if scenario.shape:
+        env |= {
+            "SPIKE_USERS": str(scenario.users),
+            "SPIKE_RAMP_S": str(scenario.ramp_s),
+            "SPIKE_HOLD_S": str(scenario.hold_s),
+        }
+    log = (out / "locust.log").open("wb")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _get(url: str, path: str, **kw) -> httpx.Response | None:
+    try:
+        return httpx.get(f"{url}{path}", timeout=30, **kw)
+    except httpx.HTTPError:
+        return None
+
+
+def run_scenario(
+    scenario: Scenario,
+    url: str,
+    out: Path,
+    roots: dict[str, int],
+    env: dict[str, str],
+    admin_key: str | None,
+    redis_url: str | None = None,
+    workers: int | None = None,
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+    metrics_before = _get(url, "/metrics")
+    (out / "metrics_before.txt").write_text(metrics_before.text if metrics_before else "")
+    started = time.time()
+    locust = run_locust(scenario, url, out, env | ({"LOCUST_ADMIN_KEY": admin_key} if admin_key else {}))
+    extras = {}
+    if redis_url:
+        import redis
+
+        client = redis.Redis.from_url(redis_url, socket_timeout=1)
+        extras["redis_used_mb"] = lambda: round(client.info("memory")["used_memory"] / 2**20, 2)
+    sampler = ResourceSampler({**roots, "locust": locust.pid}, extras=extras).start()
+    locust.wait()
+    ended = time.time()
+    rows = sampler.stop()
+    time.sleep(2)  # the analytics writer flushes every 0.5 s
+    metrics_after = _get(url, "/metrics")
+    (out / "metrics_after.txt").write_text(metrics_after.text if metrics_after else "")
+    window = f"{int(ended - started) + 5}s"
+    analytics = _get(url, "/analytics/summary", params={"window": window}, headers=headers)
+    run = {
+        "scenario": asdict(scenario),
+        "url": url,
+        "started": started,
+        "ended": ended,
+        "locust_exit": locust.returncode,
+        "analytics_summary": analytics.json() if analytics is not None and analytics.status_code == 200 else None,
+        "health": (h.json() if (h := _get(url, "/health")) is not None else None),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "workers": workers,
+        },
+        "sampled": sorted(roots) + ["locust"],
+    }
+    (out / "run.json").write_text(json.dumps(run, indent=2))
+    report.write_csv(out / "resources.csv", rows)
+    return run
+
+
+# --- the whole run ----------------------------------------------------------------------
+
+
+def _redis_flush(redis_url: str) -> None:
+    import redis
+
+    redis.Redis.from_url(redis_url).flushdb()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenario", choices=[*PLAN, "all"])
+    parser.add_argument("--profile", choices=["full", "quick"], default="full")
+    parser.add_argument("--url", default=os.environ.get("LOADTEST_URL") or None, help="test this service")
+    parser.add_argument("--users", type=int, default=None, help="users (peak users for the spike)")
+    parser.add_argument("--duration", type=parse_duration, default=None, help="e.g. 90s, 10m (not the spike)")
+    parser.add_argument("--p95-limit-ms", type=float, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="default var/loadtest/<time>")
+    parser.add_argument("--no-thresholds", action="store_true", help="report only; exit 0 whatever the figures")
+    parser.add_argument("--workers", type=int, default=2, help="SERVICE_WORKERS of the service it starts")
+    args = parser.parse_args(argv)
+
+    plan = QUICK if args.profile == "quick" else PLAN
+    names = list(plan) if args.scenario == "all" else [args.scenario]
+    out = args.out or ROOT / "var" / "loadtest" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out.mkdir(parents=True, exist_ok=True)
+    admin_key = os.environ.get("ADMIN_API_KEY")
+
+    from loadtests.monitoring import Prometheus
+    from loadtests.servers import PostgresServer, RedisServer
+
+    started: list = []
+    roots: dict[str, int] = {}
+    url = args.url
+    redis_url = None
+    prometheus = None
+    try:
+        if url is None:
+            print("starting Redis, PostgreSQL and the service (bentoml serve, 2 workers) ...", flush=True)
+            redis_server = RedisServer().start()
+            started.append(redis_server)
+            postgres = PostgresServer().start()
+            started.append(postgres)
+            redis_url = redis_server.url
+            env = {
+                "REDIS_URL": redis_url,
+                "DATABASE_URL": postgres.url,
+                "TRUSTED_PROXIES": "127.0.0.1",
+                "SPILL_DIR": str(out / "spill"),
+            }
+            served = Served(env, out / "serve.log", workers=args.workers).start(timeout=300)
+            started.append(served)
+            url = served.url
+            assert served.proc is not None and redis_server.proc is not None
+            roots = {"api": served.proc.pid, "postgresql": postgres.pid(), "redis": redis_server.proc.pid}
+            try:
+                prometheus = Prometheus([f"127.0.0.1:{served.port}"], out / "prometheus", free_port(), "5s").start()
+                started.append(prometheus)
+            except RuntimeError as exc:
+                print(f"no Prometheus for the dashboard plot: {exc}", flush=True)
+        failed: list[str] = []
+        for name in names:
+            scenario = plan[name]
+            if args.users:
+                scenario = replace(scenario, users=args.users)
+            if args.duration and not scenario.shape:
+                scenario = replace(scenario, duration_s=args.duration)
+            if args.p95_limit_ms is not None:
+                scenario = replace(scenario, p95_limit_ms=args.p95_limit_ms)
+            if redis_url:
+                _redis_flush(redis_url)  # each scenario starts with a cold cache and fresh limits
+            print(f"[{name}] {scenario.description} against {url}", flush=True)
+            run_scenario(scenario, url, out / name, roots, {}, admin_key, redis_url, args.workers if roots else None)
+            result = report.build(out / name, prometheus_url=prometheus.url if prometheus else None)
+            print(report.console_summary(result), flush=True)
+            failed += [f"{name}: {v}" for v in result["violations"]]
+        print(f"reports: {out}/<scenario>/report.md", flush=True)
+        if failed and not args.no_thresholds:
+            print("thresholds not met:\n  " + "\n  ".join(failed), flush=True)
+            return 1
+        return 0
+    finally:
+        for proc in reversed(started):
+            try:
+                proc.stop()
+            except Exception as exc:  # keep tearing down the rest
+                print(f"stopping {type(proc).__name__}: {exc}", flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

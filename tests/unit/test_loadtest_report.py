@@ -1,0 +1,38 @@
+"""The load-test report's judgement: thresholds and targets, on figures given here."""
+
+from __future__ import annotations
+
+from loadtests.report import target_lines, violations
+from loadtests.run import PLAN, QUICK, parse_duration
+
+
+def _figures(**kw):
+    base = {"requests": 1000, "errors_pct": 0.0, "p50": 40.0, "p95": 100.0, "p99": 200.0}
+    return {**base, **kw}
+
+
+def test_thresholds_fail_on_errors_other_than_429_and_on_p95() -> None:
+    scenario = {"p95_limit_ms": 120}
+    assert violations(scenario, _figures()) == []
+    assert violations(scenario, _figures(errors_pct=1.5)) == ["errors other than 429: 1.5% > 1%"]
+    assert violations(scenario, _figures(p95=130.0)) == ["p95 130 ms > limit 120 ms"]
+    assert violations(scenario, _figures(requests=0, errors_pct=None)) == ["no requests were answered"]
+
+
+def test_targets_say_by_how_much_they_are_missed() -> None:
+    lines = target_lines("baseline", _figures(p50=80.0, p95=100.0))
+    assert lines[0] == "- p50 latency (ms): **80**, target <= 65: **missed by 15 (+23%)**"
+    assert lines[1].endswith("target <= 120: met")
+    cache = target_lines("cache", {"hit_rate": 97.5, "hit_p50": None})
+    assert cache == [
+        "- cache hit rate (%): **97.5**, target >= 95: met",
+        "- cache hits: p50 (ms): no data (target <= 8)",
+    ]
+
+
+def test_plan_matches_the_original_and_quick_is_about_two_minutes() -> None:
+    assert (PLAN["baseline"].users, PLAN["baseline"].spawn_rate, PLAN["baseline"].duration_s) == (100, 10, 600)
+    assert (PLAN["spike"].users, PLAN["spike"].ramp_s, PLAN["spike"].hold_s) == (500, 120, 300)
+    assert (PLAN["cache"].users, PLAN["cache"].duration_s, PLAN["cache"].repeat_share) == (50, 300, 1.0)
+    assert 90 <= sum(s.duration_s for s in QUICK.values()) <= 150
+    assert parse_duration("10m") == 600 and parse_duration("90s") == 90 and parse_duration("45") == 45
