@@ -24,6 +24,10 @@ def run_online() -> None:
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # Replicas or a Job starting together: one migrates, the others wait for the
+                # lock, then find the schema at head and do nothing.
+                connection.exec_driver_sql("SELECT pg_advisory_xact_lock(727270001)")
             context.run_migrations()
     engine.dispose()
 

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
+from loadtests import contract
 from loadtests.servers import PostgresServer, RedisServer
 from loadtests.serving import Served
 
@@ -249,3 +250,11 @@ def test_service_restart_during_outage_replays_the_spill_file(
     rows = _wait_rows(postgres_server.url, answered)
     assert len(rows) == len(answered), f"{len(answered) - len(rows)} answered predictions have no row"
     assert set(rows.values()) == {1}
+
+
+def test_contract_checks_pass_against_bentoml_serve(stack: Served) -> None:
+    """The checks `make test-containers` runs against the image, here against bentoml serve."""
+    results = contract.run(stack.url)
+    assert len(results) == len(contract.CHECKS) >= 14
+    failed = [(name, problem) for name, problem in results if problem]
+    assert not failed, failed

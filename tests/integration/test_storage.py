@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import random
+import subprocess
+import sys
 import time
 import uuid
 from datetime import timedelta
@@ -258,3 +260,17 @@ def test_upgrade_counts_the_rows_stored_before_it(backend: str, request: pytest.
     assert summary["total"] == 10 and summary["by_endpoint"] == {"/predict/ab": 6, "/predict": 4}
     assert {k: v["requests"] for k, v in store.ab_report(timedelta(hours=1))["variants"].items()} == {"A": 3, "B": 3}
     store.close()
+
+
+def test_concurrent_upgrades_are_serialized(database_url: str) -> None:
+    """Replicas and a migration Job may start together: every upgrade succeeds, one migrates."""
+    migrate.downgrade(database_url, "base")
+    cmd = [sys.executable, "-m", "storage.migrate", "upgrade", "--url", database_url]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for _ in range(3)]
+    outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    migrate.check(database_url)
+    engine = sa.create_engine(database_url)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one() == "0002"
+    engine.dispose()

@@ -1,0 +1,14 @@
+#!/bin/sh
+# First start: a cluster with the POSTGRES_USER / POSTGRES_PASSWORD / POSTGRES_DB of the
+# official image; then PostgreSQL in the foreground with the arguments given.
+set -eu
+if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    pwfile="$(mktemp)"
+    printf '%s' "$POSTGRES_PASSWORD" >"$pwfile"
+    initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile="$pwfile" --auth=scram-sha-256 -E UTF8 >/dev/null
+    rm -f "$pwfile"
+    pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -k /run/postgresql" -w start >/dev/null
+    PGPASSWORD="$POSTGRES_PASSWORD" psql -h /run/postgresql -U "$POSTGRES_USER" -d postgres -qc "CREATE DATABASE \"$POSTGRES_DB\""
+    pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
+fi
+exec postgres -D "$PGDATA" -k /run/postgresql "$@"
