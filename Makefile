@@ -74,5 +74,5 @@ up:  ## the production stack (compose.yaml); needs SENTIMENT_IMAGE and the secre
 down:
 	$(COMPOSE) -f compose.yaml down
 
-test-containers: model  ## own Docker engine: image, contract checks, air-gapped stack, quick load test; all torn down
+test-containers: install  ## own Docker engine: image (store's models), contract checks, air-gapped stack, quick load test
 	$(PY) deploy/test_containers.py

@@ -51,7 +51,11 @@ def torch_wheel(dest: Path) -> Path:
 
 def build_bento(wheel: Path, base_image: str | None) -> str:
     config = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
-    config.setdefault("python", {})["wheels"] = [str(wheel.relative_to(ROOT))]
+    python = config.setdefault("python", {})
+    # torch comes from the wheel alone: left in the requirements, the index's CUDA build would be
+    # installed first (4 GB of CUDA libraries that the CPU wheel installed over it leaves behind).
+    python["packages"] = [p for p in python.get("packages", []) if not p.startswith("torch")]
+    python["wheels"] = [str(wheel.relative_to(ROOT))]
     docker = config.setdefault("docker", {})
     docker["python_version"] = "3.11"
     if base_image:

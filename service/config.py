@@ -5,14 +5,18 @@ from __future__ import annotations
 import ipaddress
 import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 # Measured with `make bench` on 2 cores: 2 workers x 1 torch thread served 92 req/s of unique
 # texts at 64 clients (cached: 823 req/s) against 74 (321) for 1 worker x 2 threads.
 DEFAULT_WORKERS = 2
+# Relative paths (the SQLite file, the spill folder) are anchored here, beside service/.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class Settings(BaseSettings):
@@ -41,6 +45,25 @@ class Settings(BaseSettings):
     # Where analytics rows go while the database is down; replayed when it is back. Keep it
     # on a persistent volume in containers so a restart during an outage loses nothing.
     spill_dir: str = "var/spill"
+
+    @field_validator("database_url")
+    @classmethod
+    def _anchor_sqlite_path(cls, value: str) -> str:
+        """A relative SQLite path is the project's (var/analytics.db beside service/), whatever
+        the working directory: BentoML's parent process, which migrates, and its workers may
+        start in different ones (seen in the container image)."""
+        url = make_url(value)
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            path = Path(url.database)
+            if not path.is_absolute():
+                return url.set(database=str(PROJECT_ROOT / path)).render_as_string(hide_password=False)
+        return value
+
+    @field_validator("spill_dir")
+    @classmethod
+    def _anchor_spill_dir(cls, value: str) -> str:
+        path = Path(value)
+        return value if path.is_absolute() else str(PROJECT_ROOT / path)
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod

@@ -14,9 +14,11 @@ import logging
 import re
 import threading
 import time
+import tomllib
 import uuid
 from datetime import timedelta
 from http import HTTPStatus
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any
@@ -50,7 +52,18 @@ from storage.ratelimit import Decision, RateLimiter, make_limiter, parse_limit
 
 log = logging.getLogger("sentiment")
 settings: Settings = get_settings()
-VERSION = package_version("sentiment-service")
+
+
+def _version() -> str:
+    """The project's version: installed metadata, or pyproject.toml inside a Bento."""
+    try:
+        return package_version("sentiment-service")
+    except PackageNotFoundError:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+
+
+VERSION = _version()
 PUBLIC_PATHS = ("/predict", "/batch", "/feedback", "/analytics")
 # Per worker. Beyond this many public requests in flight a worker answers 503 at once
 # rather than queueing work it cannot finish in time.

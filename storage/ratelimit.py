@@ -70,15 +70,22 @@ class LimitsRateLimiter:
         window = limit.get_expiry()
         try:
             allowed = self._limiter.hit(limit, scope, client)
-            stats = self._limiter.get_window_stats(limit, scope, client)
         except Exception as exc:  # fail open: a limiter outage must not stop predictions
-            self.errors += 1
-            LIMITER_ERRORS.inc()
-            if self.errors == 1 or self.errors % 1000 == 0:
-                log.warning("rate limiter storage failed (%s errors so far): %s", self.errors, exc)
+            self._failed(exc)
             return Decision(True, limit.amount, limit.amount, window, window)
+        try:
+            stats = self._limiter.get_window_stats(limit, scope, client)
+        except Exception as exc:  # the decision stands; only the headers are approximate
+            self._failed(exc)
+            return Decision(allowed, limit.amount, 0 if not allowed else limit.amount - 1, window, window)
         reset = max(0, math.ceil(stats.reset_time - time.time()))
         return Decision(allowed, limit.amount, max(0, stats.remaining), reset, window)
+
+    def _failed(self, exc: Exception) -> None:
+        self.errors += 1
+        LIMITER_ERRORS.inc()
+        if self.errors == 1 or self.errors % 1000 == 0:
+            log.warning("rate limiter storage failed (%s errors so far): %s", self.errors, exc)
 
     def status(self) -> str:
         if self._embedded:
@@ -92,11 +99,11 @@ class LimitsRateLimiter:
 def make_limiter(redis_url: str | None) -> LimitsRateLimiter:
     """One window per client across all workers and replicas with Redis, per worker without."""
     if redis_url:
-        # Short timeouts: a slow Redis must not hold requests; the limiter fails open instead.
+        # Bounded timeouts: a Redis that is down or hung must not hold requests, so the limiter
+        # fails open; 1 s rather than the cache's 250 ms, because a call that times out while
+        # Redis is merely busy lets a request through uncounted (the cache only misses a hit).
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        return LimitsRateLimiter(
-            redis_url, socket_timeout=0.25, socket_connect_timeout=0.25, retry=Retry(NoBackoff(), 0)
-        )
+        return LimitsRateLimiter(redis_url, socket_timeout=1.0, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     return LimitsRateLimiter("memory://")

@@ -274,3 +274,10 @@ def test_concurrent_upgrades_are_serialized(database_url: str) -> None:
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar_one() == "0002"
     engine.dispose()
+
+
+def test_sqlite_upgrade_creates_its_folder(tmp_path: Path) -> None:
+    """The embedded default (sqlite:///var/analytics.db) on a first start, e.g. in the image."""
+    migrate.upgrade(f"sqlite:///{tmp_path}/var/analytics.db")
+    migrate.check(f"sqlite:///{tmp_path}/var/analytics.db")
+    assert (tmp_path / "var" / "analytics.db").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.config import Settings
+from service.config import PROJECT_ROOT, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,7 +18,9 @@ def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name.upper(), raising=False)
     s = Settings()
     assert s.redis_url is None
-    assert s.database_url == "sqlite:///var/analytics.db"
+    # var/analytics.db of the project, wherever the process starts (BentoML's parent and workers)
+    assert s.database_url == f"sqlite:///{PROJECT_ROOT / 'var' / 'analytics.db'}"
+    assert s.spill_dir == str(PROJECT_ROOT / "var" / "spill")
     assert s.sentiment_model == "sentiment-minilm:latest"
     assert s.ab_split == 0.5
     assert s.cache_ttl_seconds == 86400
