@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtests import contract  # noqa: E402
+from loadtests.serving import wait_ready  # noqa: E402
 
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "sentiment-base:bookworm")
 PROJECT = "sentiment-airgap-test"
@@ -60,18 +61,6 @@ def record(name: str, outcome: str) -> None:
 def sh(cmd: list[str], **kw) -> subprocess.CompletedProcess[str]:
     print("+", " ".join(cmd), flush=True)
     return subprocess.run(cmd, check=True, text=True, cwd=ROOT, **kw)
-
-
-def wait_http(url: str, timeout: float, ok=lambda r: r.status_code == 200) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if ok(httpx.get(url, timeout=3)):
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready in {timeout:.0f} s")
 
 
 class Docker:
@@ -162,7 +151,7 @@ def check_image(image: str) -> None:
         ).stdout.strip()
         assert torch.endswith("+cpu"), torch
         record("torch in the image", torch)
-        wait_http(f"http://127.0.0.1:{port}/readyz", 300)
+        wait_ready(f"http://127.0.0.1:{port}/readyz", "the image", 300, interval=1)
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
         results = contract.run(f"http://127.0.0.1:{port}")
         failed = [(n, p) for n, p in results if p]
@@ -180,7 +169,7 @@ def check_stack(image: str, env: dict[str, str]) -> None:
     started = time.monotonic()
     sh([*COMPOSE, "build"], env=env)
     sh([*COMPOSE, "up", "-d"], env=env)
-    wait_http("http://127.0.0.1:8080/readyz", 400)
+    wait_ready("http://127.0.0.1:8080/readyz", "the stack", 400, interval=1)
     record("stack up", f"in {time.monotonic() - started:.0f} s")
     admin = {"Authorization": f"Bearer {env['ADMIN_API_KEY']}"}
 
@@ -226,7 +215,7 @@ def check_stack(image: str, env: dict[str, str]) -> None:
         targets = r.json()["data"]["activeTargets"]
         return len(targets) == 2 and all(t["health"] == "up" for t in targets)
 
-    wait_http("http://127.0.0.1:9091/api/v1/targets", 60, both_up)
+    wait_ready("http://127.0.0.1:9091/api/v1/targets", "both Prometheus targets", 60, ok=both_up, interval=1)
     record("Prometheus", "both replicas' targets up")
     summary = httpx.get("http://127.0.0.1:8080/analytics/summary", headers=admin, timeout=10).json()
     record("analytics through nginx", f"{summary['total']} predictions in the last hour")

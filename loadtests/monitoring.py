@@ -21,6 +21,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from loadtests.serving import wait_ready
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = ROOT / "prometheus"
 DASHBOARDS = ROOT / "grafana" / "dashboards"
@@ -120,17 +122,11 @@ class Prometheus(PrometheusClient):
         ]
         with (self.workdir / "prometheus.log").open("ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited: {(self.workdir / 'prometheus.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/-/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError("prometheus not ready")
+        wait_ready(f"{self.url}/-/ready", "prometheus", timeout, self.proc, self.tail)
+        return self
+
+    def tail(self, n: int = 2000) -> str:
+        return (self.workdir / "prometheus.log").read_text(errors="replace")[-n:]
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -21,6 +21,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(
+    url: str,
+    what: str,
+    timeout: float,
+    proc: subprocess.Popen[bytes] | None = None,
+    detail=lambda: "",
+    ok=lambda r: r.status_code == 200,
+    interval: float = 0.3,
+) -> None:
+    """Poll `url` until `ok(response)`; RuntimeError if `proc` exits first or `timeout` passes,
+    with `detail()` (a log's tail, say) in the message."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{detail()}")
+        try:
+            if ok(httpx.get(url, timeout=3)):
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready in {timeout:.0f} s:\n{detail()}")
+        time.sleep(interval)
+
+
 class Served:
     """`bentoml serve service.service:Sentiment` on a free port with the given environment."""
 
@@ -41,18 +66,8 @@ class Served:
             self.proc = subprocess.Popen(
                 cmd, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"bentoml serve not ready in {timeout} s:\n{self.tail()}")
-            time.sleep(0.3)
+        wait_ready(f"{self.url}/readyz", "bentoml serve", timeout, self.proc, self.tail)
+        return self
 
     def stop(self) -> None:
         """SIGTERM, as an orchestrator would: shutdown hooks run (analytics flushed or spilled)."""
