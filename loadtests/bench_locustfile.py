@@ -7,15 +7,16 @@ BENCH_MODE=repeated cycles through a few texts (all cache hits after the first r
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 from pathlib import Path
 
 from locust import FastHttpUser, constant, task
 
+from loadtests.texts import CORPUS, load_texts
+
 MODE = os.environ.get("BENCH_MODE", "unique")
-POOL_FILE = Path(os.environ.get("BENCH_TEXTS", "var/data/corpus/validation.jsonl"))
+POOL_FILE = Path(os.environ.get("BENCH_TEXTS", CORPUS))
 FALLBACK = [
     "The food was cold and the waiter ignored us all evening.",
     "A warm, funny and beautifully acted film.",
@@ -24,14 +25,7 @@ FALLBACK = [
 ]
 
 
-def _pool() -> list[str]:
-    if POOL_FILE.exists():
-        with POOL_FILE.open() as f:
-            return [json.loads(line)["text"][:300] for line in f if line.strip()]
-    return FALLBACK
-
-
-TEXTS = _pool()
+TEXTS = load_texts(POOL_FILE, 300, FALLBACK)
 REPEATED = TEXTS[:20]
 _counter = itertools.count()
 _salt = random.Random().randrange(1 << 30)

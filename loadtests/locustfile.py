@@ -29,7 +29,9 @@ from typing import Any
 
 from locust import FastHttpUser, between, events, task
 
-TEXTS_FILE = Path(os.environ.get("LOADTEST_TEXTS", "var/data/corpus/validation.jsonl"))
+from loadtests.texts import CORPUS, load_texts
+
+TEXTS_FILE = Path(os.environ.get("LOADTEST_TEXTS", CORPUS))
 FALLBACK = [
     "The food was cold and the waiter ignored us all evening.",
     "A warm, funny and beautifully acted film with a great ending.",
@@ -43,16 +45,7 @@ FALLBACK = [
 LABELS = {"positive", "negative"}
 
 
-def _texts() -> list[str]:
-    if TEXTS_FILE.exists():
-        with TEXTS_FILE.open(encoding="utf-8") as f:
-            texts = [json.loads(line)["text"][:500] for line in f if line.strip()]
-        if texts:
-            return texts
-    return FALLBACK
-
-
-TEXTS = _texts()
+TEXTS = load_texts(TEXTS_FILE, 500, FALLBACK)
 _addresses = itertools.count(1)
 _salt = uuid.uuid4().hex[:8]
 

@@ -164,7 +164,7 @@ class ResourceSampler:
 # --- one scenario -----------------------------------------------------------------------
 
 
-def run_locust(scenario: Scenario, url: str, out: Path, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+def run_locust(scenario: Scenario, url: str, out: Path, admin_key: str | None) -> subprocess.Popen[bytes]:
     files = "loadtests/locustfile.py" + (",loadtests/shapes.py" if scenario.shape else "")
     cmd = [
         sys.executable,
@@ -194,7 +194,7 @@ def run_locust(scenario: Scenario, url: str, out: Path, extra_env: dict[str, str
     ]
     if not scenario.shape:
         cmd += ["-u", str(scenario.users), "-r", str(scenario.spawn_rate), "-t", f"{int(scenario.duration_s)}s"]
-    env = {**os.environ, **extra_env}
+    env = {**os.environ, **({"LOCUST_ADMIN_KEY": admin_key} if admin_key else {})}
     if scenario.shape:
         env |= {
             "SPIKE_USERS": str(scenario.users),
@@ -217,7 +217,6 @@ def run_scenario(
     url: str,
     out: Path,
     roots: dict[str, int],
-    env: dict[str, str],
     admin_key: str | None,
     redis_url: str | None = None,
     workers: int | None = None,
@@ -227,7 +226,7 @@ def run_scenario(
     metrics_before = _get(url, "/metrics")
     (out / "metrics_before.txt").write_text(metrics_before.text if metrics_before else "")
     started = time.time()
-    locust = run_locust(scenario, url, out, env | ({"LOCUST_ADMIN_KEY": admin_key} if admin_key else {}))
+    locust = run_locust(scenario, url, out, admin_key)
     extras = {}
     if redis_url:
         import redis
@@ -335,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             if redis_url:
                 _redis_flush(redis_url)  # each scenario starts with a cold cache and fresh limits
             print(f"[{name}] {scenario.description} against {url}", flush=True)
-            run_scenario(scenario, url, out / name, roots, {}, admin_key, redis_url, args.workers if roots else None)
+            run_scenario(scenario, url, out / name, roots, admin_key, redis_url, args.workers if roots else None)
             result = report.build(out / name, prometheus_url=prometheus.url if prometheus else None)
             print(report.console_summary(result), flush=True)
             failed += [f"{name}: {v}" for v in result["violations"]]
