@@ -347,21 +347,21 @@ async def _request_context(request: Request, call_next):
     rid = errors.request_id(request)
     path = request.url.path
     public = path.startswith(PUBLIC_PATHS) or path == "/health"
+    endpoint = metrics.endpoint_label(path)
     started = time.perf_counter()
     try:
         response = await call_next(request)
     except Exception:
         _count_error(path, 500)  # the generic 500 itself is written by errors.py
         if public:
-            metrics.HTTP_REQUESTS.labels(metrics.endpoint_label(path), "500").inc()
+            metrics.HTTP_REQUESTS.labels(endpoint, "500").inc()
         raise
     if public:
-        endpoint = metrics.endpoint_label(path)
         metrics.HTTP_REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
         metrics.HTTP_REQUESTS.labels(endpoint, str(response.status_code)).inc()
     response.headers["X-Request-ID"] = rid
     if response.status_code >= 400:
-        _count_error(request.url.path, response.status_code)
+        _count_error(path, response.status_code)
     return response
 
 

@@ -417,7 +417,7 @@ class SqlAnalyticsStore:
         if self.dialect == "sqlite":
             return "sqlite"
         try:
-            with self._read() as conn:
+            with self.engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
             return "ok"
         except Exception:
