@@ -397,6 +397,11 @@ class SqlAnalyticsStore:
         self.engine.dispose()
 
     @property
+    def healthy(self) -> bool:
+        """False from a failed write until the next successful one."""
+        return self._healthy
+
+    @property
     def buffered(self) -> int:
         return len(self._buffer)
 

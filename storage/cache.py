@@ -1,7 +1,9 @@
-"""The prediction cache: a Protocol and its in-process implementation.
+"""The prediction cache: a Protocol, its Redis implementation and an in-process one.
 
 Keys come from the model tag and a hash of the text exactly as the model sees it, so a model
-never reads another model's entry and no raw text is kept in a key.
+never reads another model's entry and no raw text is kept in a key. The methods are coroutines
+run on the worker's event loop: Redis is reached with redis-py's asyncio client, so a lookup
+costs no thread hand-off (measured: README, Performance).
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -29,40 +30,41 @@ for _operation in ("get", "set", "ping"):
     CACHE_ERRORS.labels(_operation)
 
 
-def cache_key(model_tag: str, text: str) -> str:
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return f"sentiment:v1:{model_tag}:{digest}"
+def text_digest(text: str) -> str:
+    """The sha256 of a text: the cache key's part and the analytics row's `text_sha256`."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cache_key(model_tag: str, text: str | None = None, digest: str | None = None) -> str:
+    return f"sentiment:v1:{model_tag}:{digest or text_digest(text or '')}"
 
 
 class PredictionCache(Protocol):
     """Looks up and stores predictions by key; never raises on a backend failure."""
 
-    def get_many(self, keys: Sequence[str]) -> list[CacheValue | None]: ...
+    async def get_many(self, keys: Sequence[str]) -> list[CacheValue | None]: ...
 
-    def set_many(self, items: dict[str, CacheValue]) -> None: ...
+    async def set_many(self, items: dict[str, CacheValue]) -> None: ...
 
-    def status(self) -> str:
+    async def status(self) -> str:
         """`ok`, `down`, or `memory` for the embedded cache."""
         ...
 
 
 class MemoryPredictionCache:
-    """In-process LRU cache with a time to live, one per worker process."""
+    """In-process LRU cache with a time to live, one per worker process. Used from one event
+    loop only, so it needs no lock."""
 
     def __init__(self, ttl_seconds: int, max_entries: int = 100_000) -> None:
         self._data: TTLCache[str, CacheValue] = TTLCache(maxsize=max_entries, ttl=ttl_seconds)
-        # cachetools caches are not thread-safe; sync endpoints run in a thread pool.
-        self._lock = threading.Lock()
 
-    def get_many(self, keys: Sequence[str]) -> list[CacheValue | None]:
-        with self._lock:
-            return [self._data.get(k) for k in keys]
+    async def get_many(self, keys: Sequence[str]) -> list[CacheValue | None]:
+        return [self._data.get(k) for k in keys]
 
-    def set_many(self, items: dict[str, CacheValue]) -> None:
-        with self._lock:
-            self._data.update(items)
+    async def set_many(self, items: dict[str, CacheValue]) -> None:
+        self._data.update(items)
 
-    def status(self) -> str:
+    async def status(self) -> str:
         return "memory"
 
 
@@ -75,13 +77,13 @@ class RedisPredictionCache:
     """
 
     def __init__(self, url: str, ttl_seconds: int, timeout: float = 0.25) -> None:
-        import redis
+        import redis.asyncio
+        from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
-        from redis.retry import Retry
 
         self.ttl = ttl_seconds
         # No retries: a failed call is a cache miss at once, not a second and more of backoff.
-        self._client = redis.Redis.from_url(
+        self._client = redis.asyncio.Redis.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
@@ -103,33 +105,33 @@ class RedisPredictionCache:
             log.warning("prediction cache back after %.1f s", time.monotonic() - self._down_since)
             self._down_since = None
 
-    def get_many(self, keys: Sequence[str]) -> list[CacheValue | None]:
+    async def get_many(self, keys: Sequence[str]) -> list[CacheValue | None]:
         if not keys:
             return []
         try:
-            raw = self._client.mget(list(keys))
+            raw = await self._client.mget(list(keys))
         except Exception as exc:
             self._failed(exc, "get")
             return [None] * len(keys)
         self._ok()
         return [json.loads(v) if v is not None else None for v in raw]
 
-    def set_many(self, items: dict[str, CacheValue]) -> None:
+    async def set_many(self, items: dict[str, CacheValue]) -> None:
         if not items:
             return
         try:
-            pipe = self._client.pipeline(transaction=False)
-            for key, value in items.items():
-                pipe.set(key, json.dumps(value, separators=(",", ":")), ex=self.ttl)
-            pipe.execute()
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, value in items.items():
+                    pipe.set(key, json.dumps(value, separators=(",", ":")), ex=self.ttl)
+                await pipe.execute()
         except Exception as exc:
             self._failed(exc, "set")
             return
         self._ok()
 
-    def status(self) -> str:
+    async def status(self) -> str:
         try:
-            self._client.ping()
+            await self._client.ping()
         except Exception as exc:
             self._failed(exc, "ping")
             return "down"

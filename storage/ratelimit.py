@@ -2,7 +2,9 @@
 
 `limits` gives an atomic moving window on every storage it supports: in-process memory here
 (one window per worker) and Redis when REDIS_URL is set (one window for every worker and
-replica). A storage failure lets the request through and is counted, never raised.
+replica). Its asyncio API is used, on the worker's event loop (Redis through redis-py's asyncio
+client): no thread hand-off per request. A storage failure lets the request through and is
+counted, never raised.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from limits import RateLimitItem, parse, storage, strategies
+from limits import RateLimitItem, parse
+from limits.aio import strategies
+from limits.storage import storage_from_string
 from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
@@ -52,29 +56,33 @@ def parse_limit(spec: str) -> RateLimitItem | None:
 
 
 class RateLimiter(Protocol):
-    def hit(self, scope: str, client: str, limit: RateLimitItem) -> Decision: ...
+    async def hit(self, scope: str, client: str, limit: RateLimitItem) -> Decision: ...
 
-    def status(self) -> str: ...
+    async def status(self) -> str: ...
 
 
 class LimitsRateLimiter:
-    """A moving-window limiter on a `limits` storage URI (`memory://`, `redis://...`)."""
+    """A moving-window limiter on a `limits` storage URI (`memory://`, `redis://...`), through
+    the library's asyncio storages (`async+memory://`, `async+redis://` with redis-py)."""
 
     def __init__(self, storage_uri: str = "memory://", **options: object) -> None:
-        self._storage = storage.storage_from_string(storage_uri, **options)  # type: ignore[arg-type]  # passed on to redis.Redis
-        self._limiter = strategies.MovingWindowRateLimiter(self._storage)
         self._embedded = storage_uri.startswith("memory://")
+        uri = storage_uri if storage_uri.startswith("async+") else f"async+{storage_uri}"
+        if not self._embedded:
+            options = {"implementation": "redispy", **options}
+        self._storage = storage_from_string(uri, **options)  # type: ignore[arg-type]  # passed on to redis.asyncio.Redis
+        self._limiter = strategies.MovingWindowRateLimiter(self._storage)
         self.errors = 0
 
-    def hit(self, scope: str, client: str, limit: RateLimitItem) -> Decision:
+    async def hit(self, scope: str, client: str, limit: RateLimitItem) -> Decision:
         window = limit.get_expiry()
         try:
-            allowed = self._limiter.hit(limit, scope, client)
+            allowed = await self._limiter.hit(limit, scope, client)
         except Exception as exc:  # fail open: a limiter outage must not stop predictions
             self._failed(exc)
             return Decision(True, limit.amount, limit.amount, window, window)
         try:
-            stats = self._limiter.get_window_stats(limit, scope, client)
+            stats = await self._limiter.get_window_stats(limit, scope, client)
         except Exception as exc:  # the decision stands; only the headers are approximate
             self._failed(exc)
             return Decision(allowed, limit.amount, 0 if not allowed else limit.amount - 1, window, window)
@@ -87,11 +95,11 @@ class LimitsRateLimiter:
         if self.errors == 1 or self.errors % 1000 == 0:
             log.warning("rate limiter storage failed (%s errors so far): %s", self.errors, exc)
 
-    def status(self) -> str:
+    async def status(self) -> str:
         if self._embedded:
             return "memory"
         try:
-            return "ok" if self._storage.check() else "down"
+            return "ok" if await self._storage.check() else "down"  # type: ignore[misc]  # an async storage
         except Exception:
             return "down"
 
@@ -102,8 +110,8 @@ def make_limiter(redis_url: str | None) -> LimitsRateLimiter:
         # Bounded timeouts: a Redis that is down or hung must not hold requests, so the limiter
         # fails open; 1 s rather than the cache's 250 ms, because a call that times out while
         # Redis is merely busy lets a request through uncounted (the cache only misses a hit).
+        from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
-        from redis.retry import Retry
 
         return LimitsRateLimiter(redis_url, socket_timeout=1.0, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     return LimitsRateLimiter("memory://")

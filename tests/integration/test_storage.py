@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import asyncio
 import random
 import subprocess
 import sys
@@ -57,40 +57,51 @@ def migrated(postgres_server: PostgresServer) -> tuple[str, int]:
 
 
 def test_redis_cache_round_trip_ttl_and_model_isolation(redis_url: str) -> None:
-    cache = RedisPredictionCache(redis_url, ttl_seconds=1)
-    key_a, key_b = cache_key("model-a:1", "text"), cache_key("model-b:1", "text")
-    cache.set_many({key_a: {"label": "positive", "score": 0.9}})
-    assert cache.get_many([key_a, key_b]) == [{"label": "positive", "score": 0.9}, None]
-    assert cache.status() == "ok"
-    time.sleep(1.2)
-    assert cache.get_many([key_a]) == [None]
+    async def scenario() -> None:
+        cache = RedisPredictionCache(redis_url, ttl_seconds=1)
+        key_a, key_b = cache_key("model-a:1", "text"), cache_key("model-b:1", "text")
+        await cache.set_many({key_a: {"label": "positive", "score": 0.9}})
+        assert await cache.get_many([key_a, key_b]) == [{"label": "positive", "score": 0.9}, None]
+        assert await cache.status() == "ok"
+        await asyncio.sleep(1.2)
+        assert await cache.get_many([key_a]) == [None]
+
+    asyncio.run(scenario())
 
 
 def test_redis_cache_fails_open_and_recovers(redis_server: RedisServer) -> None:
-    cache = RedisPredictionCache(redis_server.url, ttl_seconds=60)
-    key = cache_key("m:1", str(uuid.uuid4()))
-    redis_server.stop()
-    try:
-        started = time.perf_counter()
-        assert cache.get_many([key]) == [None]
-        cache.set_many({key: {"label": "negative"}})
-        assert time.perf_counter() - started < 2.0
-        assert cache.status() == "down"
-    finally:
-        redis_server.start()
-    cache.set_many({key: {"label": "negative"}})
-    assert cache.get_many([key]) == [{"label": "negative"}]
-    assert cache.status() == "ok"
+    async def scenario() -> None:
+        cache = RedisPredictionCache(redis_server.url, ttl_seconds=60)
+        key = cache_key("m:1", str(uuid.uuid4()))
+        assert await cache.status() == "ok"
+        redis_server.stop()
+        try:
+            started = time.perf_counter()
+            assert await cache.get_many([key]) == [None]
+            await cache.set_many({key: {"label": "negative"}})
+            assert time.perf_counter() - started < 2.0
+            assert await cache.status() == "down"
+            assert cache.errors >= 3
+        finally:
+            redis_server.start()
+        await cache.set_many({key: {"label": "negative"}})
+        assert await cache.get_many([key]) == [{"label": "negative"}]
+        assert await cache.status() == "ok"
+
+    asyncio.run(scenario())
 
 
 def test_redis_limiter_is_exact_under_concurrency(redis_url: str) -> None:
-    limit = parse_limit("100/minute")
-    client = f"client-{uuid.uuid4()}"
-    limiters = [LimitsRateLimiter(redis_url) for _ in range(4)]  # as if four workers
-    with cf.ThreadPoolExecutor(32) as pool:
-        decisions = list(pool.map(lambda i: limiters[i % 4].hit("predict", client, limit), range(200)))
-    assert sum(d.allowed for d in decisions) == 100
-    assert LimitsRateLimiter(redis_url).status() == "ok"
+    async def scenario() -> None:
+        limit = parse_limit("100/minute")
+        assert limit is not None
+        client = f"client-{uuid.uuid4()}"
+        limiters = [LimitsRateLimiter(redis_url) for _ in range(4)]  # as if four workers
+        decisions = await asyncio.gather(*(limiters[i % 4].hit("predict", client, limit) for i in range(200)))
+        assert sum(d.allowed for d in decisions) == 100
+        assert await LimitsRateLimiter(redis_url).status() == "ok"
+
+    asyncio.run(scenario())
 
 
 def test_postgres_analytics_reports(database_url: str, tmp_path: Path) -> None:

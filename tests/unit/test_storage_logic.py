@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
-import time
 
 import pytest
 
 from storage.analytics import percentile, two_proportion_p_value, wilson_interval
-from storage.cache import MemoryPredictionCache, cache_key
+from storage.cache import MemoryPredictionCache, cache_key, text_digest
 from storage.ratelimit import LimitsRateLimiter, parse_limit
 
 
 def test_cache_key_depends_on_model_and_text_only() -> None:
+    assert cache_key("m:1", "good") == cache_key("m:1", digest=text_digest("good"))
     assert cache_key("m:1", "good") == cache_key("m:1", "good")
     assert cache_key("m:1", "good") != cache_key("m:2", "good")
     assert cache_key("m:1", "good") != cache_key("m:1", "Good")
@@ -20,11 +21,14 @@ def test_cache_key_depends_on_model_and_text_only() -> None:
 
 
 def test_memory_cache_expires_entries() -> None:
-    cache = MemoryPredictionCache(ttl_seconds=1)
-    cache.set_many({"a": {"label": "positive"}})
-    assert cache.get_many(["a", "b"]) == [{"label": "positive"}, None]
-    time.sleep(1.1)
-    assert cache.get_many(["a"]) == [None]
+    async def scenario() -> None:
+        cache = MemoryPredictionCache(ttl_seconds=1)
+        await cache.set_many({"a": {"label": "positive"}})
+        assert await cache.get_many(["a", "b"]) == [{"label": "positive"}, None]
+        await asyncio.sleep(1.1)
+        assert await cache.get_many(["a"]) == [None]
+
+    asyncio.run(scenario())
 
 
 def test_wilson_interval_known_values() -> None:
@@ -49,11 +53,16 @@ def test_percentile_matches_percentile_cont() -> None:
 
 
 def test_limiter_counts_a_moving_window_per_client() -> None:
-    limiter = LimitsRateLimiter("memory://")
-    limit = parse_limit("3/minute")
-    decisions = [limiter.hit("predict", "a", limit) for _ in range(4)]
-    assert [d.allowed for d in decisions] == [True, True, True, False]
-    assert [d.remaining for d in decisions] == [2, 1, 0, 0]
-    assert decisions[-1].headers()["Retry-After"]
-    assert limiter.hit("predict", "b", limit).allowed
+    async def scenario() -> None:
+        limiter = LimitsRateLimiter("memory://")
+        limit = parse_limit("3/minute")
+        assert limit is not None
+        decisions = [await limiter.hit("predict", "a", limit) for _ in range(4)]
+        assert [d.allowed for d in decisions] == [True, True, True, False]
+        assert [d.remaining for d in decisions] == [2, 1, 0, 0]
+        assert decisions[-1].headers()["Retry-After"]
+        assert (await limiter.hit("predict", "b", limit)).allowed
+        assert await limiter.status() == "memory"
+
+    asyncio.run(scenario())
     assert parse_limit("0") is None
