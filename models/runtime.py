@@ -8,6 +8,7 @@ model store keeps, so a model is evaluated before it is stored through exactly t
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,8 +24,12 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 MODEL_INFO = "model.json"
 RUNTIME_TORCH = "pytorch"
 RUNTIME_ONNX = "onnxruntime"
-# Texts are forwarded in groups of at most this many, grouped by length to limit padding.
+# Texts are forwarded in groups of at most this many, sorted by token count.
 CHUNK_SIZE = 64
+# A forward call costs a fixed part plus a part per token of its padded input: on this 2-core
+# machine the int8 model's fixed part was about that of 6 tokens (`python -m
+# loadtests.model_knobs`). A sorted batch is cut where the padding saved pays for one more call.
+CALL_COST_TOKENS = 6
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,26 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
+def plan_chunks(lengths: Sequence[int], call_cost: float, max_size: int) -> list[tuple[int, int]]:
+    """[start, end) slices of ascending `lengths` that minimise the total cost of their forward
+    calls, each `call_cost` plus its size times its longest length (the padded tokens)."""
+    n = len(lengths)
+    best = [0.0] + [math.inf] * n
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = lengths[end - 1]
+        for start in range(max(0, end - max_size), end):
+            cost = best[start] + call_cost + (end - start) * longest
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    slices = []
+    end = n
+    while end > 0:
+        slices.append((cut[end], end))
+        end = cut[end]
+    return slices[::-1]
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -83,24 +108,46 @@ class _Predictor:
         self.max_length: int = int(info["max_length"])
         self.threads = threads
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        # The Rust tokenizer behind transformers' wrapper, with truncation and padding set once:
+        # its batch call skips the wrapper's per-call Python work (README, Performance).
+        from tokenizers import Tokenizer
+
+        self._rust = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+        self._rust.enable_truncation(max_length=self.max_length)
+        self._rust.no_padding()
+        self._pad_id = int(self.tokenizer.pad_token_id or 0)
+        fields = (("input_ids", "ids"), ("attention_mask", "attention_mask"), ("token_type_ids", "type_ids"))
+        self._fields = [(name, attr) for name, attr in fields if name in self.tokenizer.model_input_names]
+
+    def _pack(self, encodings: Sequence[Any]) -> dict[str, np.ndarray]:
+        """The model's inputs for `encodings`, padded to the longest of them."""
+        width = max(len(e.ids) for e in encodings)
+        out = {}
+        for name, attr in self._fields:
+            array = np.full((len(encodings), width), self._pad_id if name == "input_ids" else 0, dtype=np.int64)
+            for row, e in enumerate(encodings):
+                values = getattr(e, attr)
+                array[row, : len(values)] = values
+            out[name] = array
+        return out
+
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Token ids, attention mask and token types of `texts`, padded to the longest."""
+        return self._pack(self._rust.encode_batch(list(texts)))
 
     def _forward(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
-        """Raw logits in input order, computed in length-sorted chunks."""
+        """Raw logits in input order: texts sorted by token count, forwarded in the chunks
+        `plan_chunks` cuts, each padded only to its own longest text."""
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), CHUNK_SIZE):
-            idx = order[start : start + CHUNK_SIZE]
-            enc = self.tokenizer(
-                [texts[i] for i in idx],
-                truncation=True,
-                max_length=self.max_length,
-                padding=True,
-                return_tensors="np",
-            )
-            out[idx] = self._forward(dict(enc))
+        encodings = self._rust.encode_batch(list(texts))
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        lengths = [len(encodings[i].ids) for i in order]
+        for start, end in plan_chunks(lengths, CALL_COST_TOKENS, CHUNK_SIZE):
+            idx = order[start:end]
+            out[idx] = self._forward(self._pack([encodings[i] for i in idx]))
         return out
 
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
@@ -154,13 +201,16 @@ class OnnxPredictor(_Predictor):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # With more than one intra-op thread, idle pool threads spin by default: CPU the event
+        # loop of a loaded worker needs (README, Performance).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(Path(model_dir) / "model.onnx"), options, providers=["CPUExecutionProvider"]
         )
         self._inputs = {i.name for i in self.session.get_inputs()}
 
     def _forward(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
-        feed = {k: v.astype(np.int64) for k, v in encoded.items() if k in self._inputs}
+        feed = {k: np.asarray(v, dtype=np.int64) for k, v in encoded.items() if k in self._inputs}
         return self.session.run(None, feed)[0]
 
 

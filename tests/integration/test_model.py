@@ -81,6 +81,21 @@ def test_runtime_keeps_input_order_and_truncates_long_texts(quick_models: list[s
     assert predictor.predict([]) == []
 
 
+@pytest.mark.parametrize("which", [0, 1], ids=["fp32", "int8"])
+def test_batch_tokenizer_matches_transformers(quick_models: list[str], which: int) -> None:
+    """The Rust tokenizer's batch call gives exactly the ids, masks and types of transformers'."""
+    predictor = runtime.load(quick_models[which], threads=1)
+    texts = [NEGATIVE[0], "wonderful delightful brilliant " * 400, "Ünïcödé, emoji 😀 and\ttabs", POSITIVE[0]]
+    ours = predictor.encode(texts)
+    theirs = predictor.tokenizer(
+        texts, truncation=True, max_length=predictor.max_length, padding=True, return_tensors="np"
+    )
+    assert set(ours) == set(theirs)
+    for name, values in ours.items():
+        assert values.tolist() == theirs[name].tolist(), name
+    assert ours["input_ids"].shape[1] == predictor.max_length  # the long text was truncated
+
+
 def test_store_round_trip_matches_the_built_folder(quick_models: list[str], tmp_path: Path) -> None:
     folder = store.path_of(quick_models[1])
     copy = tmp_path / "copy"
