@@ -15,6 +15,9 @@ from sqlalchemy.engine import make_url
 # Measured with `make bench` on 2 cores: 2 workers x 1 torch thread served 92 req/s of unique
 # texts at 64 clients (cached: 823 req/s) against 74 (321) for 1 worker x 2 threads.
 DEFAULT_WORKERS = 2
+DEFAULT_BATCH_MAX_TEXTS = 32
+DEFAULT_BATCH_WAIT_MS = 0.0
+DEFAULT_MAX_QUEUE_DELAY_MS = 200.0
 # Relative paths (the SQLite file, the spill folder) are anchored here, beside service/.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,8 +29,10 @@ class Settings(BaseSettings):
 
     redis_url: str | None = None
     database_url: str = "sqlite:///var/analytics.db"
-    sentiment_model: str = "sentiment-minilm:latest"
-    ab_model_b: str = "sentiment-minilm-int8:latest"
+    # The ONNX Runtime int8 export serves by default; the PyTorch fp32 model it was exported
+    # from is variant B, the reference the A/B test measures it against.
+    sentiment_model: str = "sentiment-minilm-int8:latest"
+    ab_model_b: str = "sentiment-minilm:latest"
     ab_split: float = Field(0.5, ge=0.0, le=1.0)
     cache_ttl_seconds: int = Field(86400, gt=0)
     # A limits-style string ("100/minute", "10 per second"), or "0" to switch the limit off.
@@ -40,8 +45,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1_048_576, gt=0)
     service_workers: int = Field(DEFAULT_WORKERS, gt=0)
     torch_num_threads: int | None = Field(None, gt=0)
+    inference_threads: int | None = Field(None, gt=0)
     torch_num_interop_threads: int = Field(1, gt=0)
     store_text: bool = False
+    # The in-process batcher (service/batching.py); defaults measured with `make bench`.
+    batch_max_texts: int = Field(DEFAULT_BATCH_MAX_TEXTS, gt=0)
+    batch_wait_ms: float = Field(DEFAULT_BATCH_WAIT_MS, ge=0)
+    max_queue_delay_ms: float = Field(DEFAULT_MAX_QUEUE_DELAY_MS, gt=0)
+    access_log: bool = False
     # Where analytics rows go while the database is down; replayed when it is back. Keep it
     # on a persistent volume in containers so a restart during an outage loses nothing.
     spill_dir: str = "var/spill"
@@ -80,11 +91,16 @@ class Settings(BaseSettings):
         return value
 
     @property
+    def inference_threads_per_worker(self) -> int:
+        """Forward calls a worker runs at once: by default the cores shared out between workers."""
+        return self.inference_threads or max(1, (os.cpu_count() or 1) // self.service_workers)
+
+    @property
     def threads_per_worker(self) -> int:
-        """Intra-op threads per worker: the cores shared out between the workers."""
+        """Intra-op threads of each forward call: by default what is left of the cores."""
         if self.torch_num_threads:
             return self.torch_num_threads
-        return max(1, (os.cpu_count() or 1) // self.service_workers)
+        return max(1, (os.cpu_count() or 1) // (self.service_workers * self.inference_threads_per_worker))
 
 
 @lru_cache(maxsize=1)

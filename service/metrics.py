@@ -51,15 +51,25 @@ INFERRED_TEXTS = Counter(
 )
 INFERENCE_BATCH_TEXTS = Histogram(
     "sentiment_inference_batch_texts",
-    "Texts per model forward call of the batched infer API.",
+    "Texts per model forward call of the in-process batcher.",
     ["model"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 INFERENCE_SECONDS = Histogram(
     "sentiment_inference_seconds",
-    "Time of one model forward call of the batched infer API.",
+    "Time of one model forward call of the in-process batcher.",
     ["model"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+INFERENCE_CPU_SECONDS = Counter(
+    "sentiment_inference_cpu_seconds_total",
+    "CPU time of the forward calls (tokenizer, model, probabilities) in the inference threads, by model.",
+    ["model"],
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "sentiment_inference_queue_wait_seconds",
+    "Time a request's texts waited in the batcher's queue before their forward call started.",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0),
 )
 RATE_LIMITED = Counter(
     "sentiment_rate_limited_requests_total",
@@ -68,7 +78,7 @@ RATE_LIMITED = Counter(
 )
 OVERLOAD_REJECTIONS = Counter(
     "sentiment_overload_rejections_total",
-    "Requests refused with 503 for overload, by endpoint and reason (in_flight or batch_queue).",
+    "Requests refused with 503 for overload, by endpoint and reason (in_flight or queue_delay).",
     ["endpoint", "reason"],
 )
 DEPENDENCY_UP = Gauge(
@@ -93,7 +103,7 @@ for _result in ("hit", "miss"):
     CACHE_LOOKUPS.labels(_result)
 for _endpoint in ("/predict", "/predict/ab", "/batch"):
     RATE_LIMITED.labels(_endpoint)
-    for _reason in ("in_flight", "batch_queue"):
+    for _reason in ("in_flight", "queue_delay"):
         OVERLOAD_REJECTIONS.labels(_endpoint, _reason)
 
 

@@ -2,39 +2,36 @@
 
 Public endpoints live on a FastAPI app mounted into the BentoML service, so that errors,
 limits and headers follow the contract exactly. Every inference, whether from /predict,
-/predict/ab or /batch, goes through the one batchable `infer` API, called through
-`self.to_async`, so BentoML's adaptive batcher groups texts from concurrent requests.
+/predict/ab or /batch, goes through one in-process batcher per worker (service/batching.py),
+which groups texts from concurrent requests into one forward call off the event loop.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import gc
 import hmac
 import logging
 import re
-import threading
-import time
 import tomllib
-import uuid
 from datetime import timedelta
-from http import HTTPStatus
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
-from anyio.to_thread import run_sync
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 from sqlalchemy.exc import SQLAlchemyError
 
 from models import runtime
 from service import ab, errors, metrics
+from service.batching import Batcher, BatchStats
 from service.config import Settings, get_settings
 from service.errors import ApiError
-from service.limits import BodySizeLimit, InFlightLimit, InternalOnly, client_address
+from service.limits import BodySizeLimit, InFlightLimit, RequestContext, client_address
+from service.predictions import Predictions
 from service.schemas import (
     ABPrediction,
     ABRequest,
@@ -46,9 +43,9 @@ from service.schemas import (
     PredictRequest,
 )
 from storage import migrate
-from storage.analytics import PredictionRecord, SqlAnalyticsStore
-from storage.cache import PredictionCache, cache_key, make_cache
-from storage.ratelimit import Decision, RateLimiter, make_limiter, parse_limit
+from storage.analytics import SqlAnalyticsStore
+from storage.cache import PredictionCache, make_cache
+from storage.ratelimit import RateLimiter, make_limiter, parse_limit
 
 log = logging.getLogger("sentiment")
 settings: Settings = get_settings()
@@ -69,24 +66,37 @@ PUBLIC_PATHS = ("/predict", "/batch", "/feedback", "/analytics")
 # rather than queueing work it cannot finish in time.
 MAX_IN_FLIGHT = 512
 MAX_WINDOW_SECONDS = 3650 * 86400
+# Routes BentoML's own request metrics and tracing leave alone (prefixes).
+BENTOML_SKIP = [*PUBLIC_PATHS, "/health"]
+
+
+def _count_error(path: str, status: int) -> None:
+    """An error answer of a public route, for the analytics error counts."""
+    if not path.startswith(PUBLIC_PATHS):
+        return
+    try:
+        service = bentoml.get_current_service()
+    except Exception:  # during shutdown there is no service left to count in
+        return
+    if service is not None:
+        service.analytics.record_error(metrics.endpoint_label(path), status)
+
 
 app = FastAPI(title="sentiment", docs_url=None, redoc_url=None, openapi_url=None)
 errors.install(app)
+
+
+async def _current_service() -> Any:
+    return bentoml.get_current_service()
+
+
+# BentoML hands the endpoints their `self` through Depends(get_current_service), a plain function
+# that FastAPI runs in its thread pool: a thread hand-off on every request. The same lookup as a
+# coroutine runs on the event loop (README, Performance).
+app.dependency_overrides[bentoml.get_current_service] = _current_service
 app.add_middleware(InFlightLimit, limit=MAX_IN_FLIGHT, paths=PUBLIC_PATHS)
 app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-
-
-class InferItem(BaseModel):
-    """One text for one model: the unit the adaptive batcher groups."""
-
-    model: str
-    text: str
-
-
-class InferResult(BaseModel):
-    label: str
-    score: float
-    probabilities: dict[str, float]
+app.add_middleware(RequestContext, public=PUBLIC_PATHS, on_error=_count_error)
 
 
 def _window(value: str) -> timedelta:
@@ -99,13 +109,28 @@ def _window(value: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def _observe_batch(stats: BatchStats) -> None:
+    metrics.INFERENCE_SECONDS.labels(stats.model).observe(stats.seconds)
+    metrics.INFERENCE_BATCH_TEXTS.labels(stats.model).observe(stats.texts)
+    metrics.INFERRED_TEXTS.labels(stats.model).inc(stats.texts)
+    metrics.INFERENCE_CPU_SECONDS.labels(stats.model).inc(stats.cpu_seconds)
+
+
+def _observe_waits(waits: list[float]) -> None:
+    for wait in waits:
+        metrics.QUEUE_WAIT_SECONDS.observe(wait)
+
+
 @bentoml.service(
     name="sentiment",
     workers=settings.service_workers,
-    # Internal batching calls reuse one client; BentoML replaces it after max_requests
-    # while calls are in flight, which reset connections under load (BENTOML_NOTES.md).
-    runner_connection={"max_requests": 1_000_000_000, "max_age": 1e9},
     traffic={"timeout": 60},
+    # Per-request work of BentoML's own middlewares, measured in CPU per request (README,
+    # Performance): its access log line (ACCESS_LOG=true turns it back on), its request metrics
+    # (the public routes have their own, sentiment_http_*) and its OpenTelemetry span (unsampled
+    # unless tracing is configured; set tracing.excluded_urls in a BentoML config to trace them).
+    logging={"access": {"enabled": settings.access_log, "skip_paths": [] if settings.access_log else BENTOML_SKIP}},
+    tracing={"excluded_urls": BENTOML_SKIP},
     envs=[{"name": "HF_HUB_OFFLINE", "value": "1"}, {"name": "BENTOML_DO_NOT_TRACK", "value": "True"}],
 )
 @bentoml.asgi_app(app, path="/")
@@ -114,7 +139,6 @@ class Sentiment:
 
     model_a = bentoml.models.BentoModel(settings.sentiment_model)
     model_b = bentoml.models.BentoModel(settings.ab_model_b)
-    to_async: Any  # set by BentoML on each instance: calls through its own batching server
 
     def __init__(self) -> None:
         threads = settings.threads_per_worker
@@ -134,24 +158,47 @@ class Sentiment:
             settings.database_url, store_text=settings.store_text, spill_dir=settings.spill_dir
         )
         self.analytics.start()
-        self._stop_watch = threading.Event()
-        threading.Thread(target=self._watch, name="metrics-watch", daemon=True).start()
+        self.batcher: Batcher[runtime.Prediction] = Batcher(
+            lambda tag, texts: self.predictors[tag].predict(texts),
+            max_batch=settings.batch_max_texts,
+            max_wait_s=settings.batch_wait_ms / 1000,
+            max_delay_s=settings.max_queue_delay_ms / 1000,
+            on_batch=_observe_batch,
+            on_start=_observe_waits,
+            threads=settings.inference_threads_per_worker,
+        )
+        self.predictions = Predictions(self.cache, self.batcher, self.analytics)
+        self.database_status = self.analytics.dialect if self.analytics.dialect == "sqlite" else "ok"
+        self._watcher: asyncio.Task[None] | None = None
 
-    def _watch(self, interval: float = 5.0) -> None:
-        """Keep this worker's gauges current: dependencies, memory, analytics buffer and spill."""
+    @bentoml.on_startup
+    async def _start_watch(self) -> None:
+        # Half a million objects live from start-up on (torch, transformers, the models): one
+        # full collection of them stalled the worker for about 0.5 s, a half-second p99 on every
+        # endpoint. Frozen, they are never scanned again; request garbage is collected as usual.
+        gc.collect()
+        gc.freeze()
+        await self._refresh_gauges()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="metrics-watch")
+
+    async def _refresh_gauges(self) -> None:
+        """This worker's gauges: dependencies, memory, analytics buffer and spill."""
         cache_backend = "redis" if settings.redis_url else "memory"
-        limit = metrics.memory_limit_bytes()
+        # The database check and the spill folder's size are blocking calls: off the loop.
+        self.database_status = await asyncio.to_thread(self.analytics.status)
+        metrics.DEPENDENCY_UP.labels("cache", cache_backend).set(await self.cache.status() != "down")
+        metrics.DEPENDENCY_UP.labels("database", self.analytics.dialect).set(self.database_status != "down")
+        metrics.RESIDENT_MEMORY.set(metrics.resident_memory_bytes())
+        metrics.MEMORY_LIMIT.set(metrics.memory_limit_bytes())
+        await asyncio.to_thread(self.analytics.update_gauges)
+
+    async def _watch(self, interval: float = 5.0) -> None:
         while True:
+            await asyncio.sleep(interval)
             try:
-                metrics.DEPENDENCY_UP.labels("cache", cache_backend).set(self.cache.status() != "down")
-                metrics.DEPENDENCY_UP.labels("database", self.analytics.dialect).set(self.analytics.status() != "down")
-                metrics.RESIDENT_MEMORY.set(metrics.resident_memory_bytes())
-                metrics.MEMORY_LIMIT.set(limit)
-                self.analytics.update_gauges()
+                await self._refresh_gauges()
             except Exception:  # a gauge is not worth a worker: log and carry on
                 log.exception("updating gauges failed")
-            if self._stop_watch.wait(interval):
-                return
 
     @bentoml.on_deployment
     def _migrate() -> None:
@@ -165,92 +212,11 @@ class Sentiment:
             log.error("analytics migrations not applied (%s); predictions are buffered meanwhile", exc)
 
     @bentoml.on_shutdown
-    def _close(self) -> None:
-        self._stop_watch.set()
-        self.analytics.close()
-
-    # --- the one inference path ---------------------------------------------------------
-
-    # max_latency_ms is BentoML's shedding threshold, not a wait: a batch predicted to finish
-    # later than this is refused with 503. The fp32 model's p99 at 64 closed-loop clients was
-    # 1.3 s here, so 10 s sheds only when a real backlog builds up.
-    @bentoml.api(route="/internal/infer", batchable=True, max_batch_size=settings.max_batch_size, max_latency_ms=10_000)
-    def infer(self, items: list[InferItem]) -> list[InferResult]:
-        """Model outputs for (model, text) items, each model run once per batch."""
-        results: list[InferResult | None] = [None] * len(items)
-        by_model: dict[str, list[int]] = {}
-        for i, item in enumerate(items):
-            by_model.setdefault(item.model, []).append(i)
-        for tag, idx in by_model.items():
-            started = time.perf_counter()
-            preds = self.predictors[tag].predict([items[i].text for i in idx])
-            metrics.INFERENCE_SECONDS.labels(tag).observe(time.perf_counter() - started)
-            metrics.INFERENCE_BATCH_TEXTS.labels(tag).observe(len(idx))
-            metrics.INFERRED_TEXTS.labels(tag).inc(len(idx))
-            for i, p in zip(idx, preds, strict=True):
-                results[i] = InferResult(label=p.label, score=p.score, probabilities=p.probabilities)
-        return [r for r in results if r is not None]
-
-    async def _predict(self, texts: list[str], tag: str, endpoint: str, variant: str | None = None):
-        """Predictions for `texts` by model `tag`: cache first, the rest through the batcher."""
-        started = time.perf_counter()
-        keys = [cache_key(tag, t) for t in texts]
-        # Redis calls block; off the event loop they cannot stall other requests in an outage.
-        found = await run_sync(self.cache.get_many, keys)
-        missing = [i for i, hit in enumerate(found) if hit is None]
-        if missing:
-            items = [InferItem(model=tag, text=texts[i]) for i in missing]
-            try:
-                outputs = await self.to_async.infer(items)
-            except bentoml.exceptions.BentoMLException as exc:
-                if exc.error_code == HTTPStatus.SERVICE_UNAVAILABLE:
-                    metrics.OVERLOAD_REJECTIONS.labels(endpoint, "batch_queue").inc()
-                    raise ApiError(503, "service overloaded, retry later", {"Retry-After": "1"}) from exc
-                raise
-            fresh = {}
-            for i, out in zip(missing, outputs, strict=True):
-                value = out if isinstance(out, dict) else out.model_dump()
-                found[i] = value
-                fresh[keys[i]] = value
-            await run_sync(self.cache.set_many, fresh)
-        elapsed = time.perf_counter() - started
-        latency_ms = round(elapsed * 1000, 2)
-        metrics.CACHE_LOOKUPS.labels("hit").inc(len(texts) - len(missing))
-        metrics.CACHE_LOOKUPS.labels("miss").inc(len(missing))
-        metrics.PREDICTION_SECONDS.labels(endpoint, variant or "none").observe(elapsed)
-        cached_idx = set(range(len(texts))) - set(missing)
-        predictions = [
-            Prediction(
-                request_id=str(uuid.uuid4()),
-                label=value["label"],
-                score=value["score"],
-                probabilities=value["probabilities"],
-                model=tag,
-                cached=i in cached_idx,
-                latency_ms=latency_ms,
-            )
-            for i, value in enumerate(found)
-            if value is not None
-        ]
-        for p in predictions:
-            metrics.PREDICTIONS.labels(endpoint, tag, variant or "none", p.label, str(p.cached).lower()).inc()
-        self.analytics.record(
-            PredictionRecord(
-                request_id=p.request_id,
-                endpoint=endpoint,
-                model=tag,
-                label=p.label,
-                score=p.score,
-                cached=p.cached,
-                latency_ms=latency_ms,
-                text_sha256=hashlib.sha256(text.encode()).hexdigest(),
-                text_length=len(text),
-                variant=variant,
-                text=text,
-            )
-            for p, text in zip(predictions, texts, strict=True)
-        )
-        return predictions
+    async def _close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await asyncio.to_thread(self.batcher.close)
+        await asyncio.to_thread(self.analytics.close)
 
     # --- public endpoints ----------------------------------------------------------------
 
@@ -261,7 +227,7 @@ class Sentiment:
             return
         peer = request.client.host if request.client else None
         client = client_address(peer, request.headers.get("x-forwarded-for"), settings.trusted_proxies)
-        decision: Decision = await run_sync(self.limiter.hit, scope, client, limit)
+        decision = await self.limiter.hit(scope, client, limit)
         if not decision.allowed:
             metrics.RATE_LIMITED.labels(metrics.endpoint_label(request.url.path)).inc()
             raise ApiError(429, f"rate limit exceeded: {limit} per client", decision.headers())
@@ -278,7 +244,7 @@ class Sentiment:
     @app.post("/predict", response_model=Prediction)
     async def predict(self, body: PredictRequest, request: Request, response: Response) -> Prediction:
         await self._limit(request, response, "predict")
-        [prediction] = await self._predict([body.text], self.tag_a, "/predict")
+        [prediction] = await self.predictions.predict([body.text], self.tag_a, "/predict")
         return prediction
 
     @app.post("/predict/ab", response_model=ABPrediction)
@@ -286,20 +252,20 @@ class Sentiment:
         await self._limit(request, response, "predict")
         variant = ab.assign(self.experiment, body.user_id, settings.ab_split)
         tag = self.tag_b if variant == "B" else self.tag_a
-        [prediction] = await self._predict([body.text], tag, "/predict/ab", variant)
+        [prediction] = await self.predictions.predict([body.text], tag, "/predict/ab", variant)
         return ABPrediction(**prediction.model_dump(), variant=variant, experiment=self.experiment)
 
     @app.post("/batch", response_model=BatchResponse)
     async def batch(self, body: BatchRequest, request: Request, response: Response) -> BatchResponse:
         await self._limit(request, response, "batch")
-        predictions = await self._predict(body.texts, self.tag_a, "/batch")
+        predictions = await self.predictions.predict(body.texts, self.tag_a, "/batch")
         cached = sum(p.cached for p in predictions)
         return BatchResponse(predictions=predictions, count=len(predictions), cached_count=cached)
 
     @app.post("/feedback", response_model=FeedbackResponse)
     async def feedback(self, body: FeedbackRequest) -> FeedbackResponse:
         try:
-            await run_sync(self.analytics.record_feedback, str(body.request_id), body.label)
+            await asyncio.to_thread(self.analytics.record_feedback, str(body.request_id), body.label)
         except SQLAlchemyError as exc:
             log.warning("feedback not stored: %s", exc)
             raise ApiError(503, "analytics database unavailable, retry later", {"Retry-After": "5"}) from exc
@@ -308,18 +274,21 @@ class Sentiment:
     @app.get("/analytics/summary")
     async def analytics_summary(self, request: Request, window: Annotated[str, Query()] = "1h") -> dict:
         self._admin(request)
-        return await run_sync(self.analytics.summary, _window(window))
+        return await asyncio.to_thread(self.analytics.summary, _window(window))
 
     @app.get("/analytics/ab")
     async def analytics_ab(self, request: Request, window: Annotated[str, Query()] = "1h") -> dict:
         self._admin(request)
-        report = await run_sync(self.analytics.ab_report, _window(window))
+        report = await asyncio.to_thread(self.analytics.ab_report, _window(window))
         return {"experiment": self.experiment, "split": settings.ab_split, **report}
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        cache = await run_sync(self.cache.status)
-        database = await run_sync(self.analytics.status)
+        """Redis is asked (one PING on the event loop); the database's state is the watcher's
+        (every 5 s) or the analytics writer's last failure, so a health probe costs no
+        database round trip and no thread."""
+        cache = await self.cache.status()
+        database = "down" if not self.analytics.healthy else self.database_status
         serving = bool(self.predictors)
         degraded = "down" in (cache, database)
         body = {
@@ -329,48 +298,11 @@ class Sentiment:
                 "B": self.tag_b,
                 "runtimes": {tag: p.runtime for tag, p in self.predictors.items()},
                 "threads": settings.threads_per_worker,
+                "inference_threads": settings.inference_threads_per_worker,
             },
             "cache": cache,
             "database": database,
-            "rate_limiter": await run_sync(self.limiter.status),
+            "rate_limiter": await self.limiter.status(),
             "version": VERSION,
         }
         return JSONResponse(body, status_code=200 if serving else 503)
-
-
-Sentiment.add_asgi_middleware(InternalOnly)  # type: ignore[attr-defined]  # a bentoml Service
-
-
-@app.middleware("http")
-async def _request_context(request: Request, call_next):
-    """A request id on every response; public requests timed and counted, errors recorded."""
-    rid = errors.request_id(request)
-    path = request.url.path
-    public = path.startswith(PUBLIC_PATHS) or path == "/health"
-    endpoint = metrics.endpoint_label(path)
-    started = time.perf_counter()
-    try:
-        response = await call_next(request)
-    except Exception:
-        _count_error(path, 500)  # the generic 500 itself is written by errors.py
-        if public:
-            metrics.HTTP_REQUESTS.labels(endpoint, "500").inc()
-        raise
-    if public:
-        metrics.HTTP_REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - started)
-        metrics.HTTP_REQUESTS.labels(endpoint, str(response.status_code)).inc()
-    response.headers["X-Request-ID"] = rid
-    if response.status_code >= 400:
-        _count_error(path, response.status_code)
-    return response
-
-
-def _count_error(path: str, status: int) -> None:
-    if not path.startswith(PUBLIC_PATHS):
-        return
-    try:
-        service = bentoml.get_current_service()
-    except Exception:  # during shutdown there is no service left to count in
-        return
-    if service is not None:
-        service.analytics.record_error(path, status)

@@ -30,3 +30,11 @@ def quick_models(bentoml_home: Path) -> list[str]:
     from models.build import build
 
     return build("quick", DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def model_env(quick_models: list[str]) -> dict[str, str]:
+    """The quick models as the service serves them by default: the ONNX int8 export as A (and
+    /predict, /batch), the PyTorch fp32 model it came from as B."""
+    fp32, int8 = quick_models
+    return {"SENTIMENT_MODEL": int8, "AB_MODEL_B": fp32}

@@ -22,13 +22,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 @pytest.fixture(scope="module")
 def backend_env(
-    quick_models: list[str], bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory
+    model_env: dict[str, str], bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, str]:
     workdir = tmp_path_factory.mktemp("backends")
     return {
         "BENTOML_HOME": str(bentoml_home),
-        "SENTIMENT_MODEL": quick_models[0],
-        "AB_MODEL_B": quick_models[1],
+        **model_env,
         "SPILL_DIR": str(workdir / "spill"),
         "TRUSTED_PROXIES": "127.0.0.1",
         "AB_SPLIT": "0.5",

@@ -57,7 +57,7 @@ def test_every_alert_has_firing_and_quiet_cases() -> None:
 
 @pytest.fixture(scope="module")
 def monitored(
-    quick_models: list[str],
+    model_env: dict[str, str],
     bentoml_home: Path,
     redis_server: RedisServer,
     postgres_server: PostgresServer,
@@ -68,8 +68,7 @@ def monitored(
     workdir = tmp_path_factory.mktemp("monitoring")
     env = {
         "BENTOML_HOME": str(bentoml_home),
-        "SENTIMENT_MODEL": quick_models[0],
-        "AB_MODEL_B": quick_models[1],
+        **model_env,
         "REDIS_URL": redis_server.url,
         "DATABASE_URL": postgres_server.url,
         "SPILL_DIR": str(workdir / "spill"),

@@ -15,12 +15,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
-def served(quick_models: list[str], bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served(model_env: dict[str, str], bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     workdir = tmp_path_factory.mktemp("serve")
     env = {
         "BENTOML_HOME": str(bentoml_home),
-        "SENTIMENT_MODEL": quick_models[0],
-        "AB_MODEL_B": quick_models[1],
+        **model_env,
         "DATABASE_URL": f"sqlite:///{workdir / 'analytics.db'}",
         "SPILL_DIR": str(workdir / "spill"),
         "TRUSTED_PROXIES": "127.0.0.1",
@@ -30,11 +29,11 @@ def served(quick_models: list[str], bentoml_home: Path, tmp_path_factory: pytest
     server.stop()
 
 
-def test_served_predict_and_health(served: str, quick_models: list[str]) -> None:
+def test_served_predict_and_health(served: str, model_env: dict[str, str]) -> None:
     r = httpx.post(f"{served}/predict", json={"text": "An absolutely wonderful experience."}, timeout=30)
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["label"] == "positive" and body["model"] == quick_models[0]
+    assert body["label"] == "positive" and body["model"] == model_env["SENTIMENT_MODEL"]
     health = httpx.get(f"{served}/health", timeout=10).json()
     assert health["status"] == "ok" and health["cache"] == "memory" and health["database"] == "sqlite"
     bad = httpx.post(f"{served}/predict", json={"text": ""}, timeout=10)
@@ -52,11 +51,12 @@ def test_concurrent_requests_are_batched(served: str) -> None:
         statuses = list(pool.map(call, range(len(texts))))
     assert statuses == [200] * len(texts)
     metrics = httpx.get(f"{served}/metrics", timeout=10).text
-    sizes = [
-        line
-        for line in metrics.splitlines()
-        if line.startswith("bentoml_service_adaptive_batch_size_count") and 'method_name="infer"' in line
-    ]
-    assert sizes, "no adaptive batching metric for infer"
-    batches = sum(float(line.rsplit(" ", 1)[1]) for line in sizes)
-    assert 0 < batches < len(texts), f"{batches} batches for {len(texts)} requests: nothing was batched"
+
+    def total(name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines() if line.startswith(name))
+
+    batches = total("sentiment_inference_batch_texts_count")
+    texts_inferred = total("sentiment_inference_batch_texts_sum")
+    assert texts_inferred >= len(texts)
+    assert 0 < batches < texts_inferred, f"{batches} forward calls for {texts_inferred} texts: nothing was batched"
+    assert total("sentiment_inference_queue_wait_seconds_count") >= len(texts)

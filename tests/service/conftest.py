@@ -14,13 +14,12 @@ _clients = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
-def service_env(quick_models: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def service_env(model_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Environment read by service.config before the service module is first imported."""
     db = Path(tmp_path_factory.mktemp("analytics")) / "analytics.db"
     env = {
         "DATABASE_URL": f"sqlite:///{db}",
-        "SENTIMENT_MODEL": quick_models[0],
-        "AB_MODEL_B": quick_models[1],
+        **model_env,
         # The test client's peer; each test then names its own client in X-Forwarded-For.
         "TRUSTED_PROXIES": "10.0.0.0/8",
         "SERVICE_WORKERS": "1",

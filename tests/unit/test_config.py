@@ -21,7 +21,8 @@ def test_defaults_follow_the_contract(monkeypatch: pytest.MonkeyPatch) -> None:
     # var/analytics.db of the project, wherever the process starts (BentoML's parent and workers)
     assert s.database_url == f"sqlite:///{PROJECT_ROOT / 'var' / 'analytics.db'}"
     assert s.spill_dir == str(PROJECT_ROOT / "var" / "spill")
-    assert s.sentiment_model == "sentiment-minilm:latest"
+    assert s.sentiment_model == "sentiment-minilm-int8:latest"
+    assert s.ab_model_b == "sentiment-minilm:latest"
     assert s.ab_split == 0.5
     assert s.cache_ttl_seconds == 86400
     assert (s.rate_limit_predict, s.rate_limit_batch) == ("100/minute", "20/minute")

@@ -61,16 +61,25 @@ def anyio_backend() -> str:
 
 
 @pytest.mark.anyio
-async def test_internal_routes_accept_only_the_in_process_client() -> None:
-    from service.limits import InternalOnly
+async def test_request_context_tags_answers_counts_and_records_errors() -> None:
+    from service import metrics
+    from service.limits import RequestContext
 
-    guard = InternalOnly(_app(), prefix="/predict")
-    transport = httpx.ASGITransport(app=guard, client=("127.0.0.1", 123))
-    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        inside = await client.post("/predict", json={}, headers={"Runner-Name": "sentiment"})
-        no_header = await client.post("/predict", json={})
-        proxied = await client.post(
-            "/predict", json={}, headers={"Runner-Name": "sentiment", "X-Forwarded-For": "203.0.113.5"}
-        )
-    assert inside.status_code == 200
-    assert no_header.status_code == 403 and proxied.status_code == 403
+    async def fail(request: Request) -> JSONResponse:
+        return JSONResponse({"error": "nope"}, status_code=404 if request.url.path == "/other" else 200)
+
+    errors: list[tuple[str, int]] = []
+    app = RequestContext(
+        Router(routes=[Route("/predict", fail, methods=["POST"]), Route("/other", fail, methods=["POST"])]),
+        public=["/predict"],
+        on_error=lambda path, status: errors.append((path, status)),
+    )
+    counted = metrics.HTTP_REQUESTS.labels("/predict", "200")
+    before = counted._value.get()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        ok = await client.post("/predict")
+        missing = await client.post("/other")
+    assert ok.status_code == 200 and missing.status_code == 404
+    assert ok.headers["x-request-id"] != missing.headers["x-request-id"]
+    assert counted._value.get() == before + 1
+    assert errors == [("/other", 404)]

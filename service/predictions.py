@@ -1,0 +1,84 @@
+"""The prediction path shared by /predict, /predict/ab and /batch: the cache first, the batcher
+for the misses, then the cache fill and one analytics row per answer."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+
+from models.runtime import Prediction as ModelOutput
+from service import metrics
+from service.batching import Batcher, Overloaded
+from service.errors import ApiError
+from service.schemas import Prediction
+from storage.analytics import PredictionRecord, SqlAnalyticsStore
+from storage.cache import CacheValue, PredictionCache, cache_key, text_digest
+
+
+class Predictions:
+    """Predictions for texts by a model tag, built from a cache, a batcher and an analytics sink."""
+
+    def __init__(self, cache: PredictionCache, batcher: Batcher[ModelOutput], analytics: SqlAnalyticsStore) -> None:
+        self.cache = cache
+        self.batcher = batcher
+        self.analytics = analytics
+
+    async def predict(
+        self, texts: Sequence[str], tag: str, endpoint: str, variant: str | None = None
+    ) -> list[Prediction]:
+        """One Prediction per text, in order; ApiError 503 when the batcher sheds the request."""
+        started = time.perf_counter()
+        digests = [text_digest(t) for t in texts]
+        keys = [cache_key(tag, digest=d) for d in digests]
+        found: list[CacheValue | None] = await self.cache.get_many(keys)
+        missing = [i for i, hit in enumerate(found) if hit is None]
+        if missing:
+            try:
+                outputs = await self.batcher.predict(tag, [texts[i] for i in missing])
+            except Overloaded as exc:
+                metrics.OVERLOAD_REJECTIONS.labels(endpoint, "queue_delay").inc()
+                raise ApiError(503, "service overloaded, retry later", {"Retry-After": str(exc.retry_after_s)}) from exc
+            fresh: dict[str, CacheValue] = {}
+            for i, out in zip(missing, outputs, strict=True):
+                value: CacheValue = {"label": out.label, "score": out.score, "probabilities": out.probabilities}
+                found[i] = fresh[keys[i]] = value
+            await self.cache.set_many(fresh)
+        elapsed = time.perf_counter() - started
+        latency_ms = round(elapsed * 1000, 2)
+        metrics.CACHE_LOOKUPS.labels("hit").inc(len(texts) - len(missing))
+        metrics.CACHE_LOOKUPS.labels("miss").inc(len(missing))
+        metrics.PREDICTION_SECONDS.labels(endpoint, variant or "none").observe(elapsed)
+        inferred = set(missing)
+        predictions = []
+        records = []
+        for i, answer in enumerate(found):
+            assert answer is not None
+            p = Prediction(
+                request_id=str(uuid.uuid4()),
+                label=answer["label"],
+                score=answer["score"],
+                probabilities=answer["probabilities"],
+                model=tag,
+                cached=i not in inferred,
+                latency_ms=latency_ms,
+            )
+            predictions.append(p)
+            metrics.PREDICTIONS.labels(endpoint, tag, variant or "none", p.label, str(p.cached).lower()).inc()
+            records.append(
+                PredictionRecord(
+                    request_id=p.request_id,
+                    endpoint=endpoint,
+                    model=tag,
+                    label=p.label,
+                    score=p.score,
+                    cached=p.cached,
+                    latency_ms=latency_ms,
+                    text_sha256=digests[i],
+                    text_length=len(texts[i]),
+                    variant=variant,
+                    text=texts[i],
+                )
+            )
+        self.analytics.record(records)
+        return predictions

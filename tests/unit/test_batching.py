@@ -1,0 +1,175 @@
+"""The in-process batcher: grouping, order, limits, shedding, cancellation and failures.
+
+The model is a function that records each call and, where a test needs a queue to build up,
+blocks on a threading.Event until the test lets it go, so batches form deterministically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from service.batching import Batcher, BatchStats, Overloaded
+
+
+class Model:
+    """Upper-cases texts; records (model, texts) per call; can hold a call until released."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.calls: list[tuple[str, list[str]]] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+
+    def __call__(self, model: str, texts: list[str]) -> list[str]:
+        self.calls.append((model, list(texts)))
+        self.entered.set()
+        self.release.wait(10)
+        return [f"{model}:{t.upper()}" for t in texts]
+
+
+async def _until(condition, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.001)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+async def test_requests_queued_behind_a_forward_call_share_the_next_one() -> None:
+    model = Model(hold=True)
+    stats: list[BatchStats] = []
+    batcher = Batcher(model, max_batch=32, on_batch=stats.append)
+    first = asyncio.ensure_future(batcher.predict("m", ["a"]))
+    await _until(model.entered.is_set)  # the first call runs alone on an idle batcher
+    rest = [asyncio.ensure_future(batcher.predict("m", [f"t{i}", f"u{i}"])) for i in range(5)]
+    await asyncio.sleep(0.01)
+    model.release.set()
+    assert await first == ["m:A"]
+    assert await asyncio.gather(*rest) == [[f"m:T{i}", f"m:U{i}"] for i in range(5)]
+    assert [len(texts) for _, texts in model.calls] == [1, 10]
+    assert [s.texts for s in stats] == [1, 10]
+    batcher.close()
+
+
+@pytest.mark.anyio
+async def test_a_batch_never_exceeds_max_batch_and_models_run_apart() -> None:
+    model = Model(hold=True)
+    batcher = Batcher(model, max_batch=4)
+    blocker = asyncio.ensure_future(batcher.predict("a", ["x"]))
+    await _until(model.entered.is_set)
+    jobs = [asyncio.ensure_future(batcher.predict("a" if i % 3 else "b", [f"t{i}"])) for i in range(9)]
+    await asyncio.sleep(0.01)
+    model.release.set()
+    results = await asyncio.gather(blocker, *jobs)
+    assert results[1:] == [[f"{'a' if i % 3 else 'b'}:T{i}"] for i in range(9)]
+    sizes = [len(texts) for _, texts in model.calls[1:]]
+    assert sum(sizes) == 9 and max(sizes) <= 4
+    assert all(len({t for t in texts}) == len(texts) for _, texts in model.calls)
+    # one forward call per model per batch: each call holds texts of one model only
+    for name, texts in model.calls[1:]:
+        assert all((int(t[1:]) % 3 != 0) == (name == "a") for t in texts)
+    batcher.close()
+
+
+@pytest.mark.anyio
+async def test_a_request_over_the_delay_budget_is_refused_at_once() -> None:
+    model = Model(hold=True)
+    batcher = Batcher(model, max_batch=2, max_delay_s=0.05)
+    batcher._cost["m"] = 0.02  # as measured: 20 ms per text
+    running = asyncio.ensure_future(batcher.predict("m", ["a"]))
+    await _until(model.entered.is_set)
+    queued = [asyncio.ensure_future(batcher.predict("m", [f"q{i}"])) for i in range(2)]
+    await asyncio.sleep(0)
+    # two texts queued at 20 ms each, plus the running call's rest: over 50 ms
+    with pytest.raises(Overloaded) as refused:
+        await batcher.predict("m", ["late"])
+    assert refused.value.retry_after_s >= 1
+    assert batcher.shed == 1
+    model.release.set()
+    assert await running == ["m:A"]
+    assert await asyncio.gather(*queued) == [["m:Q0"], ["m:Q1"]]
+    assert all("late" not in texts for _, texts in model.calls)
+    batcher.close()
+
+
+@pytest.mark.anyio
+async def test_a_job_that_waited_past_the_budget_is_refused_when_its_turn_comes() -> None:
+    model = Model(hold=True)
+    batcher = Batcher(model, max_batch=8, max_delay_s=0.05)
+    running = asyncio.ensure_future(batcher.predict("m", ["a"]))
+    await _until(model.entered.is_set)
+    stale = asyncio.ensure_future(batcher.predict("m", ["stale"]))  # no cost known yet: admitted
+    await asyncio.sleep(0.1)  # the running call outlasts the budget
+    model.release.set()
+    assert await running == ["m:A"]
+    with pytest.raises(Overloaded):
+        await stale
+    assert [texts for _, texts in model.calls] == [["a"]]
+    batcher.close()
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_request_is_not_inferred() -> None:
+    model = Model(hold=True)
+    batcher = Batcher(model, max_batch=8)
+    running = asyncio.ensure_future(batcher.predict("m", ["a"]))
+    await _until(model.entered.is_set)
+    gone = asyncio.ensure_future(batcher.predict("m", ["gone"]))
+    kept = asyncio.ensure_future(batcher.predict("m", ["kept"]))
+    await asyncio.sleep(0)
+    gone.cancel()
+    model.release.set()
+    await running
+    assert await kept == ["m:KEPT"]
+    assert [texts for _, texts in model.calls] == [["a"], ["kept"]]
+    batcher.close()
+
+
+@pytest.mark.anyio
+async def test_a_failing_forward_call_fails_its_requests_only() -> None:
+    calls = []
+
+    def flaky(model: str, texts: list[str]) -> list[str]:
+        calls.append(texts)
+        if "boom" in texts:
+            raise RuntimeError("model failed")
+        return [t.upper() for t in texts]
+
+    batcher = Batcher(flaky, max_batch=8)
+    with pytest.raises(RuntimeError, match="model failed"):
+        await batcher.predict("m", ["boom"])
+    assert await batcher.predict("m", ["fine"]) == ["FINE"]
+    batcher.close()
+
+
+@pytest.mark.anyio
+async def test_max_wait_holds_a_partial_batch_for_late_arrivals() -> None:
+    model = Model()
+    waits: list[list[float]] = []
+    batcher = Batcher(model, max_batch=8, max_wait_s=0.2, on_start=waits.append)
+    first = asyncio.ensure_future(batcher.predict("m", ["a"]))
+    await asyncio.sleep(0.02)
+    second = asyncio.ensure_future(batcher.predict("m", ["b"]))
+    assert await asyncio.gather(first, second) == [["m:A"], ["m:B"]]
+    assert [texts for _, texts in model.calls] == [["a", "b"]]
+    assert len(waits) == 1 and len(waits[0]) == 2
+    batcher.close()
+
+
+@pytest.mark.anyio
+async def test_a_full_batch_goes_without_waiting_out_max_wait() -> None:
+    model = Model()
+    batcher = Batcher(model, max_batch=8, max_wait_s=60)
+    full = [asyncio.ensure_future(batcher.predict("m", [f"t{i}"])) for i in range(8)]
+    async with asyncio.timeout(10):  # a batch held for max_wait would take a minute
+        await asyncio.gather(*full)
+    assert [len(texts) for _, texts in model.calls] == [8]
+    batcher.close()
