@@ -161,10 +161,11 @@ def bad_window(c: httpx.Client) -> None:
     _client_error(c.get("/analytics/summary", params={"window": "forever"}), 400, "window")
 
 
-@check("the internal batching route is closed to clients: 403")
-def internal(c: httpx.Client) -> None:
+@check("an unknown route: 404 with a JSON error and the request id")
+def unknown_route(c: httpx.Client) -> None:
     r = c.post("/internal/infer", json=[{"model": "x", "text": "y"}], headers={"X-Forwarded-For": "203.0.113.9"})
-    assert r.status_code == 403, (r.status_code, r.text)
+    assert r.status_code == 404, (r.status_code, r.text)
+    assert r.json()["request_id"] == r.headers["X-Request-ID"], r.text
 
 
 def run(url: str, admin_key: str | None = None, only: list[str] | None = None) -> list[tuple[str, str | None]]:

@@ -4,8 +4,9 @@ Each user is one client with its own address (`X-Forwarded-For` from the 198.18.
 benchmarking range; the service must list the load generator in TRUSTED_PROXIES), waits 0.5-1.5 s
 between requests like the original's users, and sends 70% `/predict`, 20% `/predict/ab` and
 10% `/batch`, `/analytics/*` and `/health`. Every answer is checked: status, fields and values,
-not only the status. A 429 is reported as the failure "rate limited (429)" so the report can
-tell rate limiting from errors.
+not only the status. A 429 is reported as the failure "rate limited (429)" and a 503 that carries
+`Retry-After` as "shed (503, Retry-After)", so the report can tell rate limiting and load
+shedding from errors (a 503 without `Retry-After` is an error).
 
 Texts come from the held-out validation corpus (var/data, written by the model build) or a
 built-in list. With probability --repeat-share a request sends one of the first --repeat-pool
@@ -59,13 +60,18 @@ def _options(parser: Any) -> None:
 
 
 class Outcomes:
-    """Per endpoint: predictions answered from the cache or not, and the request times of the
-    single-text requests of each kind (Locust's own statistics do not split on the cache)."""
+    """Per endpoint: predictions answered from the cache or not; the request times of the
+    single-text requests of each kind, and of every answered (200) request and every shed one
+    (Locust's own statistics split neither on the cache nor on failures)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.cached: dict[str, list[int]] = {}  # endpoint -> [from cache, inferred]
-        self.times: dict[str, list[float]] = {"hit": [], "miss": []}
+        self.times: dict[str, list[float]] = {"hit": [], "miss": [], "answered": [], "shed": []}
+
+    def timed(self, kind: str, ms: float) -> None:
+        with self.lock:
+            self.times[kind].append(ms)
 
     def add(self, endpoint: str, cached: int, total: int, single_ms: float | None = None) -> None:
         with self.lock:
@@ -86,13 +92,28 @@ class Outcomes:
             return {
                 "cache": {e: {"hits": h, "misses": m} for e, (h, m) in self.cached.items()},
                 "latency_ms": {
-                    kind: {"count": len(v), "p50": pct(v, 0.5), "p95": pct(v, 0.95), "p99": pct(v, 0.99)}
+                    kind: {
+                        "count": len(v),
+                        "p50": pct(v, 0.5),
+                        "p95": pct(v, 0.95),
+                        "p99": pct(v, 0.99),
+                        "max": max(v, default=None),
+                    }
                     for kind, v in self.times.items()
                 },
             }
 
 
 OUTCOMES = Outcomes()
+
+
+@events.request.add_listener
+def _time_outcome(response_time: float, response: Any = None, exception: Any = None, **_: Any) -> None:
+    status = getattr(response, "status_code", None)
+    if exception is None and status == 200:
+        OUTCOMES.timed("answered", response_time)
+    elif status == 503 and response.headers.get("Retry-After"):
+        OUTCOMES.timed("shed", response_time)
 
 
 @events.quitting.add_listener
@@ -140,8 +161,8 @@ class SentimentUser(FastHttpUser):
     def _fail(self, r: Any) -> None:
         if r.status_code == 429:
             r.failure("rate limited (429)")
-        elif r.status_code == 503:
-            r.failure("overloaded (503)")
+        elif r.status_code == 503 and r.headers.get("Retry-After"):
+            r.failure("shed (503, Retry-After)")
         else:
             r.failure(f"HTTP {r.status_code}: {(r.text or '')[:120]}")
 

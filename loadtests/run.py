@@ -4,7 +4,7 @@
                             [--users N] [--duration 10m] [--out DIR] [--no-thresholds]
 
 `make loadtest SCENARIO=... [URL=...] [USERS=...] [DURATION=...] [PROFILE=quick]` calls this.
-Without --url it starts the service itself (`bentoml serve`, 2 workers, the models in the
+Without --url it starts the service itself (`bentoml serve` with its defaults, the models in the
 BentoML store) on throwaway Redis and PostgreSQL servers, and a Prometheus when one is
 installed; it samples CPU and memory of the API, PostgreSQL, Redis and Locust every second.
 Each scenario runs Locust headless (loadtests/locustfile.py), then loadtests/report.py writes
@@ -51,10 +51,10 @@ class Scenario:
     description: str = ""
 
 
-# The original plan. p95 limits: baseline's target, and the original's own p95 elsewhere.
+# The original plan. p95 limits: baseline's target on 2 cores, and the original's own p95 elsewhere.
 PLAN = {
     "baseline": Scenario(
-        "baseline", 100, 10, 600, 0.72, p95_limit_ms=120, description="100 users, spawn 10/s, 10 minutes"
+        "baseline", 100, 10, 600, 0.72, p95_limit_ms=60, description="100 users, spawn 10/s, 10 minutes"
     ),
     "spike": Scenario(
         "spike",
@@ -281,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--p95-limit-ms", type=float, default=None)
     parser.add_argument("--out", type=Path, default=None, help="default var/loadtest/<time>")
     parser.add_argument("--no-thresholds", action="store_true", help="report only; exit 0 whatever the figures")
-    parser.add_argument("--workers", type=int, default=2, help="SERVICE_WORKERS of the service it starts")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="SERVICE_WORKERS of the service it starts (default: its own)"
+    )
     args = parser.parse_args(argv)
 
     plan = QUICK if args.profile == "quick" else PLAN
@@ -292,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from loadtests.monitoring import Prometheus
     from loadtests.servers import PostgresServer, RedisServer
+    from service.config import Settings
 
     started: list = []
     roots: dict[str, int] = {}
@@ -300,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     prometheus = None
     try:
         if url is None:
-            print("starting Redis, PostgreSQL and the service (bentoml serve, 2 workers) ...", flush=True)
+            print("starting Redis, PostgreSQL and the service (bentoml serve) ...", flush=True)
             redis_server = RedisServer().start()
             started.append(redis_server)
             postgres = PostgresServer().start()
@@ -334,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             if redis_url:
                 _redis_flush(redis_url)  # each scenario starts with a cold cache and fresh limits
             print(f"[{name}] {scenario.description} against {url}", flush=True)
-            run_scenario(scenario, url, out / name, roots, admin_key, redis_url, args.workers if roots else None)
+            workers = (args.workers or Settings().service_workers) if roots else None
+            run_scenario(scenario, url, out / name, roots, admin_key, redis_url, workers)
             result = report.build(out / name, prometheus_url=prometheus.url if prometheus else None)
             print(report.console_summary(result), flush=True)
             failed += [f"{name}: {v}" for v in result["violations"]]

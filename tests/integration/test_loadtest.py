@@ -16,13 +16,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 
 def test_quick_profile_runs_every_scenario_and_writes_reports(
-    quick_models: list[str], bentoml_home: Path, tmp_path: Path
+    model_env: dict[str, str], bentoml_home: Path, tmp_path: Path
 ) -> None:
     env = {
         **os.environ,
         "BENTOML_HOME": str(bentoml_home),
-        "SENTIMENT_MODEL": quick_models[0],
-        "AB_MODEL_B": quick_models[1],
+        **model_env,
     }
     out = tmp_path / "loadtest"
     # Thresholds are timing limits: judged on full runs, not in tests. The exit status here

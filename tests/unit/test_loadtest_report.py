@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loadtests.report import target_lines, violations
+from loadtests.report import _failures, target_lines, violations
 from loadtests.run import PLAN, QUICK, parse_duration
 
 
@@ -20,14 +20,29 @@ def test_thresholds_fail_on_errors_other_than_429_and_on_p95() -> None:
 
 
 def test_targets_say_by_how_much_they_are_missed() -> None:
-    lines = target_lines("baseline", _figures(p50=80.0, p95=100.0))
-    assert lines[0] == "- p50 latency (ms): **80**, target <= 65: **missed by 15 (+23%)**"
-    assert lines[1].endswith("target <= 120: met")
+    lines = target_lines("baseline", _figures(p50=25.0, p95=50.0))
+    assert lines[0] == "- p50 latency (ms): **25**, target <= 20: **missed by 5 (+25%)**"
+    assert lines[1].endswith("target <= 60: met")
     cache = target_lines("cache", {"hit_rate": 97.5, "hit_p50": None})
     assert cache == [
         "- cache hit rate (%): **97.5**, target >= 95: met",
-        "- cache hits: p50 (ms): no data (target <= 8)",
+        "- cache hits: p50 (ms): no data (target <= 3)",
     ]
+    spike = target_lines("spike", {"server_errors": 0, "answered_p99": 300.0, "max": 1200.0, "shed_pct": 4.0})
+    assert spike[1].endswith("target <= 350: met") and "missed by 200" in spike[2]
+
+
+def test_failures_tell_rate_limits_and_sheds_from_errors() -> None:
+    rows = [
+        {"Name": "/predict", "Error": "rate limited (429)", "Occurrences": "7"},
+        {"Name": "/predict", "Error": "shed (503, Retry-After)", "Occurrences": "5"},
+        {"Name": "/batch", "Error": "HTTP 503: no Retry-After", "Occurrences": "2"},
+        {"Name": "/predict", "Error": "HTTP 500: boom", "Occurrences": "1"},
+        {"Name": "/health", "Error": "invalid answer: status 'x'", "Occurrences": "3"},
+    ]
+    limited, shed, server, other, by_error = _failures(rows)
+    assert (limited, shed, server, other) == (7, 5, 3, 3)
+    assert by_error["/predict: shed (503, Retry-After)"] == 5
 
 
 def test_plan_matches_the_original_and_quick_is_about_two_minutes() -> None:
