@@ -51,8 +51,9 @@ test: install  ## the whole suite: lint, unit, service and integration tests
 	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest
 
-bench: model  ## raw model throughput and HTTP load at 1/16/64 clients, unique and repeated texts
-	$(PY) -m loadtests.bench
+bench: model  ## the service against LitServe and the naive server, side by side: throughput, latency, CPU split, memory
+	$(PY) -c "import litserve" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m loadtests.bench $(BENCH_ARGS)
 
 bench-analytics: install  ## /analytics query times on PostgreSQL over a seeded million-row table
 	$(PY) loadtests/analytics_bench.py $(if $(DATABASE_URL),--url $(DATABASE_URL),)

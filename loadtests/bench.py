@@ -1,77 +1,213 @@
-"""`make bench` (`python -m loadtests.bench`): raw model throughput, then HTTP load on a real
-`bentoml serve`, in one run.
+"""`make bench` (`python -m loadtests.bench`): this service against what users would run instead,
+side by side in one run on this machine.
 
-Cases: unique texts (every request a cache miss) and repeated texts (cache hits), each at 1, 16
-and 64 concurrent closed-loop Locust users. Rate limits are switched off for the served
-instance, since the point is the serving path's capacity, not the per-client policy.
+Servers, all started here and left idle while another is measured:
+- `service`: `bentoml serve` of this service with its defaults (the int8 model, embedded cache
+  and SQLite analytics), rate limits off;
+- `litserve`: a lean batching server of the same ONNX int8 model (loadtests/peers/litserve_server.py);
+- `naive`: one PyTorch fp32 forward per request (loadtests/peers/naive_server.py).
+
+Each case is closed-loop Locust users (loadtests/bench_locustfile.py) sending `POST /predict`
+with a text never sent before, drawn from the model build's out-of-source reviews (a source
+never used in training). Cases run in rounds, the servers' order rotating each round, and the
+figures are medians over the rounds. Per case: requests/s, latency percentiles, errors, CPU
+milliseconds per request of the server's processes, and for the service its mean batch. Then
+one more case of the service at `--profile-clients`, sampled with py-spy, splits its CPU into
+the model (tokenizer and forward pass) and everything else. Memory is the PSS of each server's
+processes at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
+import resource
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 
-from loadtests.serving import Served
+from loadtests.serving import ROOT, Served, free_port, wait_ready
 
-ROOT = Path(__file__).resolve().parents[1]
-CASES = [("unique", 1), ("unique", 16), ("unique", 64), ("repeated", 1), ("repeated", 16), ("repeated", 64)]
+OUT_OF_SOURCE = "var/data/corpus/out_of_source.jsonl"
 
 
-def raw_throughput(tag: str, texts: list[str], seconds: float, threads: int) -> dict[str, float]:
-    """Texts per second of batch-32 forward passes in a loop, no HTTP, all cores."""
+def raw_throughput(tag: str, texts: list[str], seconds: float, threads: int, batch: int = 32) -> dict[str, float]:
+    """Texts per second of batch forward passes in a loop: no HTTP, no queue."""
     from models import runtime
 
     predictor = runtime.load(tag, threads)
-    predictor.predict(texts[:32])
-    done, times = 0, []
-    started = time.perf_counter()
-    i = 0
+    predictor.predict(texts[:batch])
+    done, times, i = 0, [], 0
+    cpu0, started = time.process_time(), time.perf_counter()
     while time.perf_counter() - started < seconds:
-        batch = [texts[(i * 32 + j) % len(texts)] for j in range(32)]
+        chunk = [f"{texts[(i * batch + j) % len(texts)]} [{i}-{j}]" for j in range(batch)]
         t = time.perf_counter()
-        predictor.predict(batch)
+        predictor.predict(chunk)
         times.append(time.perf_counter() - t)
-        done += 32
+        done += batch
         i += 1
     elapsed = time.perf_counter() - started
     return {
         "texts_per_s": round(done / elapsed, 1),
-        "batch32_ms_median": round(statistics.median(times) * 1000, 1),
+        "batch_ms_median": round(statistics.median(times) * 1000, 2),
+        "cpu_ms_per_text": round((time.process_time() - cpu0) * 1000 / done, 3),
     }
 
 
-def batch_histogram(url: str) -> tuple[float, float]:
-    """(sum, count) of the adaptive batch sizes of the infer API, over all workers."""
-    total = count = 0.0
+@dataclass
+class Server:
+    """A server under test: its root process (its children are its workers) and URL."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes] | None = None
+    served: Served | None = None
+    results: list[dict] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        if self.served is not None:
+            assert self.served.proc is not None
+            return self.served.proc.pid
+        assert self.proc is not None
+        return self.proc.pid
+
+    def processes(self) -> list[psutil.Process]:
+        root = psutil.Process(self.pid)
+        return [root, *root.children(recursive=True)]
+
+    def cpu_seconds(self) -> float:
+        total = 0.0
+        for p in self.processes():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                continue
+        return total
+
+    def pss_mb(self) -> float:
+        total = 0
+        for p in self.processes():
+            try:
+                total += p.memory_full_info().pss
+            except psutil.Error:
+                continue
+        return round(total / 2**20, 1)
+
+    def pause(self, paused: bool) -> None:
+        """SIGSTOP or SIGCONT the server's whole process group (its own session)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
+    def stop(self) -> None:
+        self.pause(False)
+        if self.served is not None:
+            self.served.stop()
+        elif self.proc is not None:  # its own session: the signal reaches its workers too
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def start_peer(name: str, module: str, model: str, workdir: Path) -> Server:
+    port = free_port()
+    log = (workdir / f"{name}.log").open("wb")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", module, "--model", model, "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = Server(name, f"http://127.0.0.1:{port}", proc=proc)
+
+    def ready(r: httpx.Response) -> bool:
+        return r.status_code == 200 and "label" in r.json()
+
+    deadline = time.monotonic() + 240
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}: see {workdir / (name + '.log')}")
+        try:
+            if ready(httpx.post(f"{server.url}/predict", json={"text": "warm up"}, timeout=30)):
+                return server
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"{name} not ready in 240 s: see {workdir / (name + '.log')}")
+        time.sleep(0.5)
+
+
+# Every server under test. Only the one being measured runs: the others are stopped with SIGSTOP,
+# because an idle server is not always idle (LitServe's workers poll their queues: 0.39 cores
+# while it served nothing, measured here), and that CPU would be charged to the others.
+SERVERS: list[Server] = []
+
+
+def focus(server: Server) -> None:
+    for other in SERVERS:
+        if other is not server:
+            other.pause(True)
+    server.pause(False)
+    time.sleep(0.5)
+
+
+def metric_totals(url: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Sums of the named series (all labels) on /metrics."""
+    totals = dict.fromkeys(names, 0.0)
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if 'method_name="infer"' not in line:
-            continue
-        if line.startswith("bentoml_service_adaptive_batch_size_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-        elif line.startswith("bentoml_service_adaptive_batch_size_count"):
-            count += float(line.rsplit(" ", 1)[1])
-    return total, count
+        for name in names:
+            if line.startswith(name) and line[len(name)] in " {":
+                totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
 
 
-def run_locust(url: str, mode: str, users: int, seconds: int, workdir: Path) -> dict:
-    prefix = workdir / f"{mode}-{users}"
+BATCH_SERIES = (
+    "sentiment_inference_batch_texts_sum",
+    "sentiment_inference_batch_texts_count",
+    "sentiment_inference_cpu_seconds_total",
+)
+
+
+def run_locust(url: str, mode: str, users: int, seconds: int, prefix: Path, texts: str) -> dict:
     cmd = [
-        sys.executable, "-m", "locust", "-f", str(ROOT / "loadtests" / "bench_locustfile.py"),
-        "--headless", "--only-summary", "-u", str(users), "-r", str(users), "-t", f"{seconds}s",
-        "--host", url, "--csv", str(prefix), "--loglevel", "WARNING",
-    ]  # fmt: skip
-    env = {**os.environ, "BENCH_MODE": mode}
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(ROOT / "loadtests" / "bench_locustfile.py"),
+        "--headless",
+        "--only-summary",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{seconds}s",
+        "--host",
+        url,
+        "--csv",
+        str(prefix),
+        "--loglevel",
+        "WARNING",
+    ]
+    env = {**os.environ, "BENCH_MODE": mode, "BENCH_TEXTS": texts}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, cwd=ROOT, env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    locust_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     with open(f"{prefix}_stats.csv") as f:
         row = next(r for r in csv.DictReader(f) if r["Name"] == "Aggregated")
     return {
@@ -81,66 +217,308 @@ def run_locust(url: str, mode: str, users: int, seconds: int, workdir: Path) -> 
         "p50_ms": float(row["50%"]),
         "p95_ms": float(row["95%"]),
         "p99_ms": float(row["99%"]),
+        "locust_cores": round(locust_cpu / seconds, 2),
     }
 
 
+def measure(server: Server, mode: str, users: int, seconds: int, workdir: Path, texts: str, tag: str) -> dict:
+    focus(server)
+    batches = metric_totals(server.url, BATCH_SERIES) if server.served is not None else None
+    cpu0, machine0 = server.cpu_seconds(), psutil.cpu_times()
+    stats = run_locust(server.url, mode, users, seconds, workdir / f"{server.name}-{mode}-{users}-{tag}", texts)
+    cpu, machine1 = server.cpu_seconds() - cpu0, psutil.cpu_times()
+    idle = (machine1.idle + machine1.iowait) - (machine0.idle + machine0.iowait)
+    total = sum(machine1) - sum(machine0)
+    stats["machine_busy"] = round(1 - idle / total, 3) if total else None
+    stats["cpu_ms_per_request"] = round(cpu * 1000 / stats["requests"], 2) if stats["requests"] else None
+    stats["cores_busy"] = round(cpu / seconds, 2)
+    if batches is not None:
+        after = metric_totals(server.url, BATCH_SERIES)
+        n = after[BATCH_SERIES[1]] - batches[BATCH_SERIES[1]]
+        stats["mean_batch"] = round((after[BATCH_SERIES[0]] - batches[BATCH_SERIES[0]]) / n, 1) if n else None
+        model_cpu = after[BATCH_SERIES[2]] - batches[BATCH_SERIES[2]]
+        # None where the service does not export it (an earlier version, with --before)
+        stats["model_cpu_ms_per_request"] = (
+            round(model_cpu * 1000 / stats["requests"], 2) if stats["requests"] and model_cpu > 0 else None
+        )
+    stats.update(server=server.name, mode=mode, users=users)
+    return stats
+
+
+def describe(stats: dict) -> str:
+    """One case on one line."""
+    line = (
+        f"{stats['req_per_s']:>7} req/s  p50 {stats['p50_ms']:>5.0f}  p95 {stats['p95_ms']:>5.0f}  "
+        f"p99 {stats['p99_ms']:>5.0f} ms  errors {stats['failures']}  CPU {stats['cpu_ms_per_request']} ms/req"
+    )
+    if stats.get("model_cpu_ms_per_request") is not None:
+        line += f" (model {stats['model_cpu_ms_per_request']})"
+    line += f"  machine {stats['machine_busy']:.0%} busy, Locust {stats['locust_cores']} cores"
+    if stats.get("mean_batch") is not None:
+        line += f"  batch {stats['mean_batch']}"
+    return line
+
+
+def median_case(runs: list[dict]) -> dict:
+    """The median of each figure over the rounds of one case."""
+    out = dict(runs[0])
+    for key in (
+        "req_per_s",
+        "p50_ms",
+        "p95_ms",
+        "p99_ms",
+        "cpu_ms_per_request",
+        "cores_busy",
+        "mean_batch",
+        "machine_busy",
+    ):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = round(statistics.median(values), 2) if values else None
+    out["failures"] = sum(r["failures"] for r in runs)
+    out["requests"] = sum(r["requests"] for r in runs)
+    out["rounds"] = len(runs)
+    return out
+
+
+# --- the CPU split from py-spy ---------------------------------------------------------
+
+# A sampled stack is the model's when it runs inside the predictor (models/runtime.py): the
+# tokenizer and the forward pass. Everything else (HTTP, framework, cache, limiter, analytics,
+# metrics, batching) is overhead. Buckets for the overhead, by the first matching frame file.
+OVERHEAD_BUCKETS = [
+    ("HTTP server (uvicorn, httptools, h11)", ("uvicorn/", "httptools", "h11/")),
+    (
+        "BentoML (its middlewares, access log, tracing)",
+        ("bentoml/", "_bentoml_impl/", "_bentoml_sdk/", "opentelemetry/"),
+    ),
+    ("FastAPI, Starlette, pydantic", ("fastapi/", "starlette/", "pydantic/", "pydantic_core")),
+    (
+        "prediction cache and rate limiter",
+        ("redis/", "limits/", "cachetools/", "storage/cache.py", "storage/ratelimit.py"),
+    ),
+    ("analytics writer", ("storage/analytics.py", "sqlalchemy/", "psycopg", "sqlite3")),
+    ("metrics (prometheus_client)", ("prometheus_client/",)),
+    ("this service's own code", ("service/",)),
+    ("asyncio event loop", ("asyncio/", "uvloop")),
+]
+
+
+def classify(stack: str) -> str:
+    if "models/runtime.py" in stack:
+        return "model"
+    frames = stack.split(";")
+    for frame in reversed(frames):  # the innermost frame that names a known library
+        for bucket, needles in OVERHEAD_BUCKETS:
+            if any(n in frame for n in needles):
+                return bucket
+    return "other (threads, GC, interpreter)"
+
+
+def cpu_split(raw: Path) -> dict[str, float]:
+    """Share of active samples per bucket, from py-spy's raw (collapsed) output."""
+    counts: dict[str, int] = {}
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        bucket = classify(stack)
+        counts[bucket] = counts.get(bucket, 0) + int(n)
+    total = sum(counts.values()) or 1
+    return {k: round(v / total, 4) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+def profile_service(server: Server, users: int, seconds: int, workdir: Path, texts: str) -> dict | None:
+    """One more case of the service, with py-spy sampling all its processes."""
+    raw = workdir / "service-profile.txt"
+    cmd = [
+        str(Path(sys.executable).parent / "py-spy"),
+        "record",
+        "--nonblocking",
+        "--subprocesses",
+        "-r",
+        "100",
+        "-d",
+        str(seconds),
+        "-f",
+        "raw",
+        "-o",
+        str(raw),
+        "-p",
+        str(server.pid),
+    ]
+    spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1)
+    case = measure(server, "unique", users, seconds - 2, workdir, texts, "profiled")
+    _, err = spy.communicate(timeout=seconds + 60)
+    if spy.returncode != 0 or not raw.exists():
+        print(f"py-spy failed: {err.decode(errors='replace')[-500:]}", file=sys.stderr)
+        return None
+    split = cpu_split(raw)
+    model = split.get("model", 0.0)
+    return {"case": case, "split": split, "model_share": model, "raw": str(raw)}
+
+
+# --- the run ---------------------------------------------------------------------------
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="sentiment-minilm:latest")
-    parser.add_argument("--seconds", type=int, default=30, help="duration of each HTTP case")
-    parser.add_argument("--raw-seconds", type=float, default=20)
-    parser.add_argument("--workers", type=int, default=None, help="SERVICE_WORKERS for the served instance")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="sentiment-minilm-int8:latest", help="the service's model A, and LitServe's")
+    parser.add_argument("--reference", default="sentiment-minilm:latest", help="variant B, and the naive peer's")
+    parser.add_argument("--clients", default="8,32,64", help="closed-loop users per case")
+    parser.add_argument("--seconds", type=int, default=30, help="duration of each case")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all cases; figures are medians")
+    parser.add_argument("--peers", default="litserve,naive", help="comma-separated; empty for the service alone")
+    parser.add_argument("--profile-clients", type=int, default=32)
+    parser.add_argument("--profile-seconds", type=int, default=25, help="0: no py-spy profile")
+    parser.add_argument("--raw-seconds", type=float, default=15)
+    parser.add_argument("--texts", default=OUT_OF_SOURCE, help="JSON lines with a text field")
     parser.add_argument("--json", type=Path, default=Path("var/bench.json"))
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the service (repeatable)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME:K=V[,K=V...]: one more instance of the service with these settings, measured beside it",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="a checkout of an earlier version (git worktree add DIR REF): its service measured beside this one",
+    )
     args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",") if c]
+    peers = [p for p in args.peers.split(",") if p]
 
-    from loadtests.bench_locustfile import TEXTS
+    from loadtests.texts import load_texts
 
-    print(f"raw model throughput ({args.model}, batch 32, {os.cpu_count()} threads, {args.raw_seconds:.0f} s)...")
-    raw = raw_throughput(args.model, TEXTS, args.raw_seconds, os.cpu_count() or 1)
-    print(f"  {raw['texts_per_s']} texts/s, batch of 32 in {raw['batch32_ms_median']} ms (median)")
+    texts = load_texts(ROOT / args.texts, 400, ["The food was cold.", "A warm and funny film."])
+    print(f"raw model: {args.model}, batch 32, no HTTP, {args.raw_seconds:.0f} s per thread count ...", flush=True)
+    raw = {n: raw_throughput(args.model, texts, args.raw_seconds, n) for n in (1, 2)}
+    for n, r in raw.items():
+        print(
+            f"  {n} thread(s): {r['texts_per_s']} texts/s, batch in {r['batch_ms_median']} ms, "
+            f"{r['cpu_ms_per_text']} CPU ms per text",
+            flush=True,
+        )
 
     workdir = Path(tempfile.mkdtemp(prefix="sentiment-bench-"))
     env = {
         "SENTIMENT_MODEL": args.model,
+        "AB_MODEL_B": args.reference,
         "RATE_LIMIT_PREDICT": "0",
         "RATE_LIMIT_BATCH": "0",
-        "DATABASE_URL": f"sqlite:///{workdir / 'analytics.db'}",
-        "SPILL_DIR": str(workdir / "spill"),
+        **dict(e.split("=", 1) for e in args.env),
     }
+    servers = SERVERS
     try:
-        server = Served(env, workdir / "serve.log", workers=args.workers).start(timeout=180)
-    except RuntimeError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    url = server.url
-    results = []
-    try:
-        health = httpx.get(f"{url}/health", timeout=10).json()
-        print(f"serving {health['model']['A']} on {url}, {health['model']['threads']} torch thread(s) per worker")
-        for mode, users in CASES:
-            before = batch_histogram(url)
-            stats = run_locust(url, mode, users, args.seconds, workdir)
-            after = batch_histogram(url)
-            batches = after[1] - before[1]
-            stats["mean_batch"] = round((after[0] - before[0]) / batches, 1) if batches else None
-            stats.update(mode=mode, users=users)
-            results.append(stats)
-            print(f"  {mode:>8} x{users:<3} {stats['req_per_s']:>7} req/s  p50 {stats['p50_ms']:>5.0f}  "
-                  f"p95 {stats['p95_ms']:>5.0f}  p99 {stats['p99_ms']:>5.0f} ms  "
-                  f"errors {stats['failures']}  mean batch {stats['mean_batch']}", flush=True)  # fmt: skip
+        variants = [("service", {})] + [
+            (spec.split(":", 1)[0], dict(kv.split("=", 1) for kv in spec.split(":", 1)[1].split(",") if kv))
+            for spec in args.variant
+        ]
+        sources = [(name, extra, ROOT) for name, extra in variants]
+        if args.before:
+            sources.append(("before", {}, args.before.resolve()))
+        for name, extra, source in sources:
+            instance = Server(name, "")
+            folder = workdir / name
+            folder.mkdir()
+            own = {"DATABASE_URL": f"sqlite:///{folder / 'analytics.db'}", "SPILL_DIR": str(folder / "spill")}
+            instance.served = Served({**env, **own, **extra}, folder / "serve.log", workers=None, source=source)
+            instance.served.start(timeout=240)
+            instance.url = instance.served.url
+            servers.append(instance)
+            wait_ready(f"{instance.url}/health", name, 60)
+            httpx.post(f"{instance.url}/predict", json={"text": "warm up"}, timeout=30)
+        service = servers[0]
+        if "litserve" in peers:
+            servers.append(start_peer("litserve", "loadtests.peers.litserve_server", args.model, workdir))
+        if "naive" in peers:
+            servers.append(start_peer("naive", "loadtests.peers.naive_server", args.reference, workdir))
+        health = httpx.get(f"{service.url}/health", timeout=10).json()
+        print(
+            f"service: {health['model']['A']} ({health['model']['runtimes'][health['model']['A']]}), "
+            f"{health['model']['threads']} thread(s) per worker; peers: {', '.join(peers) or 'none'}",
+            flush=True,
+        )
+        runs: dict[tuple[str, str, int], list[dict]] = {}
+        for rnd in range(args.rounds):
+            order = servers[rnd % len(servers) :] + servers[: rnd % len(servers)]
+            for users in clients:
+                for server in order:
+                    stats = measure(server, "unique", users, args.seconds, workdir, args.texts, f"r{rnd}")
+                    runs.setdefault((server.name, "unique", users), []).append(stats)
+                    print(f"  round {rnd + 1} {server.name:>8} x{users:<3} {describe(stats)}", flush=True)
+            stats = measure(service, "repeated", max(clients), args.seconds, workdir, args.texts, f"r{rnd}")
+            runs.setdefault(("service", "repeated", max(clients)), []).append(stats)
+            print(
+                f"  round {rnd + 1}  service x{max(clients)} cached {stats['req_per_s']} req/s  "
+                f"p50 {stats['p50_ms']:.0f}  p95 {stats['p95_ms']:.0f} ms",
+                flush=True,
+            )
+        profile = None
+        if args.profile_seconds:
+            print(f"profiling the service at {args.profile_clients} clients with py-spy ...", flush=True)
+            profile = profile_service(service, args.profile_clients, args.profile_seconds, workdir, args.texts)
+        memory = {s.name: s.pss_mb() for s in servers}
+        inference = metric_totals(service.url, ("sentiment_inference_seconds_sum", "sentiment_inferred_texts_total"))
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
 
+    cases = {key: median_case(v) for key, v in runs.items()}
     print()
-    print(f"{'texts':<9} {'clients':>7} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'errors':>6} "
-          f"{'batch':>6} {'% of raw':>8}")  # fmt: skip
-    for r in results:
-        share = r["req_per_s"] / raw["texts_per_s"] * 100
-        print(f"{r['mode']:<9} {r['users']:>7} {r['req_per_s']:>8.1f} {r['p50_ms']:>7.0f} {r['p95_ms']:>7.0f} "
-              f"{r['p99_ms']:>7.0f} {r['failures']:>6} {r['mean_batch'] or '-':>6} {share:>7.0f}%")  # fmt: skip
-    print(f"raw model: {raw['texts_per_s']} texts/s at batch 32 (no HTTP, same run)")
+    print(f"medians of {args.rounds} round(s) of {args.seconds} s, Locust on the same {os.cpu_count()} cores")
+    print(
+        f"{'server':<9} {'texts':<9} {'clients':>7} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+        f"{'errors':>6} {'CPU ms/req':>10} {'batch':>6}"
+    )
+    for (name, mode, users), c in sorted(cases.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        print(
+            f"{name:<9} {mode:<9} {users:>7} {c['req_per_s']:>8.1f} {c['p50_ms']:>7.0f} {c['p95_ms']:>7.0f} "
+            f"{c['p99_ms']:>7.0f} {c['failures']:>6} {c['cpu_ms_per_request'] or 0:>10.2f} "
+            f"{c.get('mean_batch') or '-':>6}"
+        )
+    ratios = {}
+    for users in clients:
+        ours = cases.get(("service", "unique", users))
+        for peer in peers:
+            theirs = cases.get((peer, "unique", users))
+            if ours and theirs and theirs["req_per_s"]:
+                ratios[f"{peer}_x{users}"] = round(ours["req_per_s"] / theirs["req_per_s"], 2)
+    print("throughput ratios, service / peer: " + ", ".join(f"{k} {v}x" for k, v in ratios.items()))
+    split = None
+    if profile is not None:
+        per_req = profile["case"]["cpu_ms_per_request"] or 0.0
+        model_ms = per_req * profile["model_share"]
+        split = {
+            "cpu_ms_per_request": per_req,
+            "model_ms": round(model_ms, 2),
+            "outside_model_ms": round(per_req - model_ms, 2),
+            "shares": profile["split"],
+        }
+        print(
+            f"CPU per uncached request (py-spy, {args.profile_clients} clients): {per_req:.2f} ms, "
+            f"model {model_ms:.2f} ms, everything else {per_req - model_ms:.2f} ms"
+        )
+        for bucket, share in profile["split"].items():
+            print(f"  {share * 100:5.1f}%  {bucket}")
+    print("memory (PSS): " + ", ".join(f"{k} {v:.0f} MB" for k, v in memory.items()))
+    print(f"raw model: {raw[1]['texts_per_s']} texts/s on 1 thread, {raw[2]['texts_per_s']} on 2 (batch 32, same run)")
+    result = {
+        "model": args.model,
+        "reference": args.reference,
+        "raw": raw,
+        "cases": list(cases.values()),
+        "ratios": ratios,
+        "cpu_split": split,
+        "memory_pss_mb": memory,
+        "service_inference": inference,
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"raw": raw, "cases": results, "model": args.model}, indent=2))
+    args.json.write_text(json.dumps(result, indent=2, default=str))
     print(f"wrote {args.json}")
     return 0
 

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,9 +50,18 @@ def wait_ready(
 class Served:
     """`bentoml serve service.service:Sentiment` on a free port with the given environment."""
 
-    def __init__(self, env: dict[str, str], log: Path, workers: int | None = 2) -> None:
-        """`workers` None leaves SERVICE_WORKERS to `env` or the service's default."""
+    def __init__(self, env: dict[str, str], log: Path, workers: int | None = 2, source: Path = ROOT) -> None:
+        """`workers` None leaves SERVICE_WORKERS to `env` or the service's default; `source` is
+        the checkout whose service runs (another one: an earlier version, for the benchmark)."""
+        self.source = source
         self.env = {**os.environ, **({"SERVICE_WORKERS": str(workers)} if workers else {}), **env}
+        # A BentoML home of its own, sharing the model store: `bentoml serve` wipes and reuses
+        # $BENTOML_HOME/prometheus_multiproc_dir, so two instances on one home mix (and erase)
+        # each other's metrics.
+        store = Path(self.env.get("BENTOML_HOME") or Path.home() / "bentoml") / "models"
+        home = Path(tempfile.mkdtemp(prefix="sentiment-served-home-"))
+        (home / "models").symlink_to(store.resolve())
+        self.env["BENTOML_HOME"] = str(home)
         self.log = log
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -64,7 +74,7 @@ class Served:
         cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:Sentiment", "--port", str(self.port)]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                cmd, cwd=self.source, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         wait_ready(f"{self.url}/readyz", "bentoml serve", timeout, self.proc, self.tail)
         return self
