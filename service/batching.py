@@ -223,7 +223,11 @@ class Batcher(Generic[R]):
                     started, cpu = time.perf_counter(), time.thread_time()
                     results[model] = self.infer(model, texts)
                     seconds, cpu = time.perf_counter() - started, time.thread_time() - cpu
-                    per_text = seconds / max(1, len(texts))
+                    # The cheaper of wall and CPU time: wall time stretched by other threads
+                    # competing for the cores (the event loop answering sheds, say) would raise
+                    # the estimate, shed more, and feed on itself (seen at 64 closed-loop
+                    # clients). An estimate too low is caught when the job is dequeued.
+                    per_text = min(seconds, cpu) / max(1, len(texts))
                     old = self._cost.get(model)
                     self._cost[model] = per_text if old is None else old + COST_SMOOTHING * (per_text - old)
                     self.on_batch(BatchStats(model, len(texts), seconds, cpu))
