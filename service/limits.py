@@ -164,3 +164,42 @@ class RequestContext:
                 metrics.HTTP_REQUESTS.labels(endpoint, str(status)).inc()
             if status >= 400:
                 self.on_error(path, status)
+
+
+class JsonNotFound:
+    """BentoML's own app answers a path no route matches (the mounted app's included) with a
+    plain-text 404; the contract wants every error as JSON with a request id. Added to BentoML's
+    outer app, it rewrites only that answer: every other response passes untouched."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rewriting = False
+
+        async def send_json(message: Message) -> None:
+            nonlocal rewriting
+            if message["type"] == "http.response.start" and message["status"] == 404:
+                given = dict(message.get("headers", []))
+                rewriting = given.get(b"content-type", b"").startswith(b"text/plain")
+            if not rewriting:
+                await send(message)
+                return
+            if message["type"] == "http.response.start":
+                return  # sent with the body below, once its length is known
+            if message.get("more_body"):
+                return
+            rid = str(uuid.uuid4())
+            body = json.dumps({"error": f"not found: {scope['method']} {scope['path']}", "request_id": rid}).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"x-request-id", rid.encode()),
+            ]
+            await send({"type": "http.response.start", "status": 404, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        await self.app(scope, receive, send_json)

@@ -30,7 +30,7 @@ from service import ab, errors, metrics
 from service.batching import Batcher, BatchStats
 from service.config import Settings, get_settings
 from service.errors import ApiError
-from service.limits import BodySizeLimit, InFlightLimit, RequestContext, client_address
+from service.limits import BodySizeLimit, InFlightLimit, JsonNotFound, RequestContext, client_address
 from service.predictions import Predictions
 from service.schemas import (
     ABPrediction,
@@ -306,3 +306,7 @@ class Sentiment:
             "version": VERSION,
         }
         return JSONResponse(body, status_code=200 if serving else 503)
+
+
+# On BentoML's outer app: unknown paths never reach the FastAPI app above.
+Sentiment.add_asgi_middleware(JsonNotFound)  # type: ignore[attr-defined]  # a bentoml.Service

@@ -83,3 +83,19 @@ async def test_request_context_tags_answers_counts_and_records_errors() -> None:
     assert ok.headers["x-request-id"] != missing.headers["x-request-id"]
     assert counted._value.get() == before + 1
     assert errors == [("/other", 404)]
+
+
+@pytest.mark.anyio
+async def test_unknown_paths_get_a_json_404_and_other_answers_pass_untouched() -> None:
+    from service.limits import JsonNotFound
+
+    async def found(request: Request) -> JSONResponse:
+        return JSONResponse({"error": "no such request id"}, status_code=404)
+
+    app = JsonNotFound(Router(routes=[Route("/feedback", found, methods=["POST"])]))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        unknown = await client.post("/internal/infer")
+        own = await client.post("/feedback")
+    assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/json"
+    assert unknown.json() == {"error": "not found: POST /internal/infer", "request_id": unknown.headers["x-request-id"]}
+    assert own.status_code == 404 and own.json() == {"error": "no such request id"}
