@@ -3,6 +3,7 @@ the request context (id, metrics, error counts)."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import time
@@ -82,19 +83,59 @@ class BodySizeLimit:
         await self.app(scope, replay, send)
 
 
+class LoopLag:
+    """How late this worker's event loop runs a callback that is due: a task that sleeps
+    `interval` and measures by how much it overslept. Every ready callback of every request
+    waits about that long each time it awaits, so a lagging loop delays all requests, cached
+    ones included, beyond anything the batcher's queue shows (seen in the spike load test)."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.seconds = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + self.interval
+            await asyncio.sleep(self.interval)
+            # a late tick counts until later ticks halve it away: one on-time tick after a
+            # stall does not declare the loop healthy
+            self.seconds = max(loop.time() - due, self.seconds / 2, 0.0)
+
+
 class InFlightLimit:
-    """503 with Retry-After when more than `limit` requests are in flight in this worker.
+    """503 with Retry-After when more than `limit` requests are in flight in this worker, or
+    when its event loop lags more than `max_lag_s` (`lag`): refused at the door, before the
+    body is read or Redis asked, so the refusal itself costs the loop little.
 
     BentoML's own `traffic.max_concurrency` answers a bare 429 that clients would take for a
     rate limit, and it also counts the internal batching calls; this guard counts only the
     public requests it wraps.
     """
 
-    def __init__(self, app: ASGIApp, limit: int, paths: Sequence[str], retry_after: int = 1) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        limit: int,
+        paths: Sequence[str],
+        retry_after: int = 1,
+        lag: LoopLag | None = None,
+        max_lag_s: float = float("inf"),
+    ) -> None:
         self.app = app
         self.limit = limit
         self.paths = tuple(paths)
         self.retry_after = retry_after
+        self.lag = lag
+        self.max_lag_s = max_lag_s
         self.in_flight = 0
         self.rejected = 0
 
@@ -102,9 +143,11 @@ class InFlightLimit:
         if scope["type"] != "http" or not scope["path"].startswith(self.paths):
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
+        lagging = self.lag is not None and self.lag.seconds > self.max_lag_s
+        if self.in_flight >= self.limit or lagging:
             self.rejected += 1
-            metrics.OVERLOAD_REJECTIONS.labels(metrics.endpoint_label(scope["path"]), "in_flight").inc()
+            reason = "loop_lag" if lagging else "in_flight"
+            metrics.OVERLOAD_REJECTIONS.labels(metrics.endpoint_label(scope["path"]), reason).inc()
             await _send_json(
                 send,
                 503,

@@ -78,7 +78,7 @@ RATE_LIMITED = Counter(
 )
 OVERLOAD_REJECTIONS = Counter(
     "sentiment_overload_rejections_total",
-    "Requests refused with 503 for overload, by endpoint and reason (in_flight or queue_delay).",
+    "Requests refused with 503 for overload, by endpoint and reason (queue_delay, loop_lag or in_flight).",
     ["endpoint", "reason"],
 )
 DEPENDENCY_UP = Gauge(
@@ -103,7 +103,7 @@ for _result in ("hit", "miss"):
     CACHE_LOOKUPS.labels(_result)
 for _endpoint in ("/predict", "/predict/ab", "/batch"):
     RATE_LIMITED.labels(_endpoint)
-    for _reason in ("in_flight", "queue_delay"):
+    for _reason in ("in_flight", "queue_delay", "loop_lag"):
         OVERLOAD_REJECTIONS.labels(_endpoint, _reason)
 
 

@@ -3,9 +3,10 @@ for the misses, then the cache fill and one analytics row per answer."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 from models.runtime import Prediction as ModelOutput
 from service import metrics
@@ -25,13 +26,26 @@ class Predictions:
         self.analytics = analytics
 
     async def predict(
-        self, texts: Sequence[str], tag: str, endpoint: str, variant: str | None = None
+        self,
+        texts: Sequence[str],
+        tag: str,
+        endpoint: str,
+        variant: str | None = None,
+        gate: Awaitable[None] | None = None,
     ) -> list[Prediction]:
-        """One Prediction per text, in order; ApiError 503 when the batcher sheds the request."""
+        """One Prediction per text, in order; ApiError 503 when the batcher sheds the request.
+
+        `gate` (the rate limit) is awaited beside the cache lookup, both being round trips to
+        Redis; an error it raises (429) ends the request before anything is inferred or recorded.
+        """
         started = time.perf_counter()
         digests = [text_digest(t) for t in texts]
         keys = [cache_key(tag, digest=d) for d in digests]
-        found: list[CacheValue | None] = await self.cache.get_many(keys)
+        lookup = self.cache.get_many(keys)
+        if gate is None:
+            found: list[CacheValue | None] = await lookup
+        else:
+            found, _ = await asyncio.gather(lookup, gate)
         missing = [i for i, hit in enumerate(found) if hit is None]
         if missing:
             try:

@@ -30,7 +30,7 @@ from service import ab, errors, metrics
 from service.batching import Batcher, BatchStats
 from service.config import Settings, get_settings
 from service.errors import ApiError
-from service.limits import BodySizeLimit, InFlightLimit, JsonNotFound, RequestContext, client_address
+from service.limits import BodySizeLimit, InFlightLimit, JsonNotFound, LoopLag, RequestContext, client_address
 from service.predictions import Predictions
 from service.schemas import (
     ABPrediction,
@@ -94,7 +94,17 @@ async def _current_service() -> Any:
 # that FastAPI runs in its thread pool: a thread hand-off on every request. The same lookup as a
 # coroutine runs on the event loop (README, Performance).
 app.dependency_overrides[bentoml.get_current_service] = _current_service
-app.add_middleware(InFlightLimit, limit=MAX_IN_FLIGHT, paths=PUBLIC_PATHS)
+# A request passes the event loop about four times (its body, the cache lookup, the model's
+# answer, the cache fill), each after the loop's lag: past a quarter of the queue-delay budget
+# of lag, new requests are refused at the door (README, Performance: the spike load test).
+LOOP_LAG = LoopLag()
+app.add_middleware(
+    InFlightLimit,
+    limit=MAX_IN_FLIGHT,
+    paths=PUBLIC_PATHS,
+    lag=LOOP_LAG,
+    max_lag_s=settings.max_queue_delay_ms / 1000 / 4,
+)
 app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
 app.add_middleware(RequestContext, public=PUBLIC_PATHS, on_error=_count_error)
 
@@ -180,6 +190,7 @@ class Sentiment:
         gc.freeze()
         await self._refresh_gauges()
         self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="metrics-watch")
+        LOOP_LAG.start()
 
     async def _refresh_gauges(self) -> None:
         """This worker's gauges: dependencies, memory, analytics buffer and spill."""
@@ -215,6 +226,7 @@ class Sentiment:
     async def _close(self) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
+        LOOP_LAG.stop()
         await asyncio.to_thread(self.batcher.close)
         await asyncio.to_thread(self.analytics.close)
 
@@ -243,22 +255,22 @@ class Sentiment:
 
     @app.post("/predict", response_model=Prediction)
     async def predict(self, body: PredictRequest, request: Request, response: Response) -> Prediction:
-        await self._limit(request, response, "predict")
-        [prediction] = await self.predictions.predict([body.text], self.tag_a, "/predict")
+        limit = self._limit(request, response, "predict")
+        [prediction] = await self.predictions.predict([body.text], self.tag_a, "/predict", gate=limit)
         return prediction
 
     @app.post("/predict/ab", response_model=ABPrediction)
     async def predict_ab(self, body: ABRequest, request: Request, response: Response) -> ABPrediction:
-        await self._limit(request, response, "predict")
+        limit = self._limit(request, response, "predict")
         variant = ab.assign(self.experiment, body.user_id, settings.ab_split)
         tag = self.tag_b if variant == "B" else self.tag_a
-        [prediction] = await self.predictions.predict([body.text], tag, "/predict/ab", variant)
+        [prediction] = await self.predictions.predict([body.text], tag, "/predict/ab", variant, gate=limit)
         return ABPrediction(**prediction.model_dump(), variant=variant, experiment=self.experiment)
 
     @app.post("/batch", response_model=BatchResponse)
     async def batch(self, body: BatchRequest, request: Request, response: Response) -> BatchResponse:
-        await self._limit(request, response, "batch")
-        predictions = await self.predictions.predict(body.texts, self.tag_a, "/batch")
+        limit = self._limit(request, response, "batch")
+        predictions = await self.predictions.predict(body.texts, self.tag_a, "/batch", gate=limit)
         cached = sum(p.cached for p in predictions)
         return BatchResponse(predictions=predictions, count=len(predictions), cached_count=cached)
 

@@ -99,3 +99,36 @@ async def test_unknown_paths_get_a_json_404_and_other_answers_pass_untouched() -
     assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/json"
     assert unknown.json() == {"error": "not found: POST /internal/infer", "request_id": unknown.headers["x-request-id"]}
     assert own.status_code == 404 and own.json() == {"error": "no such request id"}
+
+
+@pytest.mark.anyio
+async def test_a_lagging_event_loop_sheds_new_requests_at_the_door() -> None:
+    import asyncio
+    import time
+
+    from service.limits import InFlightLimit, LoopLag
+
+    async def ok(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    lag = LoopLag(interval=0.01)
+    lag.start()
+    app = InFlightLimit(
+        Router(routes=[Route("/predict", ok, methods=["POST"])]), 512, ["/predict"], lag=lag, max_lag_s=0.05
+    )
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            assert (await client.post("/predict")).status_code == 200
+            await asyncio.sleep(0.03)  # the lag task ticks on time
+            assert lag.seconds < 0.05
+            time.sleep(0.2)  # a callback holding the loop: the lag task runs 0.2 s late
+            for _ in range(3):  # the due timer, then the lag task's turn
+                await asyncio.sleep(0)
+            assert lag.seconds > 0.1
+            shed = await client.post("/predict")
+            assert shed.status_code == 503 and shed.headers["Retry-After"] == "1"
+            await asyncio.sleep(0.15)  # the loop keeps time again
+            assert lag.seconds < 0.05
+            assert (await client.post("/predict")).status_code == 200
+    finally:
+        lag.stop()
