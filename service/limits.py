@@ -8,6 +8,7 @@ import ipaddress
 import json
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -89,9 +90,10 @@ class LoopLag:
     waits about that long each time it awaits, so a lagging loop delays all requests, cached
     ones included, beyond anything the batcher's queue shows (seen in the spike load test)."""
 
-    def __init__(self, interval: float = 0.02) -> None:
+    def __init__(self, interval: float = 0.02, ticks: int = 3) -> None:
         self.interval = interval
         self.seconds = 0.0
+        self._recent: deque[float] = deque(maxlen=ticks)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -106,9 +108,11 @@ class LoopLag:
         while True:
             due = loop.time() + self.interval
             await asyncio.sleep(self.interval)
-            # a late tick counts until later ticks halve it away: one on-time tick after a
-            # stall does not declare the loop healthy
-            self.seconds = max(loop.time() - due, self.seconds / 2, 0.0)
+            # The least lag of the last few ticks: a loop that is late on every one of them is
+            # overloaded; one stall (the analytics writer flushing a backlog, a garbage
+            # collection) is not, and shedding for it refused requests at 8 clients.
+            self._recent.append(max(0.0, loop.time() - due))
+            self.seconds = min(self._recent)
 
 
 class InFlightLimit:

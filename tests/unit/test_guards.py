@@ -121,9 +121,13 @@ async def test_a_lagging_event_loop_sheds_new_requests_at_the_door() -> None:
             assert (await client.post("/predict")).status_code == 200
             await asyncio.sleep(0.03)  # the lag task ticks on time
             assert lag.seconds < 0.05
-            time.sleep(0.2)  # a callback holding the loop: the lag task runs 0.2 s late
-            for _ in range(3):  # the due timer, then the lag task's turn
-                await asyncio.sleep(0)
+            time.sleep(0.2)  # one stall: not an overloaded loop
+            await asyncio.sleep(0.001)
+            assert lag.seconds < 0.05
+            for _ in range(3):  # late on every tick: overloaded
+                time.sleep(0.2)
+                for _ in range(3):  # the due timer, then the lag task's turn
+                    await asyncio.sleep(0)
             assert lag.seconds > 0.1
             shed = await client.post("/predict")
             assert shed.status_code == 503 and shed.headers["Retry-After"] == "1"
