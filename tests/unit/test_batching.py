@@ -37,6 +37,13 @@ async def _until(condition, timeout: float = 5.0) -> None:
             await asyncio.sleep(0.001)
 
 
+async def _in_forward_call(batcher: Batcher, model: Model, tag: str, text: str) -> asyncio.Future:
+    """A request whose forward call has started (and holds the model until it is released)."""
+    running = asyncio.ensure_future(batcher.predict(tag, [text]))
+    await _until(model.entered.is_set)
+    return running
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -47,8 +54,7 @@ async def test_requests_queued_behind_a_forward_call_share_the_next_one() -> Non
     model = Model(hold=True)
     stats: list[BatchStats] = []
     batcher = Batcher(model, max_batch=32, on_batch=stats.append)
-    first = asyncio.ensure_future(batcher.predict("m", ["a"]))
-    await _until(model.entered.is_set)  # the first call runs alone on an idle batcher
+    first = await _in_forward_call(batcher, model, "m", "a")  # the first call runs alone on an idle batcher
     rest = [asyncio.ensure_future(batcher.predict("m", [f"t{i}", f"u{i}"])) for i in range(5)]
     await asyncio.sleep(0.01)
     model.release.set()
@@ -63,8 +69,7 @@ async def test_requests_queued_behind_a_forward_call_share_the_next_one() -> Non
 async def test_a_batch_never_exceeds_max_batch_and_models_run_apart() -> None:
     model = Model(hold=True)
     batcher = Batcher(model, max_batch=4)
-    blocker = asyncio.ensure_future(batcher.predict("a", ["x"]))
-    await _until(model.entered.is_set)
+    blocker = await _in_forward_call(batcher, model, "a", "x")
     jobs = [asyncio.ensure_future(batcher.predict("a" if i % 3 else "b", [f"t{i}"])) for i in range(9)]
     await asyncio.sleep(0.01)
     model.release.set()
@@ -84,8 +89,7 @@ async def test_a_request_over_the_delay_budget_is_refused_at_once() -> None:
     model = Model(hold=True)
     batcher = Batcher(model, max_batch=2, max_delay_s=0.05)
     batcher._cost["m"] = 0.02  # as measured: 20 ms per text
-    running = asyncio.ensure_future(batcher.predict("m", ["a"]))
-    await _until(model.entered.is_set)
+    running = await _in_forward_call(batcher, model, "m", "a")
     queued = [asyncio.ensure_future(batcher.predict("m", [f"q{i}"])) for i in range(2)]
     await asyncio.sleep(0)
     # two texts queued at 20 ms each, plus the running call's rest: over 50 ms
@@ -104,8 +108,7 @@ async def test_a_request_over_the_delay_budget_is_refused_at_once() -> None:
 async def test_a_job_that_waited_past_the_budget_is_refused_when_its_turn_comes() -> None:
     model = Model(hold=True)
     batcher = Batcher(model, max_batch=8, max_delay_s=0.05)
-    running = asyncio.ensure_future(batcher.predict("m", ["a"]))
-    await _until(model.entered.is_set)
+    running = await _in_forward_call(batcher, model, "m", "a")
     stale = asyncio.ensure_future(batcher.predict("m", ["stale"]))  # no cost known yet: admitted
     await asyncio.sleep(0.1)  # the running call outlasts the budget
     model.release.set()
@@ -120,8 +123,7 @@ async def test_a_job_that_waited_past_the_budget_is_refused_when_its_turn_comes(
 async def test_a_cancelled_request_is_not_inferred() -> None:
     model = Model(hold=True)
     batcher = Batcher(model, max_batch=8)
-    running = asyncio.ensure_future(batcher.predict("m", ["a"]))
-    await _until(model.entered.is_set)
+    running = await _in_forward_call(batcher, model, "m", "a")
     gone = asyncio.ensure_future(batcher.predict("m", ["gone"]))
     kept = asyncio.ensure_future(batcher.predict("m", ["kept"]))
     await asyncio.sleep(0)
