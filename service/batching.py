@@ -175,8 +175,9 @@ class Batcher(Generic[R]):
             size += len(job.texts)
         return jobs, refused
 
-    def _next_batch(self) -> tuple[list[_Job], list[_Job]] | None:
-        """Wait for work (and, with `max_wait_s`, for a partial batch to fill); None when closed."""
+    def _next_batch(self) -> tuple[list[_Job], list[_Job], dict[str, list[str]]] | None:
+        """Wait for work (and, with `max_wait_s`, for a partial batch to fill), then take the
+        batch: its jobs, the jobs refused, and its texts grouped by model. None when closed."""
         with self._ready:
             while not self._queue and not self._closed:
                 self._ready.wait()
@@ -187,12 +188,12 @@ class Batcher(Generic[R]):
                 while self._queued_total() < self.max_batch and (left := deadline - time.perf_counter()) > 0:
                     self._ready.wait(left)
             jobs, refused = self._take()
-            groups: dict[str, int] = {}
+            groups: dict[str, list[str]] = {}  # model -> its texts in this batch, in job order
             for job in jobs:
-                groups[job.model] = groups.get(job.model, 0) + len(job.texts)
-            expected = sum(n * self._cost.get(m, 0.0) for m, n in groups.items())
+                groups.setdefault(job.model, []).extend(job.texts)
+            expected = sum(len(texts) * self._cost.get(m, 0.0) for m, texts in groups.items())
             self._running_until[threading.get_ident()] = time.perf_counter() + expected
-            return jobs, refused
+            return jobs, refused, groups
 
     def _post(self, outcomes: list[tuple[_Job, Any, BaseException | None]]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
@@ -204,7 +205,7 @@ class Batcher(Generic[R]):
 
     def _serve(self) -> None:
         while (batch := self._next_batch()) is not None:
-            jobs, refused = batch
+            jobs, refused, groups = batch
             now = time.perf_counter()
             outcomes: list[tuple[_Job, Any, BaseException | None]] = []
             if refused:
@@ -215,9 +216,6 @@ class Batcher(Generic[R]):
                 continue
             try:
                 self.on_start([now - job.enqueued for job in jobs])
-                groups: dict[str, list[str]] = {}
-                for job in jobs:
-                    groups.setdefault(job.model, []).extend(job.texts)
                 results: dict[str, list[R]] = {}
                 for model, texts in groups.items():
                     started, cpu = time.perf_counter(), time.thread_time()
