@@ -52,6 +52,20 @@ def _post(url: str, path: str, body: dict, client: str) -> httpx.Response:
     return httpx.post(f"{url}{path}", json=body, headers={"X-Forwarded-For": client}, timeout=60)
 
 
+def _answer(url: str, text: str, client: str) -> int:
+    """The status of /predict for a cached `text`, retrying a shed as a client would. Two busy
+    instances on two cores do shed now and then; for a cached text only the door guards can
+    (in-flight, loop lag), and they refuse before the limiter is asked, so a retry does not
+    spend a second slot of the window."""
+    for _ in range(10):
+        r = _post(url, "/predict", {"text": text}, client)
+        if r.status_code != 503:
+            return r.status_code
+        assert r.headers.get("Retry-After"), r.text
+        time.sleep(0.2)
+    return r.status_code
+
+
 def _rows(database_url: str, request_ids: list[str]) -> dict[str, int]:
     engine = sa.create_engine(database_url)
     with engine.connect() as conn:
@@ -116,10 +130,9 @@ def test_limit_is_exact_across_workers_and_instances(
 ) -> None:
     client = f"198.51.100.{uuid.uuid4().int % 250}"
     text = f"limit probe {uuid.uuid4()}"
+    assert _answer(stack.url, text, "203.0.113.10") == 200  # cached: no request below waits for the model
     with cf.ThreadPoolExecutor(50) as pool:
-        statuses = list(
-            pool.map(lambda _: _post(stack.url, "/predict", {"text": text}, client).status_code, range(200))
-        )
+        statuses = list(pool.map(lambda _: _answer(stack.url, text, client), range(200)))
     assert statuses.count(200) == 100 and statuses.count(429) == 100
 
     env = {**backend_env, "REDIS_URL": redis_server.url, "DATABASE_URL": postgres_server.url}
@@ -128,7 +141,7 @@ def test_limit_is_exact_across_workers_and_instances(
         other = f"198.51.100.{(uuid.uuid4().int % 250) + 1}"
         urls = [stack.url, second.url] * 100
         with cf.ThreadPoolExecutor(50) as pool:
-            both = list(pool.map(lambda u: _post(u, "/predict", {"text": text}, other).status_code, urls))
+            both = list(pool.map(lambda u: _answer(u, text, other), urls))
     finally:
         second.stop()
     assert both.count(200) == 100 and both.count(429) == 100
