@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import tomllib
 from functools import lru_cache
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from sqlalchemy.engine import make_url
+
+from storage import db
 
 # Measured with `make bench` on 2 cores, int8 model, unique texts at 64 clients (README,
 # Performance, knob table): 2 workers x 1 inference thread served 431 req/s, p95 180 ms; 1 worker
@@ -25,7 +29,7 @@ DEFAULT_BATCH_WAIT_MS = 0.0
 # forward call) is over the spike's 350 ms.
 DEFAULT_MAX_QUEUE_DELAY_MS = 200.0
 # Relative paths (the SQLite file, the spill folder) are anchored here, beside service/.
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = db.PROJECT_ROOT
 
 
 class Settings(BaseSettings):
@@ -34,7 +38,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
 
     redis_url: str | None = None
-    database_url: str = "sqlite:///var/analytics.db"
+    database_url: str = db.DEFAULT_URL
     # The ONNX Runtime int8 export serves by default; the PyTorch fp32 model it was exported
     # from is variant B, the reference the A/B test measures it against.
     sentiment_model: str = "sentiment-minilm-int8:latest"
@@ -66,15 +70,7 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _anchor_sqlite_path(cls, value: str) -> str:
-        """A relative SQLite path is the project's (var/analytics.db beside service/), whatever
-        the working directory: BentoML's parent process, which migrates, and its workers may
-        start in different ones (seen in the container image)."""
-        url = make_url(value)
-        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-            path = Path(url.database)
-            if not path.is_absolute():
-                return url.set(database=str(PROJECT_ROOT / path)).render_as_string(hide_password=False)
-        return value
+        return db.anchored(value)
 
     @field_validator("spill_dir")
     @classmethod
@@ -112,3 +108,11 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def project_version() -> str:
+    """The project's version: installed metadata, or pyproject.toml inside a Bento."""
+    try:
+        return package_version("sentiment-service")
+    except PackageNotFoundError:
+        return str(tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["version"])

@@ -1,4 +1,4 @@
-"""Engines for the analytics database."""
+"""Engines for the analytics database, and the one rule for where a SQLite file lives."""
 
 from __future__ import annotations
 
@@ -7,13 +7,35 @@ from pathlib import Path
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
+# The project's folder (beside storage/): relative SQLite paths are anchored here.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_URL = "sqlite:///var/analytics.db"
+
+
+def anchored(url: str) -> str:
+    """`url` with a relative SQLite path made the project's (var/analytics.db beside storage/),
+    whatever the working directory: BentoML's parent process, which migrates, and its workers
+    may start in different ones (seen in the container image). Other URLs are returned as given."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        path = Path(parsed.database)
+        if not path.is_absolute():
+            return parsed.set(database=str(PROJECT_ROOT / path)).render_as_string(hide_password=False)
+    return url
+
+
+def ensure_sqlite_folder(url: str) -> None:
+    """Create the folder of a SQLite file (e.g. var/ on a first start)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
 
 def make_engine(url: str) -> Engine:
     """An engine for `url`; SQLite gets WAL and a busy timeout so several workers can share it."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    url = anchored(url)
+    if make_url(url).get_backend_name() == "sqlite":
+        ensure_sqlite_folder(url)
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")

@@ -8,10 +8,13 @@ python -m storage.migrate check                   # tables.py and the migrations
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+
+from storage.db import DEFAULT_URL, anchored
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -40,13 +43,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["upgrade", "downgrade", "check"])
     parser.add_argument("revision", nargs="?", default=None)
-    parser.add_argument("--url", default=None, help="database URL (default: DATABASE_URL setting)")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("DATABASE_URL", DEFAULT_URL),
+        help=f"database URL (default: $DATABASE_URL, else {DEFAULT_URL}, as the service)",
+    )
     args = parser.parse_args()
-    url = args.url
-    if url is None:
-        from service.config import get_settings  # the one place settings are read
-
-        url = get_settings().database_url
+    url = anchored(args.url)
     if args.action == "upgrade":
         upgrade(url, args.revision or "head")
     elif args.action == "downgrade":

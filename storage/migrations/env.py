@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from alembic import context
 from sqlalchemy import create_engine, pool
-from sqlalchemy.engine import make_url
 
+from storage.db import anchored, ensure_sqlite_folder
 from storage.tables import metadata
 
 config = context.config
-url = config.get_main_option("sqlalchemy.url")
-if not url:
+given = config.get_main_option("sqlalchemy.url")
+if not given:
     raise RuntimeError("no database URL: run migrations through storage.migrate")
+url = anchored(given)
 
 
 def run_offline() -> None:
@@ -23,10 +22,8 @@ def run_offline() -> None:
 
 
 def run_online() -> None:
-    parsed = make_url(str(url))
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)  # e.g. var/ on a first start
-    engine = create_engine(str(url), poolclass=pool.NullPool)
+    ensure_sqlite_folder(url)
+    engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
         with context.begin_transaction():
