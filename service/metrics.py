@@ -8,14 +8,25 @@ Storage metrics (cache and limiter errors, analytics rows) are defined in their 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import resource
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
-# Endpoints as labels: the public routes, and "other" for anything else (bounded cardinality).
-ENDPOINTS = ("/predict", "/predict/ab", "/batch", "/feedback", "/analytics/summary", "/analytics/ab", "/health")
+if TYPE_CHECKING:
+    from service.batching import BatchStats
+    from storage.analytics import AnalyticsStore
+    from storage.cache import PredictionCache
+
+log = logging.getLogger("sentiment")
+
+# Endpoints as labels: the app's routes (register_endpoints), "other" for anything else.
+ENDPOINTS: tuple[str, ...] = ()
 
 HTTP_REQUESTS = Counter(
     "sentiment_http_requests_total",
@@ -101,13 +112,20 @@ MEMORY_LIMIT = Gauge(
 # Series that exist from the start, at zero: a rate of "none yet" is 0, not "no data".
 for _result in ("hit", "miss"):
     CACHE_LOOKUPS.labels(_result)
-for _endpoint in ("/predict", "/predict/ab", "/batch"):
-    RATE_LIMITED.labels(_endpoint)
-    for _reason in ("in_flight", "queue_delay", "loop_lag"):
-        OVERLOAD_REJECTIONS.labels(_endpoint, _reason)
+
+
+def register_endpoints(routes: Sequence[str], guarded: Sequence[str]) -> None:
+    """The endpoint labels: the app's `routes`; the `guarded` ones' refusal series start at zero."""
+    global ENDPOINTS
+    ENDPOINTS = tuple(routes)
+    for endpoint in guarded:
+        RATE_LIMITED.labels(endpoint)
+        for reason in ("in_flight", "queue_delay", "loop_lag"):
+            OVERLOAD_REJECTIONS.labels(endpoint, reason)
 
 
 def endpoint_label(path: str) -> str:
+    """A bounded label for `path`: itself when it is a route, else "other"."""
     return path if path in ENDPOINTS else "other"
 
 
@@ -131,3 +149,55 @@ def memory_limit_bytes() -> int:
         if value.isdigit() and 0 < int(value) < physical:
             return int(value)
     return physical
+
+
+def observe_batch(stats: BatchStats) -> None:
+    """One forward call of the batcher."""
+    INFERENCE_SECONDS.labels(stats.model).observe(stats.seconds)
+    INFERENCE_BATCH_TEXTS.labels(stats.model).observe(stats.texts)
+    INFERRED_TEXTS.labels(stats.model).inc(stats.texts)
+    INFERENCE_CPU_SECONDS.labels(stats.model).inc(stats.cpu_seconds)
+
+
+def observe_waits(waits: list[float]) -> None:
+    """The queue waits of the requests a forward call starts on."""
+    for wait in waits:
+        QUEUE_WAIT_SECONDS.observe(wait)
+
+
+class GaugeWatcher:
+    """A worker's gauges, refreshed every `interval` seconds on its event loop: dependencies,
+    memory, the analytics buffer and spill. It keeps the database's last state for /health, so
+    a health probe costs no database round trip."""
+
+    def __init__(self, cache: PredictionCache, analytics: AnalyticsStore, interval: float = 5.0) -> None:
+        self.cache = cache
+        self.analytics = analytics
+        self.interval = interval
+        self.database_status = "sqlite" if analytics.dialect == "sqlite" else "ok"
+        self._task: asyncio.Task[None] | None = None
+
+    async def refresh(self) -> None:
+        # The database check and the spill folder's size are blocking calls: off the loop.
+        self.database_status = await asyncio.to_thread(self.analytics.status)
+        DEPENDENCY_UP.labels("cache", self.cache.backend).set(await self.cache.status() != "down")
+        DEPENDENCY_UP.labels("database", self.analytics.dialect).set(self.database_status != "down")
+        RESIDENT_MEMORY.set(resident_memory_bytes())
+        MEMORY_LIMIT.set(memory_limit_bytes())
+        await asyncio.to_thread(self.analytics.update_gauges)
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="metrics-watch")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.refresh()
+            except Exception:  # a gauge is not worth a worker: log and carry on
+                log.exception("updating gauges failed")

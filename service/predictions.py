@@ -6,15 +6,29 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from models.runtime import Prediction as ModelOutput
 from service import metrics
 from service.batching import Batcher, Overloaded
+from service.config import Settings
 from service.errors import ApiError
 from service.schemas import Prediction
 from storage.analytics import PredictionRecord, SqlAnalyticsStore
 from storage.cache import CacheValue, PredictionCache, cache_key, text_digest
+
+
+def make_batcher(infer: Callable[[str, list[str]], list[ModelOutput]], settings: Settings) -> Batcher[ModelOutput]:
+    """The worker's batcher around `infer(model tag, texts)`, as the settings size it."""
+    return Batcher(
+        infer,
+        max_batch=settings.batch_max_texts,
+        max_wait_s=settings.batch_wait_ms / 1000,
+        max_delay_s=settings.max_queue_delay_ms / 1000,
+        on_batch=metrics.observe_batch,
+        on_start=metrics.observe_waits,
+        threads=settings.inference_threads_per_worker,
+    )
 
 
 class Predictions:
@@ -31,12 +45,12 @@ class Predictions:
         tag: str,
         endpoint: str,
         variant: str | None = None,
-        gate: Awaitable[None] | None = None,
+        gate: Callable[[], Awaitable[None]] | None = None,
     ) -> list[Prediction]:
         """One Prediction per text, in order; ApiError 503 when the batcher sheds the request.
 
-        `gate` (the rate limit) is awaited beside the cache lookup, both being round trips to
-        Redis; an error it raises (429) ends the request before anything is inferred or recorded.
+        `gate` (the rate limit) is run beside the cache lookup, both being round trips to Redis;
+        an error it raises (429) ends the request before anything is inferred or recorded.
         """
         started = time.perf_counter()
         digests = [text_digest(t) for t in texts]
@@ -45,7 +59,7 @@ class Predictions:
         if gate is None:
             found: list[CacheValue | None] = await lookup
         else:
-            found, _ = await asyncio.gather(lookup, gate)
+            found, _ = await asyncio.gather(lookup, gate())
         missing = [i for i, hit in enumerate(found) if hit is None]
         if missing:
             try:

@@ -1,15 +1,30 @@
-"""Request and response bodies of the HTTP contract (shared/API.md)."""
+"""Request and response bodies of the HTTP contract (docs/api.md), and its query parameters."""
 
 from __future__ import annotations
 
+import re
 import uuid
+from datetime import timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 
 from service.config import get_settings
+from service.errors import ApiError
 
 Label = Literal["negative", "positive"]
+MAX_WINDOW_SECONDS = 3650 * 86400
+
+
+def parse_window(value: str) -> timedelta:
+    """The analytics `window` query parameter: a number and a unit s, m, h or d (e.g. 15m)."""
+    match = re.fullmatch(r"(\d{1,6})([smhd])", value.strip())
+    if not match:
+        raise ApiError(400, "invalid request: window: expected a number and a unit s, m, h or d, e.g. 15m")
+    seconds = int(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+    if seconds > MAX_WINDOW_SECONDS:
+        raise ApiError(400, f"invalid request: window: at most {MAX_WINDOW_SECONDS // 86400} days")
+    return timedelta(seconds=seconds)
 
 
 def _check_text(value: str) -> str:

@@ -42,6 +42,8 @@ def cache_key(model_tag: str, text: str | None = None, digest: str | None = None
 class PredictionCache(Protocol):
     """Looks up and stores predictions by key; never raises on a backend failure."""
 
+    backend: str  # "memory" or "redis", the label of its dependency gauge
+
     async def get_many(self, keys: Sequence[str]) -> list[CacheValue | None]: ...
 
     async def set_many(self, items: dict[str, CacheValue]) -> None: ...
@@ -54,6 +56,8 @@ class PredictionCache(Protocol):
 class MemoryPredictionCache:
     """In-process LRU cache with a time to live, one per worker process. Used from one event
     loop only, so it needs no lock."""
+
+    backend = "memory"
 
     def __init__(self, ttl_seconds: int, max_entries: int = 100_000) -> None:
         self._data: TTLCache[str, CacheValue] = TTLCache(maxsize=max_entries, ttl=ttl_seconds)
@@ -75,6 +79,8 @@ class RedisPredictionCache:
     are answered uncached. One warning per outage; redis-py reconnects by itself, and the
     cache is used again as soon as a command succeeds.
     """
+
+    backend = "redis"
 
     def __init__(self, url: str, ttl_seconds: int, timeout: float = 0.25) -> None:
         import redis.asyncio

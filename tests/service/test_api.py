@@ -210,7 +210,7 @@ def test_rate_limit_gives_429_with_headers(client: TestClient, headers: dict[str
 
 def test_untrusted_forwarded_for_is_ignored(client: TestClient) -> None:
     """Only the configured proxies may name the client: others are limited by their peer."""
-    from service.limits import client_address
+    from service.guards import client_address
 
     assert client_address("10.0.0.9", "203.0.113.5, 10.0.0.1", ["10.0.0.0/8"]) == "203.0.113.5"
     assert client_address("198.51.100.7", "203.0.113.5", ["10.0.0.0/8"]) == "198.51.100.7"

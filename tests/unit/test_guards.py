@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, Router
 
-from service.limits import BodySizeLimit, InFlightLimit
+from service.guards import BodySizeLimit, InFlightLimit
 
 
 async def _slow(request: Request) -> JSONResponse:
@@ -61,9 +61,11 @@ def anyio_backend() -> str:
 
 
 @pytest.mark.anyio
-async def test_request_context_tags_answers_counts_and_records_errors() -> None:
+async def test_request_context_tags_answers_counts_and_records_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     from service import metrics
-    from service.limits import RequestContext
+    from service.guards import RequestContext
+
+    monkeypatch.setattr(metrics, "ENDPOINTS", ("/predict",))  # service.py registers the app's routes
 
     async def fail(request: Request) -> JSONResponse:
         return JSONResponse({"error": "nope"}, status_code=404 if request.url.path == "/other" else 200)
@@ -87,7 +89,7 @@ async def test_request_context_tags_answers_counts_and_records_errors() -> None:
 
 @pytest.mark.anyio
 async def test_unknown_paths_get_a_json_404_and_other_answers_pass_untouched() -> None:
-    from service.limits import JsonNotFound
+    from service.guards import JsonNotFound
 
     async def found(request: Request) -> JSONResponse:
         return JSONResponse({"error": "no such request id"}, status_code=404)
@@ -106,7 +108,7 @@ async def test_a_lagging_event_loop_sheds_new_requests_at_the_door() -> None:
     import asyncio
     import time
 
-    from service.limits import InFlightLimit, LoopLag
+    from service.guards import InFlightLimit, LoopLag
 
     async def ok(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})

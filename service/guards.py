@@ -1,5 +1,7 @@
-"""Request guards in front of the endpoints: body size, in-flight load, client identity, and
-the request context (id, metrics, error counts)."""
+"""Request guards and middleware in front of the endpoints: body size, in-flight load and event
+loop lag, client identity, the request context (id, metrics, error counts) and JSON 404s.
+
+Imports metrics only; service.py wires these around the app."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -250,3 +252,20 @@ class JsonNotFound:
             await send({"type": "http.response.body", "body": body})
 
         await self.app(scope, receive, send_json)
+
+
+class ErrorSink(Protocol):
+    def record_error(self, endpoint: str, status: int) -> None: ...
+
+
+class ErrorCounts:
+    """Error answers of the public routes, for the analytics error counts: the middleware is
+    built with the app at import, the analytics sink in each worker, which hands it in here."""
+
+    def __init__(self, public: Sequence[str]) -> None:
+        self.public = tuple(public)
+        self.sink: ErrorSink | None = None
+
+    def __call__(self, path: str, status: int) -> None:
+        if self.sink is not None and path.startswith(self.public):
+            self.sink.record_error(metrics.endpoint_label(path), status)
