@@ -296,7 +296,7 @@ OVERHEAD_BUCKETS = [
         "prediction cache and rate limiter",
         ("redis/", "limits/", "cachetools/", "storage/cache.py", "storage/ratelimit.py"),
     ),
-    ("analytics writer", ("storage/analytics.py", "sqlalchemy/", "psycopg", "sqlite3")),
+    ("analytics writer", ("storage/analytics/", "sqlalchemy/", "psycopg", "sqlite3")),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("this service's own code", ("service/",)),
     ("asyncio event loop", ("asyncio/", "uvloop")),

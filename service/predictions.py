@@ -14,7 +14,7 @@ from service.batching import Batcher, Overloaded
 from service.config import Settings
 from service.errors import ApiError
 from service.schemas import Prediction
-from storage.analytics import PredictionRecord, SqlAnalyticsStore
+from storage.analytics import AnalyticsStore, PredictionRecord
 from storage.cache import CacheValue, PredictionCache, cache_key, text_digest
 
 
@@ -34,7 +34,7 @@ def make_batcher(infer: Callable[[str, list[str]], list[ModelOutput]], settings:
 class Predictions:
     """Predictions for texts by a model tag, built from a cache, a batcher and an analytics sink."""
 
-    def __init__(self, cache: PredictionCache, batcher: Batcher[ModelOutput], analytics: SqlAnalyticsStore) -> None:
+    def __init__(self, cache: PredictionCache, batcher: Batcher[ModelOutput], analytics: AnalyticsStore) -> None:
         self.cache = cache
         self.batcher = batcher
         self.analytics = analytics

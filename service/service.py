@@ -28,7 +28,7 @@ from service.errors import ApiError
 from service.guards import BodySizeLimit, ErrorCounts, InFlightLimit, JsonNotFound, LoopLag, RequestContext
 from service.predictions import Predictions, make_batcher
 from storage import migrate
-from storage.analytics import SqlAnalyticsStore
+from storage.analytics import AnalyticsStore, SqlAnalyticsStore
 from storage.cache import make_cache
 from storage.ratelimit import make_limiter, parse_limit
 
@@ -83,7 +83,7 @@ class Sentiment:
             {"predict": parse_limit(settings.rate_limit_predict), "batch": parse_limit(settings.rate_limit_batch)},
             settings.trusted_proxies,
         )
-        self.analytics = SqlAnalyticsStore(
+        self.analytics: AnalyticsStore = SqlAnalyticsStore(
             settings.database_url, store_text=settings.store_text, spill_dir=settings.spill_dir
         )
         self.analytics.start()

@@ -15,8 +15,8 @@ import pytest
 import sqlalchemy as sa
 
 from loadtests.servers import PostgresServer, RedisServer
-from storage import analytics, migrate
-from storage.analytics import PredictionRecord, SqlAnalyticsStore, utcnow
+from storage import migrate
+from storage.analytics import PredictionRecord, SqlAnalyticsStore, reports, utcnow
 from storage.cache import RedisPredictionCache, cache_key
 from storage.ratelimit import LimitsRateLimiter, parse_limit
 
@@ -158,7 +158,7 @@ def test_reports_count_each_stored_row_once_across_minutes_and_rewrites(database
 def test_percentiles_of_a_large_window_come_from_a_page_sample(
     database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(analytics, "EXACT_PERCENTILE_ROWS", 2_000)
+    monkeypatch.setattr(reports, "EXACT_PERCENTILE_ROWS", 2_000)
     store = SqlAnalyticsStore(database_url, spill_dir=tmp_path, batch_size=5_000)
     latencies = [float(i) for i in range(1, 20_001)]
     random.Random(7).shuffle(latencies)
@@ -170,7 +170,7 @@ def test_percentiles_of_a_large_window_come_from_a_page_sample(
     assert abs(summary["latency_ms"]["p50"] - 10_000) < 1_500
     assert abs(summary["latency_ms"]["p95"] - 19_000) < 1_000
     assert store.summary(timedelta(hours=1))["latency_ms"] == summary["latency_ms"]  # same pages each call
-    monkeypatch.setattr(analytics, "EXACT_PERCENTILE_ROWS", 50_000)
+    monkeypatch.setattr(reports, "EXACT_PERCENTILE_ROWS", 50_000)
     exact = store.summary(timedelta(hours=1))
     assert exact["latency_rows"] == 20_000 and exact["latency_ms"]["p50"] == 10_000.5
     store.close()
@@ -222,10 +222,10 @@ def test_a_torn_spill_line_does_not_block_the_rest(migrated: tuple[str, int], tm
     url, before = migrated
     spill = tmp_path / "spill"
     first = SqlAnalyticsStore(url, spill_dir=spill)
-    first._spill([{**vars(_record()), "text": None} for _ in range(3)])
+    first.spill.append([{**vars(_record()), "text": None} for _ in range(3)])
     with next(spill.glob("*.jsonl")).open("a") as f:
         f.write('{"request_id": "torn-by-a-cr')  # a crash mid-write
-    first._spill([{**vars(_record()), "text": None} for _ in range(2)])
+    first.spill.append([{**vars(_record()), "text": None} for _ in range(2)])
     first.flush()
     assert _count(url) == before + 5
     assert not list(spill.glob("*.jsonl"))

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from storage.analytics import percentile, two_proportion_p_value, wilson_interval
+from storage.analytics.stats import percentile, two_proportion_p_value, wilson_interval
 from storage.cache import MemoryPredictionCache, cache_key, text_digest
 from storage.ratelimit import LimitsRateLimiter, parse_limit
 
