@@ -76,4 +76,4 @@ down:
 	$(COMPOSE) -f compose.yaml down
 
 test-containers: install  ## own Docker engine: image (store's models), contract checks, air-gapped stack, quick load test
-	$(PY) deploy/test_containers.py
+	$(PY) -m pytest -m containers tests/containers -s

@@ -37,7 +37,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from loadtests.serving import ROOT, Served, free_port, wait_ready
+from tests.support.serving import ROOT, Served, free_port, wait_ready
 
 OUT_OF_SOURCE = "var/data/corpus/out_of_source.jsonl"
 

@@ -448,7 +448,7 @@ def plots(folder: Path, prometheus_url: str | None, run: dict[str, Any]) -> list
     if not prometheus_url and (out / "dashboard.png").exists():  # rendered when the run had its Prometheus
         made.append(("Dashboard panels, from Prometheus' queries of the Grafana dashboard", "plots/dashboard.png"))
     if prometheus_url:
-        from loadtests.monitoring import plot_dashboard
+        from loadtests.dashboard import plot_dashboard
 
         try:
             plot_dashboard(prometheus_url, run["started"], run["ended"] + 10, out / "dashboard.png")

@@ -33,7 +33,7 @@ import httpx
 import psutil
 
 from loadtests import report
-from loadtests.serving import ROOT, Served, free_port
+from tests.support.serving import ROOT, Served, free_port
 
 
 @dataclass(frozen=True)
@@ -292,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     admin_key = os.environ.get("ADMIN_API_KEY")
 
-    from loadtests.monitoring import Prometheus
-    from loadtests.servers import PostgresServer, RedisServer
     from service.config import Settings
+    from tests.support.prometheus import Prometheus
+    from tests.support.servers import PostgresServer, RedisServer
 
     started: list = []
     roots: dict[str, int] = {}
@@ -304,10 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if url is None:
             print("starting Redis, PostgreSQL and the service (bentoml serve) ...", flush=True)
-            redis_server = RedisServer().start()
+            # each one's stop registered before its start: a failed start is stopped too
+            redis_server = RedisServer()
             started.append(redis_server)
-            postgres = PostgresServer().start()
+            redis_server.start()
+            postgres = PostgresServer()
             started.append(postgres)
+            postgres.start()
             redis_url = redis_server.url
             env = {
                 "REDIS_URL": redis_url,
@@ -315,14 +318,16 @@ def main(argv: list[str] | None = None) -> int:
                 "TRUSTED_PROXIES": "127.0.0.1",
                 "SPILL_DIR": str(out / "spill"),
             }
-            served = Served(env, out / "serve.log", workers=args.workers).start(timeout=300)
+            served = Served(env, out / "serve.log", workers=args.workers)
             started.append(served)
+            served.start(timeout=300)
             url = served.url
             assert served.proc is not None and redis_server.proc is not None
             roots = {"api": served.proc.pid, "postgresql": postgres.pid(), "redis": redis_server.proc.pid}
             try:
-                prometheus = Prometheus([f"127.0.0.1:{served.port}"], out / "prometheus", free_port(), "5s").start()
+                prometheus = Prometheus([f"127.0.0.1:{served.port}"], out / "prometheus", free_port(), "5s")
                 started.append(prometheus)
+                prometheus.start()
             except RuntimeError as exc:
                 print(f"no Prometheus for the dashboard plot: {exc}", flush=True)
         failed: list[str] = []

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+# The user's store, where `make model` puts the full models (the container tests look there).
+USER_BENTOML_HOME = os.environ.get("BENTOML_HOME", str(Path.home() / "bentoml"))
 _HOME = Path(tempfile.mkdtemp(prefix="sentiment-tests-bentoml-"))
 os.environ["BENTOML_HOME"] = str(_HOME)
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")

@@ -13,9 +13,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from loadtests import contract
-from loadtests.servers import PostgresServer, RedisServer
-from loadtests.serving import Served
+from tests.support import contract
+from tests.support.servers import PostgresServer, RedisServer
+from tests.support.serving import Served
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -43,9 +43,8 @@ def stack(
 ) -> Iterator[Served]:
     """One instance, two workers, on this session's own Redis and PostgreSQL."""
     env = {**backend_env, "REDIS_URL": redis_server.url, "DATABASE_URL": postgres_server.url}
-    server = Served(env, tmp_path_factory.mktemp("stack") / "serve.log").start()
-    yield server
-    server.stop()
+    with Served(env, tmp_path_factory.mktemp("stack") / "serve.log") as server:
+        yield server
 
 
 def _post(url: str, path: str, body: dict, client: str) -> httpx.Response:
@@ -136,8 +135,9 @@ def test_limit_is_exact_across_workers_and_instances(
     assert statuses.count(200) == 100 and statuses.count(429) == 100
 
     env = {**backend_env, "REDIS_URL": redis_server.url, "DATABASE_URL": postgres_server.url}
-    second = Served(env, tmp_path / "second.log").start()
-    try:
+    second = Served(env, tmp_path / "second.log")
+    try:  # the stop is registered before the start: a start that times out is stopped too
+        second.start()
         other = f"198.51.100.{(uuid.uuid4().int % 250) + 1}"
         urls = [stack.url, second.url] * 100
         with cf.ThreadPoolExecutor(50) as pool:
@@ -239,9 +239,10 @@ def test_service_restart_during_outage_replays_the_spill_file(
     tmp_path: Path,
 ) -> None:
     env = {**backend_env, "REDIS_URL": redis_server.url, "DATABASE_URL": postgres_server.url}
-    first = Served(env, tmp_path / "first.log").start()
+    first, second = Served(env, tmp_path / "first.log"), Served(env, tmp_path / "second.log")
     answered: list[str] = []
-    try:
+    try:  # the stops are registered before the starts
+        first.start()
         postgres_server.stop()
         try:
             with _Traffic(first.url) as traffic:
@@ -249,14 +250,14 @@ def test_service_restart_during_outage_replays_the_spill_file(
             answered += traffic.ok
             first.stop()  # SIGTERM during the outage: buffered rows go to the spill file
             assert list(Path(env["SPILL_DIR"]).glob("*.jsonl")), "nothing was spilled"
-            second = Served(env, tmp_path / "second.log").start()
+            second.start()
         finally:
             postgres_server.start()
         with _Traffic(second.url) as traffic:
             time.sleep(3)
         answered += traffic.ok
-        second.stop()
     finally:
+        second.stop()
         first.stop()
     assert len(answered) > 50
     rows = _wait_rows(postgres_server.url, answered)

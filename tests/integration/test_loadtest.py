@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.serving import ROOT
+from tests.support.serving import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -15,17 +15,17 @@ import httpx
 import pytest
 import yaml
 
-from loadtests.monitoring import (
+from loadtests.dashboard import plot_dashboard
+from tests.support.prometheus import (
     PROMETHEUS_DIR,
     Prometheus,
     alert_measures,
     alert_rules,
     dashboard_queries,
     metric_names,
-    plot_dashboard,
 )
-from loadtests.servers import PostgresServer, RedisServer
-from loadtests.serving import Served, free_port
+from tests.support.servers import PostgresServer, RedisServer
+from tests.support.serving import Served, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -76,11 +76,11 @@ def monitored(
         "RATE_LIMIT_BATCH": "5/minute",
         "TRUSTED_PROXIES": "127.0.0.1",
     }
-    served = Served(env, workdir / "serve.log").start()
-    prometheus = Prometheus([f"127.0.0.1:{served.port}"], workdir / "prometheus", free_port()).start()
-    yield served, prometheus
-    prometheus.stop()
-    served.stop()
+    with (
+        Served(env, workdir / "serve.log") as served,
+        Prometheus([f"127.0.0.1:{served.port}"], workdir / "prometheus", free_port()) as prometheus,
+    ):
+        yield served, prometheus
 
 
 def _load(url: str, seconds: float) -> dict[int, int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtests.serving import Served
+from tests.support.serving import Served
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -25,9 +25,8 @@ def served(model_env: dict[str, str], bentoml_home: Path, tmp_path_factory: pyte
         "SPILL_DIR": str(workdir / "spill"),
         "TRUSTED_PROXIES": "127.0.0.1",
     }
-    server = Served(env, workdir / "serve.log", workers=2).start()
-    yield server.url
-    server.stop()
+    with Served(env, workdir / "serve.log", workers=2) as server:
+        yield server.url
 
 
 def test_served_predict_and_health(served: str, model_env: dict[str, str]) -> None:

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from loadtests.servers import PostgresServer, RedisServer
 from storage import migrate
 from storage.analytics import PredictionRecord, SqlAnalyticsStore, reports, utcnow
 from storage.cache import RedisPredictionCache, cache_key
 from storage.ratelimit import LimitsRateLimiter, parse_limit
+from tests.support.servers import PostgresServer, RedisServer
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 """The HTTP contract (shared/API.md) checked against a running service, over the network.
 
-    python -m loadtests.contract http://127.0.0.1:3000 [--admin-key KEY]
+    python -m tests.support.contract http://127.0.0.1:3000 [--admin-key KEY]
 
 Every endpoint and every error case of the contract, each check naming what it expects.
 `make test-containers` runs it against the Bento image; the integration tests run it against

@@ -10,10 +10,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -47,7 +48,29 @@ def wait_ready(
         time.sleep(interval)
 
 
-class Served:
+class Managed:
+    """A process started on entering a `with` block and stopped on leaving it, however it is
+    left; a start that fails stops what it had begun. Fixtures use it so that no server a test
+    started outlives pytest."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Served(Managed):
     """`bentoml serve service.service:Sentiment` on a free port with the given environment."""
 
     def __init__(self, env: dict[str, str], log: Path, workers: int | None = 2, source: Path = ROOT) -> None:

@@ -1,24 +1,23 @@
 """`make test-containers`: the image and the air-gapped stack, built and checked for real.
 
-    python deploy/test_containers.py [--skip-build] [--keep]
+    make test-containers      # pytest -m containers tests/containers -s
 
 1. A Docker engine of its own (`dockerd --bridge=none --iptables=false`: no bridge, no
    firewall rules; every container on the host network, traffic on loopback), unless one
-   already answers; it is stopped at the end only if this script started it.
+   already answers; it is stopped at the end only if these tests started it.
 2. The local base image from Debian packages (deploy/base-image.sh) and the service image
-   (deploy/image.py, the full models inside).
+   (deploy/image.py, the full models inside when the BentoML store has them, else the quick ones).
 3. The image alone (`docker run --network host`, embedded cache and SQLite): every contract
-   check of loadtests/contract.py.
+   check of tests/support/contract.py.
 4. The stack: compose.yaml with compose.airgap.yaml (two replicas behind nginx, Redis,
    PostgreSQL, the migration, Prometheus): one rate limit and one cache shared by both
    replicas through the balancer, rows in the stack's PostgreSQL, both targets up in
    Prometheus; then the quick load-test profile through nginx.
-5. Everything torn down (volumes included).
+5. Everything torn down (volumes included); KEEP_STACK=1 leaves it running.
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import os
 import shutil
@@ -26,15 +25,17 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tests.conftest import USER_BENTOML_HOME
+from tests.support import contract
+from tests.support.serving import ROOT, wait_ready
 
-from loadtests import contract  # noqa: E402
-from loadtests.serving import wait_ready  # noqa: E402
+pytestmark = pytest.mark.containers
 
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "sentiment-base:bookworm")
 PROJECT = "sentiment-airgap-test"
@@ -47,6 +48,7 @@ STACK_ENV = {
     "RATE_LIMIT_PREDICT": "100/minute",
 }
 RESULTS: list[tuple[str, str]] = []
+KEEP = os.environ.get("KEEP_STACK") == "1"
 
 
 def step(name: str) -> None:
@@ -78,7 +80,7 @@ class Docker:
             print("using the Docker engine that is running", flush=True)
             return
         if not shutil.which("dockerd"):
-            raise SystemExit("dockerd not found: install docker.io (.ci/run does)")
+            raise RuntimeError("dockerd not found: install docker.io (make test-containers does)")
         log = (ROOT / "var" / "dockerd.log").open("ab")
         self.proc = subprocess.Popen(
             ["dockerd", "--bridge=none", "--iptables=false", "--ip6tables=false"], stdout=log, stderr=log
@@ -86,7 +88,7 @@ class Docker:
         deadline = time.monotonic() + 60
         while not self.answers():
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise SystemExit("dockerd did not start: see var/dockerd.log")
+                raise RuntimeError("dockerd did not start: see var/dockerd.log")
             time.sleep(1)
         print(f"started dockerd (pid {self.proc.pid})", flush=True)
 
@@ -105,13 +107,14 @@ def models_env() -> dict[str, str]:
     where the store has none (a fresh CI machine), the quick profile built into a store of its
     own under var/, so the user's store is never filled with quick models."""
     bentoml = str(Path(sys.executable).parent / "bentoml")
+    user = {**os.environ, "BENTOML_HOME": USER_BENTOML_HOME}
     have = [
-        subprocess.run([bentoml, "models", "get", f"{name}:latest"], capture_output=True).returncode == 0
+        subprocess.run([bentoml, "models", "get", f"{name}:latest"], capture_output=True, env=user).returncode == 0
         for name in ("sentiment-minilm", "sentiment-minilm-int8")
     ]
     if all(have):
         record("models", "the full models of the BentoML store")
-        return {}
+        return {"BENTOML_HOME": USER_BENTOML_HOME}
     env = {"BENTOML_HOME": str(ROOT / "var" / "bentoml-quick")}
     step("no full models in the store: the quick profile, into var/bentoml-quick")
     sh([sys.executable, "-m", "models.build", "--profile", "quick"], env={**os.environ, **env})
@@ -119,10 +122,8 @@ def models_env() -> dict[str, str]:
     return env
 
 
-def build(skip: bool) -> str:
+def build() -> str:
     image_file = ROOT / "var" / "image"
-    if skip and image_file.exists():
-        return image_file.read_text().strip()
     models = models_env()
     step("base image from Debian packages")
     started = time.monotonic()
@@ -137,126 +138,148 @@ def build(skip: bool) -> str:
     return image
 
 
-def check_image(image: str) -> None:
-    step("the image alone: contract checks")
+def _answer(url: str, text: str, client: str) -> int:
+    """The status of /predict, a shed (503 + Retry-After) retried as clients do: for a cached
+    text only the door guards shed, before the limiter is asked, so a retry spends no slot."""
+    for _ in range(10):
+        r = httpx.post(f"{url}/predict", json={"text": text}, headers={"X-Forwarded-For": client}, timeout=60)
+        if r.status_code != 503 or not r.headers.get("Retry-After"):
+            return r.status_code
+        time.sleep(0.2)
+    return r.status_code
+
+
+@pytest.fixture(scope="module")
+def docker() -> Iterator[Docker]:
+    (ROOT / "var").mkdir(exist_ok=True)
+    engine = Docker()
+    engine.start()
+    try:
+        yield engine
+    finally:
+        if not KEEP:
+            engine.stop()
+        print("\n== results")
+        for name, outcome in RESULTS:
+            print(f"   {name}: {outcome}")
+
+
+@pytest.fixture(scope="module")
+def image(docker: Docker) -> str:
+    return build()
+
+
+@pytest.fixture(scope="module")
+def served_image(image: str) -> Iterator[str]:
+    """The image alone, on the host network: its URL."""
+    step("the image alone")
     name = f"sentiment-contract-{uuid.uuid4().hex[:6]}"
     port = 3055
     sh(["docker", "run", "-d", "--rm", "--network", "host", "--name", name, image, "serve", "--port", str(port)])
     try:
-        user = sh(["docker", "exec", name, "id", "-u"], capture_output=True).stdout.strip()
-        assert user != "0", "the server runs as root"
-        record("non-root user", f"uid {user}")
-        torch = sh(
-            ["docker", "exec", name, "python", "-c", "import torch; print(torch.__version__)"], capture_output=True
-        ).stdout.strip()
-        assert torch.endswith("+cpu"), torch
-        record("torch in the image", torch)
         wait_ready(f"http://127.0.0.1:{port}/readyz", "the image", 300, interval=1)
-        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
-        results = contract.run(f"http://127.0.0.1:{port}")
-        failed = [(n, p) for n, p in results if p]
-        for n, p in failed:
-            print(f"   FAIL {n}: {p}")
-        assert not failed, f"{len(failed)} contract checks failed"
-        record("contract checks on the image", f"{len(results)} of {len(results)} passed; models {health['model']}")
+        yield name
     finally:
         subprocess.run(["docker", "logs", "--tail", "30", name], cwd=ROOT)
         subprocess.run(["docker", "rm", "-f", name], capture_output=True)
 
 
-def check_stack(image: str, env: dict[str, str]) -> None:
+@pytest.fixture(scope="module")
+def stack(image: str) -> Iterator[dict[str, str]]:
+    """The air-gapped stack, up: the environment it was started with."""
     step("air-gapped stack: compose.yaml + compose.airgap.yaml")
+    env = {**os.environ, **STACK_ENV, "SENTIMENT_IMAGE": image, "BASE_IMAGE": BASE_IMAGE}
     started = time.monotonic()
-    sh([*COMPOSE, "build"], env=env)
-    sh([*COMPOSE, "up", "-d"], env=env)
-    wait_ready("http://127.0.0.1:8080/readyz", "the stack", 400, interval=1)
-    record("stack up", f"in {time.monotonic() - started:.0f} s")
-    admin = {"Authorization": f"Bearer {env['ADMIN_API_KEY']}"}
+    try:
+        sh([*COMPOSE, "build"], env=env)
+        sh([*COMPOSE, "up", "-d"], env=env)
+        wait_ready("http://127.0.0.1:8080/readyz", "the stack", 400, interval=1)
+        record("stack up", f"in {time.monotonic() - started:.0f} s")
+        yield env
+    finally:
+        if not KEEP:
+            step("teardown")
+            subprocess.run([*COMPOSE, "logs", "--tail", "20"], cwd=ROOT, env=env)
+            subprocess.run([*COMPOSE, "down", "-v", "--remove-orphans"], cwd=ROOT, env=env)
 
-    # one rate limit through the balancer: 200 requests at 100 per minute from one client
+
+def test_image_runs_as_a_user_with_cpu_torch(served_image: str) -> None:
+    user = sh(["docker", "exec", served_image, "id", "-u"], capture_output=True).stdout.strip()
+    torch = sh(
+        ["docker", "exec", served_image, "python", "-c", "import torch; print(torch.__version__)"], capture_output=True
+    ).stdout.strip()
+    assert user != "0", "the server runs as root"
+    assert torch.endswith("+cpu"), torch
+    record("non-root user, CPU torch", f"uid {user}, torch {torch}")
+
+
+def test_image_passes_every_contract_check(served_image: str) -> None:
+    url = "http://127.0.0.1:3055"
+    health = httpx.get(f"{url}/health", timeout=10).json()
+    results = contract.run(url)
+    failed = [(n, p) for n, p in results if p]
+    assert not failed, failed
+    record("contract checks on the image", f"{len(results)} of {len(results)} passed; models {health['model']}")
+
+
+def test_stack_has_one_rate_limit_through_nginx(stack: dict[str, str]) -> None:
     client = f"198.18.{uuid.uuid4().int % 250}.{uuid.uuid4().int % 250}"
     text = f"Shared limits across replicas {uuid.uuid4().hex[:6]}"
-
-    def one(_: int) -> int:
-        r = httpx.post(
-            "http://127.0.0.1:8080/predict", json={"text": text}, headers={"X-Forwarded-For": client}, timeout=60
-        )
-        return r.status_code
-
+    assert _answer("http://127.0.0.1:8080", text, "198.18.255.1") == 200  # cached from here on
     with cf.ThreadPoolExecutor(16) as pool:
-        codes = list(pool.map(one, range(200)))
+        codes = list(pool.map(lambda _: _answer("http://127.0.0.1:8080", text, client), range(200)))
     assert codes.count(200) == 100 and codes.count(429) == 100, {c: codes.count(c) for c in set(codes)}
     record("one rate limit through nginx", "exactly 100 x 200 and 100 x 429 of 200 at 100/minute")
 
-    # one cache: first predicted by replica 1, a hit on replica 2
+
+def test_stack_has_one_cache_and_stores_both_replicas_rows(stack: dict[str, str]) -> None:
+    import sqlalchemy as sa
+
     text = f"A cache shared by every replica {uuid.uuid4().hex[:6]}"
     first = httpx.post("http://127.0.0.1:3101/predict", json={"text": text}, timeout=60).json()
     second = httpx.post("http://127.0.0.1:3102/predict", json={"text": text}, timeout=60).json()
     assert first["cached"] is False and second["cached"] is True, (first, second)
     record("one cache", "predicted on replica 1, a cache hit on replica 2")
+    url = f"postgresql+psycopg://sentiment:{stack['POSTGRES_PASSWORD']}@127.0.0.1:5440/sentiment"
+    engine = sa.create_engine(url)
+    ids: list[str] = [first["request_id"], second["request_id"]]
+    deadline = time.monotonic() + 30
+    try:
+        while True:  # rows are written by each replica's writer thread, within a second or so
+            with engine.connect() as conn:
+                found = conn.exec_driver_sql(
+                    "SELECT count(*) FROM predictions WHERE request_id = ANY(%s)", (ids,)
+                ).scalar_one()
+            if found == 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    finally:
+        engine.dispose()
+    assert found == 2, found
+    record("rows in the stack's PostgreSQL", "both replicas' rows present")
 
-    # rows in the stack's PostgreSQL
-    time.sleep(2)
-    import sqlalchemy as sa
 
-    engine = sa.create_engine(f"postgresql+psycopg://sentiment:{env['POSTGRES_PASSWORD']}@127.0.0.1:5440/sentiment")
-    with engine.connect() as conn:
-        rows = conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar_one()
-        ids = conn.exec_driver_sql(
-            "SELECT count(*) FROM predictions WHERE request_id = ANY(%s)",
-            ([first["request_id"], second["request_id"]],),
-        ).scalar_one()
-    engine.dispose()
-    assert rows >= 102 and ids == 2, (rows, ids)
-    record("rows in the stack's PostgreSQL", f"{rows} predictions, both replicas' rows present")
-
-    # Prometheus: both replicas scraped
+def test_stack_prometheus_scrapes_both_replicas(stack: dict[str, str]) -> None:
     def both_up(r: httpx.Response) -> bool:
         targets = r.json()["data"]["activeTargets"]
         return len(targets) == 2 and all(t["health"] == "up" for t in targets)
 
     wait_ready("http://127.0.0.1:9091/api/v1/targets", "both Prometheus targets", 60, ok=both_up, interval=1)
-    record("Prometheus", "both replicas' targets up")
-    summary = httpx.get("http://127.0.0.1:8080/analytics/summary", headers=admin, timeout=10).json()
-    record("analytics through nginx", f"{summary['total']} predictions in the last hour")
+    admin = {"Authorization": f"Bearer {stack['ADMIN_API_KEY']}"}
+    summary = httpx.get("http://127.0.0.1:8080/analytics/summary", headers=admin, timeout=10)
+    assert summary.status_code == 200 and summary.json()["total"] > 0, summary.text
+    record("Prometheus, analytics", f"both targets up; {summary.json()['total']} predictions in the last hour")
 
+
+def test_stack_takes_the_quick_load_test_through_nginx(stack: dict[str, str]) -> None:
     step("quick load-test profile through nginx")
-    out = ROOT / "var" / "loadtest" / "stack"
+    out = ROOT / "var" / "loadtests" / "stack"
     shutil.rmtree(out, ignore_errors=True)
     sh(
         [sys.executable, "-m", "loadtests.run", "all", "--profile", "quick", "--url", "http://127.0.0.1:8080"]
         + ["--out", str(out), "--no-thresholds"],
-        env={**os.environ, "ADMIN_API_KEY": env["ADMIN_API_KEY"]},
+        env={**os.environ, "ADMIN_API_KEY": stack["ADMIN_API_KEY"]},
     )
-    record("quick load test through nginx", f"reports in {out.relative_to(ROOT)}/<scenario>/report.md")
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--skip-build", action="store_true", help="reuse the image named in var/image")
-    parser.add_argument("--keep", action="store_true", help="leave the stack running")
-    args = parser.parse_args()
-    (ROOT / "var").mkdir(exist_ok=True)
-    docker = Docker()
-    docker.start()
-    env = {}
-    try:
-        image = build(args.skip_build)
-        env = {**os.environ, **STACK_ENV, "SENTIMENT_IMAGE": image, "BASE_IMAGE": BASE_IMAGE}
-        check_image(image)
-        check_stack(image, env)
-    finally:
-        if env and not args.keep:
-            step("teardown")
-            subprocess.run([*COMPOSE, "logs", "--tail", "20"], cwd=ROOT, env=env)
-            subprocess.run([*COMPOSE, "down", "-v", "--remove-orphans"], cwd=ROOT, env=env)
-        if not args.keep:
-            docker.stop()
-        print("\n== results")
-        for name, outcome in RESULTS:
-            print(f"   {name}: {outcome}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    reports = sorted(out.glob("*/report.md"))
+    assert reports, f"no report under {out}"
+    record("quick load test through nginx", f"{len(reports)} reports in {out.relative_to(ROOT)}/<scenario>/report.md")

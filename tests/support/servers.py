@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loadtests.serving import free_port
+from tests.support.serving import Managed, free_port
 
 
 def _wait_port(port: int, up: bool, timeout: float = 30) -> None:
@@ -30,7 +30,7 @@ def _wait_port(port: int, up: bool, timeout: float = 30) -> None:
     raise TimeoutError(f"port {port} did not go {'up' if up else 'down'} in {timeout} s")
 
 
-class RedisServer:
+class RedisServer(Managed):
     """redis-server on a free port, keeping nothing on disk."""
 
     def __init__(self) -> None:
@@ -60,7 +60,7 @@ class RedisServer:
             _wait_port(self.port, up=False)
 
 
-class PostgresServer:
+class PostgresServer(Managed):
     """A fresh PostgreSQL cluster on a free port. initdb refuses to run as root, so when the
     tests run as root the cluster belongs to the `postgres` user (runuser)."""
 
@@ -101,5 +101,7 @@ class PostgresServer:
         return int((self.data / "postmaster.pid").read_text().split()[0])
 
     def stop(self) -> None:
+        if not (self.data / "postmaster.pid").exists():
+            return  # not running
         self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
         _wait_port(self.port, up=False)
