@@ -102,7 +102,9 @@ class Prometheus(PrometheusClient, Managed):
         config["global"]["scrape_interval"] = scrape_interval
         config["global"]["evaluation_interval"] = scrape_interval
         config["rule_files"] = [str(PROMETHEUS_DIR / f) for f in config["rule_files"]]
-        config["scrape_configs"][0]["static_configs"] = [{"targets": targets}]
+        job = config["scrape_configs"][0]
+        job.pop("file_sd_configs", None)  # the stacks' targets files; here the given targets
+        job["static_configs"] = [{"targets": targets}]
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "prometheus.yml"
         self.config.write_text(yaml.safe_dump(config, sort_keys=False))

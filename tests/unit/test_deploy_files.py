@@ -91,8 +91,10 @@ def test_production_compose_stack() -> None:
     assert "--requirepass" in redis and "--maxmemory-policy allkeys-lru" in redis
     assert "healthcheck" in services["postgres"] and services["postgres"]["volumes"]
     assert services["migrate"]["command"] == ["python", "-m", "storage.migrate", "upgrade"]
-    nginx = (ROOT / "deploy" / "nginx" / "nginx.conf").read_text()
+    nginx = (ROOT / "deploy" / "nginx" / "compose" / "upstream.conf").read_text()
     assert "server api-1:3000" in nginx and "server api-2:3000" in nginx
+    mounts = services["nginx"]["volumes"]
+    assert "./deploy/nginx/compose:/etc/nginx/sentiment:ro" in mounts
 
 
 def test_airgap_override_runs_everything_on_the_host_network() -> None:
