@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -269,3 +270,15 @@ class ErrorCounts:
     def __call__(self, path: str, status: int) -> None:
         if self.sink is not None and path.startswith(self.public):
             self.sink.record_error(metrics.endpoint_label(path), status)
+
+
+def route_paths(routes: list[Any]) -> list[str]:
+    """The paths of the app's routes. BentoML moves the class's routes into a router included in
+    the app, which FastAPI keeps as one route holding that router (`original_router`)."""
+    paths = []
+    for route in routes:
+        if isinstance(route, APIRoute):
+            paths.append(route.path)
+        included = getattr(route, "original_router", None)
+        paths += route_paths(included.routes) if included is not None else []
+    return paths

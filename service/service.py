@@ -18,14 +18,13 @@ from typing import Annotated
 import bentoml
 from fastapi import Depends, FastAPI, Query
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from sqlalchemy.exc import SQLAlchemyError
 
 from models import runtime
 from service import ab, deps, errors, metrics, schemas
 from service.config import Settings, get_settings, project_version
 from service.errors import ApiError
-from service.guards import BodySizeLimit, ErrorCounts, InFlightLimit, JsonNotFound, LoopLag, RequestContext
+from service.guards import BodySizeLimit, ErrorCounts, InFlightLimit, JsonNotFound, LoopLag, RequestContext, route_paths
 from service.predictions import Predictions, make_batcher
 from storage import migrate
 from storage.analytics import AnalyticsStore, SqlAnalyticsStore
@@ -180,8 +179,9 @@ class Sentiment:
 
 
 # --- guards, outermost last: built on the routes above -------------------------------------
+
 # The public routes (all but /health): guarded, timed, rate limited, their errors counted.
-PUBLIC_PATHS = tuple(r.path for r in app.routes if isinstance(r, APIRoute) and r.path != "/health")
+PUBLIC_PATHS = tuple(p for p in route_paths(app.routes) if p != "/health")
 metrics.register_endpoints([*PUBLIC_PATHS, "/health"], guarded=PUBLIC_PATHS)
 BENTOML_SKIP.extend(metrics.ENDPOINTS)
 ERRORS = ErrorCounts(PUBLIC_PATHS)

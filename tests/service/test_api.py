@@ -249,3 +249,18 @@ def test_admin_key_guards_analytics(client: TestClient, monkeypatch: pytest.Monk
     assert client.get("/analytics/ab", headers={"Authorization": "Bearer wrong"}).status_code == 401
     ok = client.get("/analytics/summary", headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200 and "total" in ok.json()
+
+
+def test_the_guards_and_labels_cover_every_route_of_the_contract(client: TestClient) -> None:
+    from prometheus_client import generate_latest
+
+    from service import metrics
+    from service import service as module
+
+    contract = {"/predict", "/predict/ab", "/batch", "/feedback", "/analytics/summary", "/analytics/ab"}
+    assert set(module.PUBLIC_PATHS) == contract
+    assert set(metrics.ENDPOINTS) == contract | {"/health"}
+    assert set(module.BENTOML_SKIP) == contract | {"/health"}
+    exposed = generate_latest().decode()
+    for path in contract:  # every refusal series exists from the start, at zero or more
+        assert f'sentiment_overload_rejections_total{{endpoint="{path}",reason="loop_lag"}}' in exposed
