@@ -15,31 +15,32 @@ milliseconds per request of the server's processes, and for the service its mean
 one more case of the service at `--profile-clients`, sampled with py-spy, splits its CPU into
 the model (tokenizer and forward pass) and everything else. Memory is the PSS of each server's
 processes at the end.
+
+The servers and the peers are in loadtests/peers/, the py-spy split in loadtests/cpu_profile.py
+and the texts in loadtests/texts.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import os
 import resource
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import psutil
 
-from tests.support.serving import ROOT, Served, free_port, wait_ready
-
-OUT_OF_SOURCE = "var/data/corpus/out_of_source.jsonl"
+from loadtests.cpu_profile import profile_service
+from loadtests.peers import SERVERS, Server, focus, start_peer
+from loadtests.texts import OUT_OF_SOURCE, load_texts
+from tests.support.serving import ROOT, Served, wait_ready
 
 
 def raw_throughput(tag: str, texts: list[str], seconds: float, threads: int, batch: int = 32) -> dict[str, float]:
@@ -63,105 +64,6 @@ def raw_throughput(tag: str, texts: list[str], seconds: float, threads: int, bat
         "batch_ms_median": round(statistics.median(times) * 1000, 2),
         "cpu_ms_per_text": round((time.process_time() - cpu0) * 1000 / done, 3),
     }
-
-
-@dataclass
-class Server:
-    """A server under test: its root process (its children are its workers) and URL."""
-
-    name: str
-    url: str
-    proc: subprocess.Popen[bytes] | None = None
-    served: Served | None = None
-    results: list[dict] = field(default_factory=list)
-
-    @property
-    def pid(self) -> int:
-        if self.served is not None:
-            assert self.served.proc is not None
-            return self.served.proc.pid
-        assert self.proc is not None
-        return self.proc.pid
-
-    def processes(self) -> list[psutil.Process]:
-        root = psutil.Process(self.pid)
-        return [root, *root.children(recursive=True)]
-
-    def cpu_seconds(self) -> float:
-        total = 0.0
-        for p in self.processes():
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                continue
-        return total
-
-    def pss_mb(self) -> float:
-        total = 0
-        for p in self.processes():
-            try:
-                total += p.memory_full_info().pss
-            except psutil.Error:
-                continue
-        return round(total / 2**20, 1)
-
-    def pause(self, paused: bool) -> None:
-        """SIGSTOP or SIGCONT the server's whole process group (its own session)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGSTOP if paused else signal.SIGCONT)
-
-    def stop(self) -> None:
-        self.pause(False)
-        if self.served is not None:
-            self.served.stop()
-        elif self.proc is not None:  # its own session: the signal reaches its workers too
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
-def start_peer(name: str, module: str, model: str, workdir: Path) -> Server:
-    port = free_port()
-    log = (workdir / f"{name}.log").open("wb")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", module, "--model", model, "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = Server(name, f"http://127.0.0.1:{port}", proc=proc)
-
-    def ready(r: httpx.Response) -> bool:
-        return r.status_code == 200 and "label" in r.json()
-
-    deadline = time.monotonic() + 240
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}: see {workdir / (name + '.log')}")
-        try:
-            if ready(httpx.post(f"{server.url}/predict", json={"text": "warm up"}, timeout=30)):
-                return server
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            server.stop()
-            raise RuntimeError(f"{name} not ready in 240 s: see {workdir / (name + '.log')}")
-        time.sleep(0.5)
-
-
-# Every server under test. Only the one being measured runs: the others are stopped with SIGSTOP,
-# because an idle server is not always idle (LitServe's workers poll their queues: 0.39 cores
-# while it served nothing, measured here), and that CPU would be charged to the others.
-SERVERS: list[Server] = []
-
-
-def focus(server: Server) -> None:
-    for other in SERVERS:
-        if other is not server:
-            other.pause(True)
-    server.pause(False)
-    time.sleep(0.5)
 
 
 def metric_totals(url: str, names: tuple[str, ...]) -> dict[str, float]:
@@ -280,84 +182,6 @@ def median_case(runs: list[dict]) -> dict:
     return out
 
 
-# --- the CPU split from py-spy ---------------------------------------------------------
-
-# A sampled stack is the model's when it runs inside the predictor (models/runtime.py): the
-# tokenizer and the forward pass. Everything else (HTTP, framework, cache, limiter, analytics,
-# metrics, batching) is overhead. Buckets for the overhead, by the first matching frame file.
-OVERHEAD_BUCKETS = [
-    ("HTTP server (uvicorn, httptools, h11)", ("uvicorn/", "httptools", "h11/")),
-    (
-        "BentoML (its middlewares, access log, tracing)",
-        ("bentoml/", "_bentoml_impl/", "_bentoml_sdk/", "opentelemetry/"),
-    ),
-    ("FastAPI, Starlette, pydantic", ("fastapi/", "starlette/", "pydantic/", "pydantic_core")),
-    (
-        "prediction cache and rate limiter",
-        ("redis/", "limits/", "cachetools/", "storage/cache.py", "storage/ratelimit.py"),
-    ),
-    ("analytics writer", ("storage/analytics/", "sqlalchemy/", "psycopg", "sqlite3")),
-    ("metrics (prometheus_client)", ("prometheus_client/",)),
-    ("this service's own code", ("service/",)),
-    ("asyncio event loop", ("asyncio/", "uvloop")),
-]
-
-
-def classify(stack: str) -> str:
-    if "models/runtime.py" in stack:
-        return "model"
-    frames = stack.split(";")
-    for frame in reversed(frames):  # the innermost frame that names a known library
-        for bucket, needles in OVERHEAD_BUCKETS:
-            if any(n in frame for n in needles):
-                return bucket
-    return "other (threads, GC, interpreter)"
-
-
-def cpu_split(raw: Path) -> dict[str, float]:
-    """Share of active samples per bucket, from py-spy's raw (collapsed) output."""
-    counts: dict[str, int] = {}
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not stack or not n.isdigit():
-            continue
-        bucket = classify(stack)
-        counts[bucket] = counts.get(bucket, 0) + int(n)
-    total = sum(counts.values()) or 1
-    return {k: round(v / total, 4) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
-
-
-def profile_service(server: Server, users: int, seconds: int, workdir: Path, texts: str) -> dict | None:
-    """One more case of the service, with py-spy sampling all its processes."""
-    raw = workdir / "service-profile.txt"
-    cmd = [
-        str(Path(sys.executable).parent / "py-spy"),
-        "record",
-        "--nonblocking",
-        "--subprocesses",
-        "-r",
-        "100",
-        "-d",
-        str(seconds),
-        "-f",
-        "raw",
-        "-o",
-        str(raw),
-        "-p",
-        str(server.pid),
-    ]
-    spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    time.sleep(1)
-    case = measure(server, "unique", users, seconds - 2, workdir, texts, "profiled")
-    _, err = spy.communicate(timeout=seconds + 60)
-    if spy.returncode != 0 or not raw.exists():
-        print(f"py-spy failed: {err.decode(errors='replace')[-500:]}", file=sys.stderr)
-        return None
-    split = cpu_split(raw)
-    model = split.get("model", 0.0)
-    return {"case": case, "split": split, "model_share": model, "raw": str(raw)}
-
-
 # --- the run ---------------------------------------------------------------------------
 
 
@@ -391,9 +215,7 @@ def main() -> int:
     clients = [int(c) for c in args.clients.split(",") if c]
     peers = [p for p in args.peers.split(",") if p]
 
-    from loadtests.texts import load_texts
-
-    texts = load_texts(ROOT / args.texts, 400, ["The food was cold.", "A warm and funny film."])
+    texts = load_texts(ROOT / args.texts, 400)
     print(f"raw model: {args.model}, batch 32, no HTTP, {args.raw_seconds:.0f} s per thread count ...", flush=True)
     raw = {n: raw_throughput(args.model, texts, args.raw_seconds, n) for n in (1, 2)}
     for n, r in raw.items():
@@ -460,7 +282,11 @@ def main() -> int:
         profile = None
         if args.profile_seconds:
             print(f"profiling the service at {args.profile_clients} clients with py-spy ...", flush=True)
-            profile = profile_service(service, args.profile_clients, args.profile_seconds, workdir, args.texts)
+
+            def profiled_case(seconds: int) -> dict:
+                return measure(service, "unique", args.profile_clients, seconds, workdir, args.texts, "profiled")
+
+            profile = profile_service(service.pid, args.profile_seconds, workdir, profiled_case)
         memory = {s.name: s.pss_mb() for s in servers}
         inference = metric_totals(service.url, ("sentiment_inference_seconds_sum", "sentiment_inferred_texts_total"))
     finally:

@@ -17,15 +17,9 @@ from loadtests.texts import CORPUS, load_texts
 
 MODE = os.environ.get("BENCH_MODE", "unique")
 POOL_FILE = Path(os.environ.get("BENCH_TEXTS", CORPUS))
-FALLBACK = [
-    "The food was cold and the waiter ignored us all evening.",
-    "A warm, funny and beautifully acted film.",
-    "Delivery took three weeks and the box arrived crushed.",
-    "Exactly what I needed, works perfectly.",
-]
 
 
-TEXTS = load_texts(POOL_FILE, 300, FALLBACK)
+TEXTS = load_texts(POOL_FILE, 300)
 REPEATED = TEXTS[:20]
 _counter = itertools.count()
 _salt = random.Random().randrange(1 << 30)

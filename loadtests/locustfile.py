@@ -33,20 +33,10 @@ from locust import FastHttpUser, between, events, task
 from loadtests.texts import CORPUS, load_texts
 
 TEXTS_FILE = Path(os.environ.get("LOADTEST_TEXTS", CORPUS))
-FALLBACK = [
-    "The food was cold and the waiter ignored us all evening.",
-    "A warm, funny and beautifully acted film with a great ending.",
-    "Delivery took three weeks and the box arrived crushed.",
-    "Exactly what I needed, works perfectly and the battery lasts for days.",
-    "I want my money back; the screen cracked on the second day.",
-    "Friendly staff, clean rooms, and a view worth every penny.",
-    "The plot drags, the jokes fall flat, and it is far too long.",
-    "Solid build quality; I would buy it again without a second thought.",
-]
 LABELS = {"positive", "negative"}
 
 
-TEXTS = load_texts(TEXTS_FILE, 500, FALLBACK)
+TEXTS = load_texts(TEXTS_FILE, 500)
 _addresses = itertools.count(1)
 _salt = uuid.uuid4().hex[:8]
 

@@ -16,9 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-from loadtests.texts import load_texts
-
-OUT_OF_SOURCE = "var/data/corpus/out_of_source.jsonl"
+from loadtests.texts import OUT_OF_SOURCE, load_texts
 
 
 def _median_ms(fn, repeats: int) -> float:
@@ -44,7 +42,7 @@ def main() -> int:
     from models import runtime
 
     folder = Path(bentoml.models.get(args.model).path)
-    texts = load_texts(Path(OUT_OF_SOURCE), 400, ["The food was cold.", "A warm and funny film."])
+    texts = load_texts(Path(OUT_OF_SOURCE), 400)
     predictor = runtime.load_dir(folder, args.model, 1)
     assert isinstance(predictor, runtime.OnnxPredictor)
 

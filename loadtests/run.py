@@ -1,4 +1,4 @@
-"""Run the original deployment's load-test plan and write a report per scenario.
+"""Run the original deployment's load-test plan (loadtests/plan.py) and write a report per scenario.
 
     python -m loadtests.run baseline|spike|cache|all [--profile full|quick] [--url URL]
                             [--users N] [--duration 10m] [--out DIR] [--no-thresholds]
@@ -7,8 +7,9 @@
 Without --url it starts the service itself (`bentoml serve` with its defaults, the models in the
 BentoML store) on throwaway Redis and PostgreSQL servers, and a Prometheus when one is
 installed; it samples CPU and memory of the API, PostgreSQL, Redis and Locust every second.
-Each scenario runs Locust headless (loadtests/locustfile.py), then loadtests/report.py writes
-`<out>/<scenario>/report.md` with tables and plots.
+Each scenario runs Locust headless (loadtests/locustfile.py; the options common to every
+scenario in loadtests/locust.conf), then loadtests/report.py writes `<out>/<scenario>/report.md`
+with tables and plots; <out> is var/loadtests/<time> unless --out.
 
 Exit status: 1 when a scenario's errors other than 429 exceed 1% of its requests or its p95
 exceeds the scenario's limit (--p95-limit-ms overrides it), unless --no-thresholds.
@@ -33,60 +34,12 @@ import httpx
 import psutil
 
 from loadtests import report
+from loadtests.figures import write_csv
+from loadtests.plan import PLAN, QUICK, Scenario
 from tests.support.serving import ROOT, Served, free_port
 
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    users: int
-    spawn_rate: float
-    duration_s: float
-    repeat_share: float
-    repeat_pool: int = 200
-    shape: bool = False  # the spike's LoadTestShape drives users and duration
-    ramp_s: float = 0
-    hold_s: float = 0
-    p95_limit_ms: float = 120.0
-    description: str = ""
-
-
-# The original plan. p95 limits: baseline's target on 2 cores, and the original's own p95 elsewhere.
-PLAN = {
-    "baseline": Scenario(
-        "baseline", 100, 10, 600, 0.72, p95_limit_ms=60, description="100 users, spawn 10/s, 10 minutes"
-    ),
-    "spike": Scenario(
-        "spike",
-        500,
-        0,
-        420,
-        0.72,
-        shape=True,
-        ramp_s=120,
-        hold_s=300,
-        p95_limit_ms=140,
-        description="0 to 500 users over 2 minutes, 500 held for 5 minutes",
-    ),
-    "cache": Scenario(
-        "cache",
-        50,
-        10,
-        300,
-        1.0,
-        repeat_pool=100,
-        p95_limit_ms=120,
-        description="50 users, 5 minutes, only repeated texts",
-    ),
-}
-# About two minutes for all three: the same mix at a small scale, for CI.
-QUICK = {
-    "baseline": replace(PLAN["baseline"], users=20, spawn_rate=10, duration_s=40, description="quick: 20 users, 40 s"),
-    "spike": replace(
-        PLAN["spike"], users=60, duration_s=40, ramp_s=15, hold_s=25, description="quick: 0 to 60 users in 15 s, 25 s"
-    ),
-    "cache": replace(PLAN["cache"], users=10, duration_s=30, repeat_pool=20, description="quick: 10 users, 30 s"),
-}
+# Locust's options common to every scenario; each run's own go on the command line.
+LOCUST_CONF = Path(__file__).resolve().with_name("locust.conf")
 
 
 def parse_duration(text: str) -> float:
@@ -170,21 +123,14 @@ def run_locust(scenario: Scenario, url: str, out: Path, admin_key: str | None) -
         sys.executable,
         "-m",
         "locust",
+        "--config",
+        str(LOCUST_CONF),
         "-f",
         files,
-        "--headless",
         "--host",
         url,
         "--csv",
         str(out / "locust"),
-        "--csv-full-history",
-        "--only-summary",
-        "--loglevel",
-        "WARNING",
-        "--exit-code-on-error",
-        "0",
-        "--stop-timeout",
-        "10",
         "--repeat-share",
         str(scenario.repeat_share),
         "--repeat-pool",
@@ -258,7 +204,7 @@ def run_scenario(
         "sampled": sorted(roots) + ["locust"],
     }
     (out / "run.json").write_text(json.dumps(run, indent=2))
-    report.write_csv(out / "resources.csv", rows)
+    write_csv(out / "resources.csv", rows)
     return run
 
 
@@ -279,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=None, help="users (peak users for the spike)")
     parser.add_argument("--duration", type=parse_duration, default=None, help="e.g. 90s, 10m (not the spike)")
     parser.add_argument("--p95-limit-ms", type=float, default=None)
-    parser.add_argument("--out", type=Path, default=None, help="default var/loadtest/<time>")
+    parser.add_argument("--out", type=Path, default=None, help="default var/loadtests/<time>")
     parser.add_argument("--no-thresholds", action="store_true", help="report only; exit 0 whatever the figures")
     parser.add_argument(
         "--workers", type=int, default=None, help="SERVICE_WORKERS of the service it starts (default: its own)"
@@ -288,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = QUICK if args.profile == "quick" else PLAN
     names = list(plan) if args.scenario == "all" else [args.scenario]
-    out = args.out or ROOT / "var" / "loadtest" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or ROOT / "var" / "loadtests" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)
     admin_key = os.environ.get("ADMIN_API_KEY")
 

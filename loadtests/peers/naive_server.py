@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -26,7 +27,7 @@ def build_app() -> Starlette:
 
     torch.set_num_threads(1)
     folder = bentoml.models.get(os.environ["PEER_MODEL"]).path
-    max_length = int(read_info(folder)["max_length"])
+    max_length = int(read_info(Path(folder))["max_length"])
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]

@@ -80,7 +80,7 @@ class PrometheusClient:
         return body["data"]["result"]
 
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
-        params = {"query": expr, "start": start, "end": end, "step": step}
+        params: dict[str, str | float] = {"query": expr, "start": start, "end": end, "step": step}
         body = httpx.get(f"{self.url}/api/v1/query_range", params=params, timeout=60).json()
         if body.get("status") != "success":
             raise ValueError(f"{expr}: {body.get('error')}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from loadtests.report import _failures, target_lines, violations
-from loadtests.run import PLAN, QUICK, parse_duration
+from loadtests.figures import _failures, endpoint_names
+from loadtests.plan import PLAN, QUICK
+from loadtests.report import target_lines, violations
+from loadtests.run import parse_duration
 
 
 def _figures(**kw):
@@ -51,3 +53,8 @@ def test_plan_matches_the_original_and_quick_is_about_two_minutes() -> None:
     assert (PLAN["cache"].users, PLAN["cache"].duration_s, PLAN["cache"].repeat_share) == (50, 300, 1.0)
     assert 90 <= sum(s.duration_s for s in QUICK.values()) <= 150
     assert parse_duration("10m") == 600 and parse_duration("90s") == 90 and parse_duration("45") == 45
+
+
+def test_endpoints_are_the_request_names_locust_recorded_in_its_order() -> None:
+    stats = {name: {} for name in ("/analytics/ab", "/batch", "/predict", "Aggregated", "/new")}
+    assert endpoint_names(stats) == ["/analytics/ab", "/batch", "/predict", "/new"]
