@@ -62,8 +62,8 @@ bench: model  ## the service against LitServe and the naive server, side by side
 	$(PY) -c "import litserve" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) -m loadtests.bench $(BENCH_ARGS)
 
-bench-analytics: install  ## /analytics query times on PostgreSQL over a seeded million-row table
-	$(PY) loadtests/analytics_bench.py $(if $(DATABASE_URL),--url $(DATABASE_URL),)
+bench-analytics: install  ## /analytics query times over a seeded million-row table (DATABASE_URL, or a throwaway PostgreSQL)
+	$(PY) -m loadtests.analytics_bench $(if $(DATABASE_URL),--url $(DATABASE_URL),)
 
 loadtest: $(if $(URL),install,model)  ## the original plan: SCENARIO=baseline|spike|cache|all PROFILE=full|quick [URL= USERS= DURATION= OUT=]
 	$(PY) -m loadtests.run $(SCENARIO) --profile $(PROFILE) $(if $(URL),--url $(URL),) \

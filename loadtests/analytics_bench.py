@@ -1,12 +1,14 @@
 """Time /analytics/summary and /analytics/ab queries on PostgreSQL over a seeded table.
 
-    python loadtests/analytics_bench.py --url postgresql+psycopg://postgres@127.0.0.1:5432/postgres
+    python -m loadtests.analytics_bench [--url postgresql+psycopg://postgres@127.0.0.1:5432/postgres]
 
-Creates a scratch database beside the one in --url, migrates it to the first revision, seeds
---rows predictions (default one million) spread evenly over --days, with feedback on 2% of the
-A/B rows, upgrades it to the newest revision (which counts the seeded rows per minute, as an
-existing deployment's upgrade would), then runs each report for several windows and prints the
-median of repeated runs. The scratch database is dropped at the end.
+Without --url it starts a throwaway PostgreSQL server of its own (the local binaries, as the
+tests do) and stops it at the end. Creates a scratch database beside the one in --url, migrates
+it to the first revision, seeds --rows predictions (default one million) spread evenly over
+--days, with feedback on 2% of the A/B rows, upgrades it to the newest revision (which counts
+the seeded rows per minute, as an existing deployment's upgrade would), then runs each report
+for several windows and prints the median of repeated runs. The scratch database is dropped at
+the end.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sqlalchemy as sa
 
 from storage import migrate
 from storage.analytics import SqlAnalyticsStore
+from tests.support.servers import PostgresServer
 
 SEED = """
 INSERT INTO predictions (request_id, created_at, endpoint, model, variant, label, score, cached,
@@ -48,18 +51,25 @@ FROM predictions WHERE variant IS NOT NULL AND random() < 0.02
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--url", default=None, help="a PostgreSQL server to use (default: a throwaway one)")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--days", type=float, default=30)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--keep", action="store_true", help="keep the scratch database (for EXPLAIN)")
     args = parser.parse_args()
+    if args.url is not None:
+        return bench(args, args.url)
+    print("starting a throwaway PostgreSQL server ...", flush=True)
+    with PostgresServer() as server:
+        return bench(args, server.url)
 
+
+def bench(args: argparse.Namespace, server_url: str) -> int:
     name = f"sentiment_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(args.url, isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = sa.make_url(args.url).set(database=name).render_as_string(hide_password=False)
+    url = sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
     try:
         migrate.upgrade(url, "0001")
         engine = sa.create_engine(url)

@@ -109,7 +109,7 @@ class _Predictor:
         self.threads = threads
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         # The Rust tokenizer behind transformers' wrapper, with truncation and padding set once:
-        # its batch call skips the wrapper's per-call Python work (README, Performance).
+        # its batch call skips the wrapper's per-call Python work (docs/performance.md).
         from tokenizers import Tokenizer
 
         self._rust = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
@@ -202,7 +202,7 @@ class OnnxPredictor(_Predictor):
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # With more than one intra-op thread, idle pool threads spin by default: CPU the event
-        # loop of a loaded worker needs (README, Performance).
+        # loop of a loaded worker needs (docs/performance.md).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(Path(model_dir) / "model.onnx"), options, providers=["CPUExecutionProvider"]

@@ -6,7 +6,7 @@ its self-proxy, a full request into the service's own ASGI app (JSON both ways, 
 middleware twice). Measured with the same int8 model, that round trip cost about a third of the
 service's throughput, and BentoML offers no in-process route to its dispatcher (its class is
 private API). So the grouping lives here; `make bench` measures the result against a lean
-batching server of the same model (README, Performance).
+batching server of the same model (docs/performance.md).
 
 How a batch forms: while the model runs one batch, new texts queue; when it is done, the
 inference thread takes everything queued, up to `max_batch` texts. The batch therefore grows

@@ -16,8 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from storage import db
 
-# Measured with `make bench` on 2 cores, int8 model, unique texts at 64 clients (README,
-# Performance, knob table): 2 workers x 1 inference thread served 431 req/s, p95 180 ms; 1 worker
+# Measured with `make bench` on 2 cores, int8 model, unique texts at 64 clients
+# (docs/performance.md, knob table): 2 workers x 1 inference thread served 431 req/s, p95 180 ms; 1 worker
 # x 2 inference threads 402 (p95 235, but half the memory); 2 workers x 2 threads 393 (p95 310).
 # Batches of at most 16 texts or a 2 ms wait for a fuller batch changed nothing measurable.
 DEFAULT_WORKERS = 2
@@ -33,7 +33,7 @@ PROJECT_ROOT = db.PROJECT_ROOT
 
 
 class Settings(BaseSettings):
-    """The contract's configuration variables (shared/API.md), typed and with defaults."""
+    """The contract's configuration variables (docs/api.md), typed and with defaults."""
 
     model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
 

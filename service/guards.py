@@ -173,7 +173,7 @@ class RequestContext:
     """A request id on every answer; public requests timed and counted, error answers recorded.
 
     A plain ASGI middleware: Starlette's `@app.middleware("http")` runs each request through an
-    extra task and memory streams, measurable CPU per request (README, Performance).
+    extra task and memory streams, measurable CPU per request (docs/performance.md).
     """
 
     def __init__(self, app: ASGIApp, public: Sequence[str], on_error: Callable[[str, int], None]) -> None:

@@ -2,7 +2,7 @@
 
 Under `bentoml serve` every worker writes its values to BentoML's multiprocess directory and
 `/metrics` shows them summed over workers (gauges as their `multiprocess_mode` says). The
-README lists every series; the dashboards and alert rules use only these and `up`.
+docs/monitoring.md lists every series; the dashboards and alert rules use only these and `up`.
 Storage metrics (cache and limiter errors, analytics rows) are defined in their modules.
 """
 

@@ -3,7 +3,7 @@
 Keys come from the model tag and a hash of the text exactly as the model sees it, so a model
 never reads another model's entry and no raw text is kept in a key. The methods are coroutines
 run on the worker's event loop: Redis is reached with redis-py's asyncio client, so a lookup
-costs no thread hand-off (measured: README, Performance).
+costs no thread hand-off (measured: docs/performance.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The HTTP contract (shared/API.md) checked against a running service, over the network.
+"""The HTTP contract (docs/api.md) checked against a running service, over the network.
 
     python -m tests.support.contract http://127.0.0.1:3000 [--admin-key KEY]
 

@@ -51,7 +51,25 @@ def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, valu
         Settings()
 
 
-def test_readme_documents_every_setting() -> None:
+def _shown(value: object) -> str:
+    """A default as the README writes it: `true`, `2`, `var/spill`."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def test_readme_documents_every_setting_with_its_default() -> None:
     readme = (ROOT / "README.md").read_text()
-    documented = set(re.findall(r"^\| `([A-Z_]+)`", readme, flags=re.M))
-    assert documented == {name.upper() for name in Settings.model_fields}
+    readme = readme[readme.index("### The service") : readme.index("### Make variables")]
+    rows = dict(re.findall(r"^\| `([A-Z_]+)` \| ([^|]*) \|", readme, flags=re.M))
+    assert set(rows) == {name.upper() for name in Settings.model_fields}
+    for name, field in Settings.model_fields.items():
+        cell, default = rows[name.upper()], field.default
+        if default is None:  # unset, or computed from the machine
+            assert cell.startswith("unset") or "cores" in cell, (name, cell)
+        elif default == []:
+            assert cell.startswith("empty"), (name, cell)
+        else:
+            assert cell.startswith(f"`{_shown(default)}`"), (name, cell, default)
