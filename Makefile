@@ -46,7 +46,7 @@ migrate: install  ## apply the analytics migrations to DATABASE_URL (bentoml ser
 	$(PY) -m storage.migrate upgrade
 
 bento: model  ## a versioned Bento recording both model tags
-	$(BENTOML) build
+	$(PY) deploy/image.py --bento-only
 
 lint: install $(ACTIONLINT)
 	$(VENV)/bin/ruff check .

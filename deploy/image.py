@@ -1,6 +1,10 @@
 """`make image`: the Bento and its container image, tagged with the Bento version.
 
     python deploy/image.py [--name sentiment] [--base-image NAME:TAG]
+    python deploy/image.py --bento-only          # make bento: the Bento alone
+
+The Bento's Python packages are pyproject.toml's dependencies, put into bentofile.yaml's config
+here at build time, so the project declares them once.
 
 1. The CPU build of torch 2.13.0 as a wheel file (`pip download`, from TORCH_INDEX_URL when
    set): the index's own torch==2.13.0 is the multi-GB CUDA build, so the Bento carries the
@@ -21,7 +25,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -49,17 +55,24 @@ def torch_wheel(dest: Path) -> Path:
     return wheel
 
 
-def build_bento(wheel: Path, base_image: str | None) -> str:
+def bento_config(wheel: Path | None = None, base_image: str | None = None) -> dict[str, Any]:
+    """bentofile.yaml with pyproject.toml's dependencies as its packages; with `wheel`, torch
+    comes from that wheel alone: left in the requirements, the index's CUDA build would be
+    installed first (4 GB of CUDA libraries that the CPU wheel installed over it leaves behind)."""
     config = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     python = config.setdefault("python", {})
-    # torch comes from the wheel alone: left in the requirements, the index's CUDA build would be
-    # installed first (4 GB of CUDA libraries that the CPU wheel installed over it leaves behind).
-    python["packages"] = [p for p in python.get("packages", []) if not p.startswith("torch")]
-    python["wheels"] = [str(wheel.relative_to(ROOT))]
-    docker = config.setdefault("docker", {})
-    docker["python_version"] = "3.11"
-    if base_image:
-        docker["base_image"] = base_image
+    python["packages"] = [p for p in packages if not (wheel and p.startswith("torch"))]
+    if wheel is not None:
+        python["wheels"] = [str(wheel.relative_to(ROOT))]
+        docker = config.setdefault("docker", {})
+        docker["python_version"] = "3.11"
+        if base_image:
+            docker["base_image"] = base_image
+    return config
+
+
+def build_bento(config: dict[str, Any]) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=ROOT, prefix=".bentofile-image-", delete=False) as f:
         yaml.safe_dump(config, f, sort_keys=False)
     try:
@@ -74,12 +87,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", default=os.environ.get("IMAGE", "sentiment"), help="image name (registry path)")
     parser.add_argument("--base-image", default=os.environ.get("BASE_IMAGE") or None)
+    parser.add_argument("--bento-only", action="store_true", help="build the Bento (make bento), no image")
     args = parser.parse_args()
 
+    if args.bento_only:
+        print(f"built {build_bento(bento_config())}")
+        return 0
     started = time.monotonic()
     wheel = torch_wheel(ROOT / "var" / "wheels")
     t_wheel = time.monotonic()
-    bento = build_bento(wheel, args.base_image)
+    bento = build_bento(bento_config(wheel, args.base_image))
     t_bento = time.monotonic()
     version = bento.split(":", 1)[1]
     image = f"{args.name}:{version}"
