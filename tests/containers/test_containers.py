@@ -35,7 +35,7 @@ from tests.conftest import USER_BENTOML_HOME
 from tests.support import contract
 from tests.support.serving import ROOT, wait_ready
 
-pytestmark = pytest.mark.containers
+pytestmark = [pytest.mark.containers, pytest.mark.integration, pytest.mark.slow]
 
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "sentiment-base:bookworm")
 PROJECT = "sentiment-airgap-test"
