@@ -195,7 +195,7 @@ def main() -> int:
     parser.add_argument("--peers", default="litserve,naive", help="comma-separated; empty for the service alone")
     parser.add_argument("--profile-clients", type=int, default=32)
     parser.add_argument("--profile-seconds", type=int, default=25, help="0: no py-spy profile")
-    parser.add_argument("--raw-seconds", type=float, default=15)
+    parser.add_argument("--raw-seconds", type=float, default=15, help="0: no raw model measurement")
     parser.add_argument("--texts", default=OUT_OF_SOURCE, help="JSON lines with a text field")
     parser.add_argument("--json", type=Path, default=Path("var/bench.json"))
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the service (repeatable)")
@@ -216,8 +216,12 @@ def main() -> int:
     peers = [p for p in args.peers.split(",") if p]
 
     texts = load_texts(ROOT / args.texts, 400)
-    print(f"raw model: {args.model}, batch 32, no HTTP, {args.raw_seconds:.0f} s per thread count ...", flush=True)
-    raw = {n: raw_throughput(args.model, texts, args.raw_seconds, n) for n in (1, 2)}
+    if args.raw_seconds < 0 or args.profile_seconds < 0 or args.seconds <= 0:
+        parser.error("--seconds must be positive, --raw-seconds and --profile-seconds 0 or more")
+    raw: dict[int, dict[str, float]] = {}
+    if args.raw_seconds:
+        print(f"raw model: {args.model}, batch 32, no HTTP, {args.raw_seconds:.0f} s per thread count ...", flush=True)
+        raw = {n: raw_throughput(args.model, texts, args.raw_seconds, n) for n in (1, 2)}
     for n, r in raw.items():
         print(
             f"  {n} thread(s): {r['texts_per_s']} texts/s, batch in {r['batch_ms_median']} ms, "
@@ -331,7 +335,9 @@ def main() -> int:
         for bucket, share in profile["split"].items():
             print(f"  {share * 100:5.1f}%  {bucket}")
     print("memory (PSS): " + ", ".join(f"{k} {v:.0f} MB" for k, v in memory.items()))
-    print(f"raw model: {raw[1]['texts_per_s']} texts/s on 1 thread, {raw[2]['texts_per_s']} on 2 (batch 32, same run)")
+    if raw:
+        one, two = raw[1]["texts_per_s"], raw[2]["texts_per_s"]
+        print(f"raw model: {one} texts/s on 1 thread, {two} on 2 (batch 32, same run)")
     result = {
         "model": args.model,
         "reference": args.reference,
