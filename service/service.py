@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated
 
 import bentoml
-from fastapi import Depends, FastAPI, Query
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -41,8 +41,6 @@ MAX_IN_FLIGHT = 512
 app = FastAPI(title="sentiment", docs_url=None, redoc_url=None, openapi_url=None)
 errors.install(app)
 app.dependency_overrides[bentoml.get_current_service] = deps.current_service
-Gate = Annotated[deps.Gate, Depends(deps.rate_limit("predict"))]
-BatchGate = Annotated[deps.Gate, Depends(deps.rate_limit("batch"))]
 Admin = [Depends(deps.require_admin)]
 # The routes BentoML's own access log, request metrics and tracing leave alone (prefixes):
 # filled from the app's routes at the bottom. BentoML reads its config when it serves, after
@@ -122,19 +120,22 @@ class Sentiment:
     # --- endpoints -------------------------------------------------------------------------
 
     @app.post("/predict", response_model=schemas.Prediction)
-    async def predict(self, body: schemas.PredictRequest, limit: Gate) -> schemas.Prediction:
+    async def predict(self, body: schemas.PredictRequest, request: Request, response: Response) -> schemas.Prediction:
+        limit = self.client_limits.gate(request, response, "predict")
         [prediction] = await self.predictions.predict([body.text], self.tag_a, "/predict", gate=limit)
         return prediction
 
     @app.post("/predict/ab", response_model=schemas.ABPrediction)
-    async def predict_ab(self, body: schemas.ABRequest, limit: Gate) -> schemas.ABPrediction:
+    async def predict_ab(self, body: schemas.ABRequest, request: Request, response: Response) -> schemas.ABPrediction:
+        limit = self.client_limits.gate(request, response, "predict")
         variant = ab.assign(self.experiment, body.user_id, settings.ab_split)
         tag = self.tag_b if variant == "B" else self.tag_a
         [prediction] = await self.predictions.predict([body.text], tag, "/predict/ab", variant, gate=limit)
         return schemas.ABPrediction(**prediction.model_dump(), variant=variant, experiment=self.experiment)
 
     @app.post("/batch", response_model=schemas.BatchResponse)
-    async def batch(self, body: schemas.BatchRequest, limit: BatchGate) -> schemas.BatchResponse:
+    async def batch(self, body: schemas.BatchRequest, request: Request, response: Response) -> schemas.BatchResponse:
+        limit = self.client_limits.gate(request, response, "batch")
         predictions = await self.predictions.predict(body.texts, self.tag_a, "/batch", gate=limit)
         cached = sum(p.cached for p in predictions)
         return schemas.BatchResponse(predictions=predictions, count=len(predictions), cached_count=cached)
