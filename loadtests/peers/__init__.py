@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from tests.support.serving import ROOT, Served, free_port
+from tests.support.serving import ROOT, Served, free_port, stop_group
 
 
 @dataclass
@@ -75,13 +75,8 @@ class Server:
         self.pause(False)
         if self.served is not None:
             self.served.stop()
-        elif self.proc is not None:  # its own session: the signal reaches its workers too
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        elif self.proc is not None:
+            stop_group(self.proc, timeout=30)
 
 
 def start_peer(name: str, module: str, model: str, workdir: Path) -> Server:

@@ -33,7 +33,7 @@ import pytest
 
 from tests.conftest import USER_BENTOML_HOME
 from tests.support import contract
-from tests.support.serving import ROOT, wait_ready
+from tests.support.serving import ROOT, post_retrying_sheds, wait_ready
 
 pytestmark = [pytest.mark.containers, pytest.mark.integration, pytest.mark.slow]
 
@@ -139,14 +139,9 @@ def build() -> str:
 
 
 def _answer(url: str, text: str, client: str) -> int:
-    """The status of /predict, a shed (503 + Retry-After) retried as clients do: for a cached
-    text only the door guards shed, before the limiter is asked, so a retry spends no slot."""
-    for _ in range(10):
-        r = httpx.post(f"{url}/predict", json={"text": text}, headers={"X-Forwarded-For": client}, timeout=60)
-        if r.status_code != 503 or not r.headers.get("Retry-After"):
-            return r.status_code
-        time.sleep(0.2)
-    return r.status_code
+    """The status of /predict, a shed retried: for a cached text only the door guards shed,
+    before the limiter is asked, so a retry spends no slot."""
+    return post_retrying_sheds(f"{url}/predict", {"text": text}, {"X-Forwarded-For": client}).status_code
 
 
 @pytest.fixture(scope="module")

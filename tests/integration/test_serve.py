@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.serving import Served
+from tests.support.serving import Served, post_retrying_sheds
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -45,12 +44,7 @@ def test_concurrent_requests_are_batched(served: str) -> None:
 
     def call(i: int) -> int:
         headers = {"X-Forwarded-For": f"198.51.100.{i % 200}"}
-        for _ in range(10):  # a shed (503 + Retry-After) is retried, as clients do: CI's cores are busy
-            r = httpx.post(f"{served}/predict", json={"text": texts[i]}, headers=headers, timeout=60)
-            if r.status_code != 503 or not r.headers.get("Retry-After"):
-                break
-            time.sleep(0.2)
-        return r.status_code
+        return post_retrying_sheds(f"{served}/predict", {"text": texts[i]}, headers).status_code
 
     with cf.ThreadPoolExecutor(32) as pool:
         statuses = list(pool.map(call, range(len(texts))))

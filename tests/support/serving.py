@@ -17,6 +17,29 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM to the process group of `proc` (started in a session of its own, so the signal
+    reaches its workers too), SIGKILL if it has not ended within `timeout` seconds."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def post_retrying_sheds(url: str, body: dict, headers: dict[str, str], tries: int = 10) -> httpx.Response:
+    """POST `body` to `url`, retrying a shed as clients do: a 503, which must carry Retry-After,
+    is sent again after 0.2 s, up to `tries` times. Busy test machines do shed now and then."""
+    for _ in range(tries):
+        r = httpx.post(url, json=body, headers=headers, timeout=60)
+        if r.status_code != 503:
+            return r
+        assert r.headers.get("Retry-After"), r.text
+        time.sleep(0.2)
+    return r
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,12 +129,7 @@ class Served(Managed):
         """SIGTERM, as an orchestrator would: shutdown hooks run (analytics flushed or spilled)."""
         if self.proc is None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_group(self.proc, timeout=60)
         self.proc = None
 
     def tail(self, n: int = 3000) -> str:
