@@ -243,14 +243,8 @@ class JsonNotFound:
             if message.get("more_body"):
                 return
             rid = str(uuid.uuid4())
-            body = json.dumps({"error": f"not found: {scope['method']} {scope['path']}", "request_id": rid}).encode()
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"x-request-id", rid.encode()),
-            ]
-            await send({"type": "http.response.start", "status": 404, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            error = {"error": f"not found: {scope['method']} {scope['path']}", "request_id": rid}
+            await _send_json(send, 404, error, {"X-Request-ID": rid})
 
         await self.app(scope, receive, send_json)
 

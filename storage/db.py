@@ -12,23 +12,29 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_URL = "sqlite:///var/analytics.db"
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL; None for other databases and in-memory SQLite."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        return Path(parsed.database)
+    return None
+
+
 def anchored(url: str) -> str:
     """`url` with a relative SQLite path made the project's (var/analytics.db beside storage/),
     whatever the working directory: BentoML's parent process, which migrates, and its workers
     may start in different ones (seen in the container image). Other URLs are returned as given."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        path = Path(parsed.database)
-        if not path.is_absolute():
-            return parsed.set(database=str(PROJECT_ROOT / path)).render_as_string(hide_password=False)
-    return url
+    path = _sqlite_file(url)
+    if path is None or path.is_absolute():
+        return url
+    return make_url(url).set(database=str(PROJECT_ROOT / path)).render_as_string(hide_password=False)
 
 
 def ensure_sqlite_folder(url: str) -> None:
     """Create the folder of a SQLite file (e.g. var/ on a first start)."""
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    path = _sqlite_file(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def make_engine(url: str) -> Engine:
