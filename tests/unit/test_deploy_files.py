@@ -1,9 +1,14 @@
 """The deployment files that cannot run here are checked by their validators: Kubernetes
 manifests (kubernetes-validate), the CI workflow (actionlint and the workflow schema) and the
-compose files (the compose specification's schema), plus what the issue asks of each."""
+compose files (the compose specification's schema), plus what the issue asks of each: nginx
+refuses the internal paths and guards against floods, the compose stacks pin their images,
+publish the monitoring on loopback and believe only nginx, the replicas connect as a role that
+cannot change the schema, and Kubernetes applies no secret from git and admits only the ingress
+controller and Prometheus."""
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
 import subprocess
@@ -18,10 +23,26 @@ K8S = ROOT / "deploy" / "k8s"
 BIN = Path(sys.executable).parent
 ACTIONLINT = ROOT / ".github" / "actionlint"
 MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+NGINX = ROOT / "deploy" / "nginx"
+CONTAINER_TEST = ROOT / "tests" / "containers" / "test_containers.py"
 
 
 def _run(*cmd: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _defaults(value: str) -> str:
+    """A compose value with every `${VAR:-default}` replaced by its default."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
+def _compose(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())["services"]
+
+
+def _nginx_blocks(text: str) -> dict[str, str]:
+    """The body of each `location` of nginx.conf (none of them nests a block), by its path."""
+    return {m[1]: m[2] for m in re.finditer(r"location\s+(?:\^~\s+|=\s+)?(\S+)\s*\{([^{}]*)\}", text)}
 
 
 def test_kubernetes_manifests_validate(tmp_path: Path) -> None:
@@ -111,3 +132,184 @@ def test_airgap_override_runs_everything_on_the_host_network() -> None:
 @pytest.mark.parametrize("path", ["deploy/base-image.sh"])
 def test_shell_scripts_parse(path: str) -> None:
     assert _run("bash", "-n", path).returncode == 0
+
+
+def test_nginx_refuses_the_internal_paths_and_appends_the_peer() -> None:
+    text = (NGINX / "nginx.conf").read_text()
+    locations = _nginx_blocks(text)
+    for path in ("/metrics", "/docs", "/internal"):
+        # `^~` prefix matches: /docs covers /docs.json and every /docs*, before any regex location.
+        assert re.search(rf"location\s+\^~\s+{re.escape(path)}\s*\{{", text), path
+        assert re.fullmatch(r"\s*return 40[34];\s*", locations[path]), (path, locations[path])
+    proxied = locations["/"]
+    assert "proxy_pass http://sentiment_api;" in proxied
+    assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in proxied
+    assert "$remote_addr" not in proxied  # nothing replaces what the replicas take the rightmost of
+
+
+def test_nginx_floods_get_429_and_the_container_test_passes_through() -> None:
+    text = (NGINX / "nginx.conf").read_text()
+    zone = re.search(r"limit_req_zone \$binary_remote_addr zone=(\w+):\w+ rate=(\d+)r/s;", text)
+    conn_zone = re.search(r"limit_conn_zone \$binary_remote_addr zone=(\w+):\w+;", text)
+    assert zone and conn_zone, "limit_req_zone and limit_conn_zone keyed on the client address"
+    req = re.search(rf"limit_req zone={zone[1]} burst=(\d+) nodelay;", text)
+    conn = re.search(rf"limit_conn {conn_zone[1]} (\d+);", text)
+    assert req and conn, "limit_req and limit_conn applied in the server"
+    assert "limit_req_status 429;" in text and "limit_conn_status 429;" in text
+    # The container test sends 200 requests at once from one client (16 at a time) and wants
+    # the replicas to answer them all: every one must fit in the burst, and in the connections.
+    test = CONTAINER_TEST.read_text()
+    burst = re.search(r"ThreadPoolExecutor\((\d+)\) as pool:\n\s+codes = list\(pool\.map\(.*range\((\d+)\)\)\)", test)
+    assert burst, "the container test's burst of requests from one client"
+    parallel, sent = int(burst[1]), int(burst[2])
+    assert int(req[1]) >= sent and int(conn[1]) >= parallel, (req[0], conn[0], sent, parallel)
+    assert 'return 429 \'{"error"' in text and "Retry-After" in text  # JSON, as the service's 429
+
+
+def test_prometheus_scrapes_the_replicas_nginx_balances() -> None:
+    """nginx refuses /metrics, so each stack's targets file names the replicas themselves."""
+    stacks = {
+        NGINX / "compose" / "upstream.conf": ROOT / "deploy" / "prometheus" / "targets.yml",
+        ROOT / "deploy" / "airgap" / "nginx" / "upstream.conf": ROOT / "deploy" / "airgap" / "targets.yml",
+    }
+    for upstream, targets in stacks.items():
+        servers = re.findall(r"^server (\S+)", upstream.read_text(), re.MULTILINE)
+        [group] = yaml.safe_load(targets.read_text())
+        assert len(servers) == 2 and sorted(group["targets"]) == sorted(servers), (upstream, targets)
+
+
+def test_compose_replicas_stop_gracefully_and_monitoring_is_on_loopback() -> None:
+    services = _compose("compose.yaml")
+    for api in ("api-1", "api-2"):
+        assert services[api]["stop_grace_period"] == "60s"
+    for name in ("prometheus", "grafana"):
+        [port] = services[name]["ports"]
+        assert port.startswith("127.0.0.1:"), port
+    [api_port] = services["nginx"]["ports"]
+    assert _defaults(api_port) == "8080:8080"  # the API itself is public
+
+
+def test_compose_images_are_pinned_to_exact_versions() -> None:
+    for name in ("compose.yaml", "compose.airgap.yaml"):
+        for service, spec in _compose(name).items():
+            image = spec.get("image", "")
+            if not image or image.startswith("${SENTIMENT_IMAGE") or "build" in spec:
+                continue  # the image make image built; the air-gapped stack's own builds
+            # x.y.z, or x.y for PostgreSQL (its minor releases are x.y since 10)
+            version = r"\d+\.\d+" if image.startswith("postgres:") else r"v?\d+\.\d+\.\d+"
+            assert re.fullmatch(rf"[\w./-]+:{version}(-[a-z0-9.]+)?", image), f"{name} {service}: {image}"
+
+
+def test_compose_replicas_believe_only_nginx() -> None:
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    services = compose["services"]
+    [network] = compose["networks"]["default"]["ipam"]["config"]
+    subnet = ipaddress.ip_network(_defaults(network["subnet"]))
+    handed_out = ipaddress.ip_network(_defaults(network["ip_range"]))
+    nginx = ipaddress.ip_address(_defaults(services["nginx"]["networks"]["default"]["ipv4_address"]))
+    assert nginx in subnet and nginx not in handed_out  # no other container can be given it
+    for api in ("api-1", "api-2"):
+        assert _defaults(services[api]["environment"]["TRUSTED_PROXIES"]) == f"{nginx}/32"
+    airgap = _compose("compose.airgap.yaml")
+    for api in ("api-1", "api-2"):
+        assert airgap[api]["environment"]["TRUSTED_PROXIES"] == "127.0.0.1/32"
+
+
+def test_compose_replicas_connect_as_the_application_role() -> None:
+    text = (ROOT / "compose.yaml").read_text()
+    assert re.search(r"\$\{POSTGRES_APP_PASSWORD:\?", text), "POSTGRES_APP_PASSWORD must come from the environment"
+    for name in ("compose.yaml", "compose.airgap.yaml"):
+        services = _compose(name)
+        for api in ("api-1", "api-2"):
+            assert services[api]["environment"]["DATABASE_URL"].startswith(
+                "postgresql+psycopg://sentiment_app:${POSTGRES_APP_PASSWORD:?}@"
+            ), name
+        assert services["migrate"]["environment"]["DATABASE_URL"].startswith(
+            "postgresql+psycopg://sentiment:${POSTGRES_PASSWORD:?}@"
+        ), name
+    postgres = _compose("compose.yaml")["postgres"]
+    assert postgres["environment"]["POSTGRES_APP_PASSWORD"] == "${POSTGRES_APP_PASSWORD:?}"
+    assert "./deploy/postgres/app-role.sh:/docker-entrypoint-initdb.d/10-app-role.sh:ro" in postgres["volumes"]
+    # The air-gapped PostgreSQL keeps the base file's mount and runs what is mounted there.
+    assert "volumes" not in _compose("compose.airgap.yaml")["postgres"]
+    entrypoint = (ROOT / "deploy" / "airgap" / "postgres-entrypoint.sh").read_text()
+    assert "/docker-entrypoint-initdb.d/*.sh" in entrypoint
+    assert (ROOT / "deploy" / "postgres" / "app-role.sh").stat().st_mode & 0o111, "the postgres image runs it"
+
+
+def test_compose_examples_generate_a_long_admin_key() -> None:
+    assert "ADMIN_API_KEY=$(openssl rand -hex 32)" in (ROOT / "compose.yaml").read_text()
+    from tests.containers.test_containers import STACK_ENV
+
+    assert len(STACK_ENV["ADMIN_API_KEY"]) >= 32  # the service refuses shorter keys
+
+
+def test_kubernetes_applies_no_secret_from_git(tmp_path: Path) -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    kinds = {yaml.safe_load((K8S / name).read_text())["kind"] for name in kustomization["resources"]}
+    assert "Secret" not in kinds, kinds
+    generated = {g["name"]: g["envs"] for g in kustomization["secretGenerator"]}
+    assert set(generated) == {"sentiment-secrets", "sentiment-migrate-secrets"}
+    for [env] in generated.values():
+        path = f"deploy/k8s/{env}"
+        assert _run("git", "check-ignore", "-q", path).returncode == 0, f"{path} must be ignored by git"
+        assert not _run("git", "ls-files", path).stdout, f"{path} must not be tracked"
+        example = K8S / env.replace(".env", ".example.env")
+        assert example.exists(), example
+    lines = (K8S / "secret.example.env").read_text().splitlines()
+    secret_keys = dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+    assert set(secret_keys) == {"REDIS_URL", "DATABASE_URL", "ADMIN_API_KEY"}
+    assert "openssl rand -hex 32" in secret_keys["ADMIN_API_KEY"]
+    assert secret_keys["DATABASE_URL"].startswith("postgresql+psycopg://sentiment_app:")
+    kustomize = shutil.which("kustomize")
+    kubectl = shutil.which("kubectl")
+    if not (kustomize or kubectl):
+        pytest.skip("neither kustomize nor kubectl to build the kustomization with")
+    build = [kustomize, "build"] if kustomize else [kubectl, "kustomize"]
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy, ignore=shutil.ignore_patterns("secret.env", "migrate-secret.env"))
+    assert _run(*build, copy).returncode != 0  # without the untracked files there is nothing to apply
+    for [env] in generated.values():
+        shutil.copy(copy / env.replace(".env", ".example.env"), copy / env)
+    result = _run(*build, copy)
+    assert result.returncode == 0, result.stderr
+    docs = list(yaml.safe_load_all(result.stdout))
+    secrets = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    by_kind = {d["kind"]: d for d in docs}
+    api_refs = {
+        r["secretRef"]["name"]
+        for r in by_kind["Deployment"]["spec"]["template"]["spec"]["containers"][0]["envFrom"]
+        if "secretRef" in r
+    }
+    [job_ref] = [r["secretRef"]["name"] for r in by_kind["Job"]["spec"]["template"]["spec"]["containers"][0]["envFrom"]]
+    assert len(secrets) == 2 and api_refs | {job_ref} == secrets, (secrets, api_refs, job_ref)
+    assert all(re.fullmatch(r"sentiment-(migrate-)?secrets-\w+", name) for name in secrets)  # hashed: pods roll
+
+
+def test_kubernetes_trusts_no_proxy_by_default_and_admits_only_ingress_and_prometheus() -> None:
+    config = yaml.safe_load((K8S / "configmap.yaml").read_text())
+    assert config["data"]["TRUSTED_PROXIES"] == ""
+    policy = yaml.safe_load((K8S / "networkpolicy.yaml").read_text())
+    deployment = yaml.safe_load((K8S / "deployment.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    rules = policy["spec"]["ingress"]
+    assert len(rules) == 2
+    for rule in rules:
+        assert rule["ports"] == [{"protocol": "TCP", "port": 3000}]
+        [source] = rule["from"]
+        assert "namespaceSelector" in source and "ipBlock" not in source
+    namespaces = {r["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for r in rules}
+    assert namespaces == {"ingress-nginx", "monitoring"}
+
+
+def test_make_serve_binds_loopback_unless_told() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^HOST \?= 127\.0\.0\.1$", makefile, re.MULTILINE)
+    serve = re.search(r"^serve:.*\n\t(.*)$", makefile, re.MULTILINE)
+    assert serve and "--host $(HOST)" in serve[1], serve
+
+
+@pytest.mark.parametrize("path", ["deploy/postgres/app-role.sh", "deploy/airgap/postgres-entrypoint.sh"])
+def test_postgres_scripts_parse(path: str) -> None:
+    assert _run("sh", "-n", path).returncode == 0
