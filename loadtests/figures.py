@@ -220,7 +220,7 @@ def _service_profile(folder: Path, duration: float) -> dict[str, Any]:
         "overload_rejections": int(delta("sentiment_overload_rejections_total")),
         "predictions": int(delta("sentiment_predictions_total")),
         "analytics_rows_written": int(delta("sentiment_analytics_rows_total", outcome="written")),
-        "analytics_rows_spilled": int(delta("sentiment_analytics_rows_total", outcome="spilled")),
+        "analytics_rows_dropped": int(delta("sentiment_analytics_rows_total", outcome="dropped")),
     }
 
 

@@ -146,7 +146,7 @@ def analysis(name: str, figs: dict[str, Any], machine: dict[str, Any]) -> list[s
             f" {service['rate_limited']:,} rate-limited,"
             f" {service['overload_rejections']:,} overload rejections, {service['predictions']:,} predictions,"
             f" {service['analytics_rows_written']:,} analytics rows written"
-            f" ({service['analytics_rows_spilled']:,} spilled)."
+            f" ({service.get('analytics_rows_dropped', 0):,} dropped)."
         )
     if figs.get("miss_hit_ratio"):
         lines.append(

@@ -68,5 +68,12 @@ def make_engine(url: str) -> Engine:
             "keepalives_idle": 5,
             "keepalives_interval": 2,
             "keepalives_count": 3,
+            # Sent data unacknowledged this long (ms): a blackholed connection fails in 10 s,
+            # where the kernel's retransmissions alone would hold it for about 15 minutes.
+            "tcp_user_timeout": 10_000,
         },
     )
+
+
+# For migrations (storage/migrations/env.py): the same bounds on a dead network.
+MIGRATION_CONNECT_ARGS = {"connect_timeout": 10, "tcp_user_timeout": 10_000, "keepalives": 1, "keepalives_idle": 5}

@@ -19,11 +19,11 @@ from storage.tables import feedback
 class SqlAnalyticsStore:
     """Every prediction, feedback and error, and the reports built from them.
 
-    Prediction rows wait in a bounded in-memory buffer for the writer thread. While the
-    database is down, rows beyond `buffer_limit` are appended to a spill file on local disk
-    (JSON lines, one file per process); on recovery, and at the next start, spill files are
-    replayed. Every insert is `ON CONFLICT (request_id) DO NOTHING`, so a row replayed twice
-    is stored once, and no answered prediction is lost while the disk holds.
+    A prediction row is appended to the worker's local log (spill.py: one write(2), before the
+    answer) and shipped from there by the writer thread (writer.py). While the database is down
+    the log grows on disk, up to `spill_max_bytes` for the folder; a dead worker's log is shipped
+    by a survivor or at the next start. Every insert is `ON CONFLICT (request_id) DO NOTHING`,
+    so a row sent twice is stored once, and no answered prediction is lost while the disk holds.
     """
 
     def __init__(
@@ -34,10 +34,11 @@ class SqlAnalyticsStore:
         batch_size: int = 500,
         buffer_limit: int = 10_000,
         spill_dir: Path | str = Path("var/spill"),
+        spill_max_bytes: int = 1 << 30,
     ) -> None:
         self.url = url
         self.engine = make_engine(url)
-        self.spill = SpillLog(spill_dir)
+        self.spill = SpillLog(spill_dir, spill_max_bytes)
         self.writer = AnalyticsWriter(self.engine, self.spill, store_text, flush_interval, batch_size, buffer_limit)
         self.reports = Reports(self.engine)
 
@@ -98,10 +99,6 @@ class SqlAnalyticsStore:
 
     def update_gauges(self) -> None:
         self.writer.update_gauges()
-
-    @property
-    def spilled(self) -> int:
-        return self.writer.spilled
 
     def spill_files(self) -> list[Path]:
         return self.spill.files()

@@ -1,10 +1,12 @@
 """The analytics writer: prediction rows and error counts, off the request path.
 
-Records go to an in-memory buffer that a background thread flushes in batches with
-`INSERT ... ON CONFLICT DO NOTHING` on the request id, so a record written twice is stored once,
-and only the rows newly stored are added to the per-minute and per-hour `prediction_counts`.
-While the database is down, rows beyond `buffer_limit` go to the spill log (spill.py), which is
-replayed once the database answers again, and at the next start.
+A prediction's row is appended to the worker's local log (spill.py) before it is answered; a
+background thread ships the log to the database in batches with `INSERT ... ON CONFLICT DO
+NOTHING` on the request id, so a row sent twice is stored once, and only the rows newly stored
+are added to the per-minute and per-hour `prediction_counts`. While the database is down the
+log grows on disk (up to SPILL_MAX_BYTES) and is shipped once it is back; a dead worker's log is
+shipped by a survivor or at the next start. A row the database refuses as data (not as a lost
+connection) is set aside in a dead-letter file, so one bad row never stalls the rest.
 """
 
 from __future__ import annotations
@@ -13,36 +15,47 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import asdict
 from typing import Any
 
 from prometheus_client import Counter, Gauge
 from sqlalchemy import Engine, Table
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
 from storage.analytics.records import PredictionRecord, utcnow
-from storage.analytics.spill import Row, SpillLog
+from storage.analytics.spill import Row, SpillLog, encode
 from storage.tables import prediction_counts, predictions, request_errors
 
 log = logging.getLogger(__name__)
 
 ANALYTICS_ROWS = Counter(
     "sentiment_analytics_rows_total",
-    "Prediction rows by outcome: written to the database, spilled to disk, replayed from disk.",
+    "Prediction rows by outcome: written to the database from the worker's log, replayed from a"
+    " dead worker's log, dropped (log at SPILL_MAX_BYTES, or its disk failing with memory full),"
+    " dead_letter (refused by the database as data).",
     ["outcome"],
 )
-for _outcome in ("written", "spilled", "replayed"):
+for _outcome in ("written", "replayed", "dropped", "dead_letter"):
     ANALYTICS_ROWS.labels(_outcome)
 ANALYTICS_BUFFERED = Gauge(
     "sentiment_analytics_buffered_rows",
-    "Prediction rows waiting in memory for the database, summed over live workers.",
+    "Prediction rows held in memory because the local log could not be written, summed over live workers.",
     multiprocess_mode="livesum",
 )
 ANALYTICS_SPILL_BYTES = Gauge(
     "sentiment_analytics_spill_bytes",
-    "Bytes in the analytics spill files waiting to be replayed (one directory for all workers).",
-    multiprocess_mode="livemax",
+    "Bytes of prediction rows in the workers' local logs not yet in the database, summed over live workers.",
+    multiprocess_mode="livesum",
 )
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A lost or refused connection, a timeout, a locked SQLite file or a schema not migrated
+    yet: retry the same rows later. Anything else is the rows' own fault (a data error)."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    transient = sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError | sa_exc.ProgrammingError
+    return isinstance(exc, transient)
 
 
 def upsert(engine: Engine, table: Table) -> Any:
@@ -51,7 +64,7 @@ def upsert(engine: Engine, table: Table) -> Any:
 
 
 class AnalyticsWriter:
-    """A bounded buffer of prediction rows and a thread that writes it, spilling on outage."""
+    """The worker's analytics log and the thread that ships it to the database."""
 
     def __init__(
         self,
@@ -67,6 +80,7 @@ class AnalyticsWriter:
         self.store_text = store_text
         self.flush_interval = flush_interval
         self.batch_size = batch_size
+        # Rows the log could not take (its disk failing), in memory up to `buffer_limit`.
         self._buffer: deque[Row] = deque()
         self._errors: deque[Row] = deque()
         self._buffer_limit = buffer_limit
@@ -75,10 +89,13 @@ class AnalyticsWriter:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._healthy = True
+        self._logged_since_flush = 0
         self._thread: threading.Thread | None = None
-        self.spilled = 0
         self.replayed = 0
         self.written = 0
+        self.dropped = 0
+        self.dead_letters = 0
+        self.dead_letter_path = spill.folder / f"deadletter-{spill.owner}.jsonl"
 
     def start(self) -> None:
         if self._thread is None:
@@ -86,18 +103,38 @@ class AnalyticsWriter:
             self._thread.start()
 
     def record(self, records: Iterable[PredictionRecord]) -> None:
+        """Append the records' rows to the log with one write(2). Never raises on the request
+        path: over the log's cap they are dropped and counted; a failing disk keeps them in
+        memory up to `buffer_limit`, then drops and counts them."""
         rows = []
         for rec in records:
-            row = asdict(rec)
+            row = dict(rec.__dict__)
             if not self.store_text:
                 row["text"] = None
             rows.append(row)
-        with self._lock:
-            self._buffer.extend(rows)
-            size = len(self._buffer)
-        # Never blocks or raises on the request path: overflow is spilled by the writer thread.
-        if size >= self.batch_size or size > self._buffer_limit:
+        try:
+            logged = self.spill.append(encode(rows))
+        except OSError as exc:
+            with self._lock:
+                room = max(0, self._buffer_limit - len(self._buffer))
+                self._buffer.extend(rows[:room])
+            if room < len(rows):
+                self._drop(len(rows) - room, f"the analytics log cannot be written ({exc}) and memory is full")
             self._wake.set()
+            return
+        if not logged:
+            self._drop(len(rows), f"the analytics log is at SPILL_MAX_BYTES ({self.spill.max_bytes} bytes)")
+            return
+        self._logged_since_flush += len(rows)
+        if self._logged_since_flush >= self.batch_size:
+            self._logged_since_flush = 0
+            self._wake.set()
+
+    def _drop(self, rows: int, why: str) -> None:
+        if not self.dropped:
+            log.error("analytics rows dropped: %s", why)
+        self.dropped += rows
+        ANALYTICS_ROWS.labels("dropped").inc(rows)
 
     def record_error(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -143,24 +180,34 @@ class AnalyticsWriter:
                     values,
                 )
 
-    def _spill(self, rows: list[Row]) -> None:
-        self.spill.append(rows)
-        self.spilled += len(rows)
-        ANALYTICS_ROWS.labels("spilled").inc(len(rows))
-
-    def _spill_overflow(self) -> None:
-        """Move the oldest rows beyond half the buffer limit to the spill log."""
-        with self._lock:
-            if len(self._buffer) <= self._buffer_limit:
-                return
-            excess = len(self._buffer) - self._buffer_limit // 2
-            rows = [self._buffer.popleft() for _ in range(excess)]
+    def ship(self, rows: list[Row]) -> None:
+        """`write`, setting aside the rows the database refuses as data: the batch is halved
+        until the bad rows are alone, and those go to the dead-letter file. A transient error
+        (is_transient) propagates: the same rows are shipped again later."""
         try:
-            self._spill(rows)
-        except OSError as exc:  # disk full or not writable: keep them in memory rather than lose them
-            with self._lock:
-                self._buffer.extendleft(reversed(rows))
-            log.error("cannot write the analytics spill file %s: %s", self.spill.path, exc)
+            self.write(rows)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            if len(rows) == 1:
+                self._dead_letter(rows[0], exc)
+                return
+            half = len(rows) // 2
+            self.ship(rows[:half])
+            self.ship(rows[half:])
+
+    def _dead_letter(self, row: Row, exc: BaseException) -> None:
+        rid, path = row.get("request_id"), self.dead_letter_path
+        log.error("analytics row %s refused by the database, set aside in %s: %s", rid, path, exc)
+        try:
+            self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
+            line = encode([{**row, "error": str(exc).splitlines()[0][:500]}])
+            with self.dead_letter_path.open("ab") as f:
+                f.write(line)
+        except (OSError, TypeError, ValueError, KeyError) as err:
+            log.error("cannot write the dead-letter file: %s", err)
+        self.dead_letters += 1
+        ANALYTICS_ROWS.labels("dead_letter").inc()
 
     def _replayed(self, rows: int) -> None:
         self.replayed += rows
@@ -175,42 +222,67 @@ class AnalyticsWriter:
         try:
             with self.engine.begin() as conn:
                 conn.execute(request_errors.insert(), rows)
-        except Exception:
+        except Exception as exc:
+            if not is_transient(exc):
+                log.error("error counts refused by the database, dropped: %s", exc)
+                return
             with self._lock:
                 self._errors.extendleft(reversed(rows))
 
+    def _unhealthy(self, exc: BaseException) -> None:
+        if self._healthy:
+            log.warning("analytics database unavailable, rows wait in the local log: %s", exc)
+        self._healthy = False
+
     def flush(self) -> int:
-        """Write everything buffered, then any spill files; returns the prediction rows written."""
+        """Ship what is in memory, then the log, then dead workers' logs; returns the rows written
+        from this worker's memory and log."""
         written = 0
         with self._flush_lock:
-            while True:
-                with self._lock:
-                    batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
-                if not batch:
-                    break
-                try:
-                    self.write(batch)
-                except Exception as exc:
+            self.spill.sync()
+            try:
+                while True:
                     with self._lock:
-                        self._buffer.extendleft(reversed(batch))
-                    if self._healthy:
-                        log.warning("analytics database unavailable, buffering: %s", exc)
-                    self._healthy = False
-                    self._spill_overflow()
-                    return written
-                written += len(batch)
+                        batch = [self._buffer.popleft() for _ in range(min(self.batch_size, len(self._buffer)))]
+                    if not batch:
+                        break
+                    try:
+                        self.ship(batch)
+                    except Exception:
+                        with self._lock:
+                            self._buffer.extendleft(reversed(batch))
+                        raise
+                    written += len(batch)
+                while True:
+                    rows, shipped = self.spill.read(self.batch_size)
+                    if rows:
+                        self.ship(rows)
+                    shipped()
+                    written += len(rows)
+                    if len(rows) < self.batch_size:
+                        break
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self._unhealthy(exc)
+                return self._count_written(written)
             if not self._healthy:
-                log.warning("analytics database back; writing buffered rows")
+                log.warning("analytics database back; shipping the local log")
             self._healthy = True
-            self.written += written
-            ANALYTICS_ROWS.labels("written").inc(written)
+            self._count_written(written)
             try:
                 self._flush_errors()
-                self.spill.replay(self.write, self.batch_size, self._replayed)
+                self.spill.adopt(self.ship, self.batch_size, self._replayed)
             except Exception as exc:
-                self._healthy = False
-                log.warning("analytics replay interrupted: %s", exc)
+                if not is_transient(exc):
+                    raise
+                self._unhealthy(exc)
         return written
+
+    def _count_written(self, rows: int) -> int:
+        self.written += rows
+        ANALYTICS_ROWS.labels("written").inc(rows)
+        return rows
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -222,17 +294,26 @@ class AnalyticsWriter:
                 log.exception("analytics writer failed; retrying")
 
     def close(self) -> None:
-        """Stop the thread; flush what is buffered, or spill it if the database is down."""
+        """Stop the thread and ship what is left. Rows the database cannot take now stay in the
+        log for the next start; rows held in memory are put in the log if it can take them."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self.flush()
+        try:
+            self.flush()
+        except Exception:
+            log.exception("analytics writer failed while closing")
         with self._lock:
             rows = list(self._buffer)
             self._buffer.clear()
         if rows:
-            self._spill(rows)
+            try:
+                if not self.spill.append(encode(rows)):
+                    self._drop(len(rows), "the analytics log is full at shutdown")
+            except OSError as exc:
+                self._drop(len(rows), f"the analytics log cannot be written at shutdown ({exc})")
+        self.spill.close()
 
     @property
     def healthy(self) -> bool:
@@ -244,5 +325,6 @@ class AnalyticsWriter:
         return len(self._buffer)
 
     def update_gauges(self) -> None:
+        self.spill.refresh_others()
         ANALYTICS_BUFFERED.set(self.buffered)
-        ANALYTICS_SPILL_BYTES.set(self.spill.bytes())
+        ANALYTICS_SPILL_BYTES.set(self.spill.pending_bytes())

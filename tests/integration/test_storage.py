@@ -180,24 +180,26 @@ def test_rows_survive_a_postgres_outage_exactly_once(
     postgres_server: PostgresServer, migrated: tuple[str, int], tmp_path: Path
 ) -> None:
     url, before = migrated
-    store = SqlAnalyticsStore(url, buffer_limit=50, spill_dir=tmp_path / "spill")
+    store = SqlAnalyticsStore(url, spill_dir=tmp_path / "spill")
     store.record(_record() for _ in range(30))
     assert store.flush() == 30
     postgres_server.stop()
     try:
-        store.record(_record() for _ in range(120))  # over the buffer: the rest goes to disk
+        store.record(_record() for _ in range(120))  # waits in the local log on disk
         assert store.flush() == 0
-        assert store.status() == "down"
-        assert store.spilled > 0 and store.spill_files()
+        assert store.status() == "down" and not store.healthy
+        assert store.spill.pending_bytes() > 0
+        assert store.writer.buffered == 0  # nothing held in memory
     finally:
         postgres_server.start()
-    store.flush()
+    assert store.flush() == 120
     assert _count(url) == before + 150
-    assert not store.spill_files()
+    assert store.spill.pending_bytes() == 0 and store.healthy
     store.close()
+    assert not list((tmp_path / "spill").glob("*.jsonl"))
 
 
-def test_spill_file_is_replayed_by_the_next_process(
+def test_a_closed_process_log_is_shipped_by_the_next(
     postgres_server: PostgresServer, migrated: tuple[str, int], tmp_path: Path
 ) -> None:
     url, before = migrated
@@ -206,30 +208,114 @@ def test_spill_file_is_replayed_by_the_next_process(
     postgres_server.stop()
     try:
         first.record(_record() for _ in range(40))
-        first.close()  # shutdown during the outage: everything buffered goes to the spill file
+        first.close()  # shutdown during the outage: the rows stay in its log
         assert sum(1 for f in spill.glob("*.jsonl") for line in f.open() if line.strip()) == 40
     finally:
         postgres_server.start()
     second = SqlAnalyticsStore(url, spill_dir=spill)
     second.flush()
-    second.flush()  # a second replay finds nothing left, and writes nothing twice
+    second.flush()  # a second pass finds nothing left, and writes nothing twice
     assert _count(url) == before + 40
-    assert not list(spill.glob("*.jsonl"))
+    assert second.writer.replayed == 40
+    assert not list(spill.glob("*.jsonl")) and not list(spill.glob("*.lock"))
     second.close()
 
 
-def test_a_torn_spill_line_does_not_block_the_rest(migrated: tuple[str, int], tmp_path: Path) -> None:
+# A worker that logs rows, then dies by SIGKILL before its writer ships any of them.
+_DYING_WORKER = """
+import os, sys, uuid
+from storage.analytics import PredictionRecord, SqlAnalyticsStore
+store = SqlAnalyticsStore(sys.argv[1], spill_dir=sys.argv[2], flush_interval=3600, batch_size=10**9)
+for i in range(int(sys.argv[3])):
+    store.record([PredictionRecord(request_id=str(uuid.uuid4()), endpoint="/predict", model="m:1", label="positive",
+                  score=0.9, cached=False, latency_ms=1.0, text_sha256="0" * 64, text_length=5)])
+print("logged", flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_sigkilled_process_log_is_shipped_by_a_survivor(migrated: tuple[str, int], tmp_path: Path) -> None:
+    """Rows are on disk before they are answered: a worker killed with its rows unshipped loses
+    none of them; a live worker takes its log over (its lock is free) and ships each row once."""
     url, before = migrated
     spill = tmp_path / "spill"
-    first = SqlAnalyticsStore(url, spill_dir=spill)
-    first.spill.append([{**vars(_record()), "text": None} for _ in range(3)])
+    survivor = SqlAnalyticsStore(url, spill_dir=spill)
+    survivor.record(_record() for _ in range(5))
+    run = subprocess.run([sys.executable, "-c", _DYING_WORKER, url, str(spill), "2500"], capture_output=True, text=True)
+    assert run.returncode == -9 and "logged" in run.stdout, run.stderr
+    assert _count(url) == before  # nothing of it was shipped
+    survivor.flush()
+    assert _count(url) == before + 2505
+    assert survivor.writer.replayed == 2500
+    survivor.close()
+    assert not list(spill.glob("*.jsonl")) and not list(spill.glob("*.lock"))
+
+
+def test_a_live_process_log_is_left_to_its_owner(migrated: tuple[str, int], tmp_path: Path) -> None:
+    url, before = migrated
+    spill = tmp_path / "spill"
+    owner, other = SqlAnalyticsStore(url, spill_dir=spill), SqlAnalyticsStore(url, spill_dir=spill)
+    owner.record(_record() for _ in range(7))
+    other.flush()
+    assert other.writer.replayed == 0 and _count(url) == before
+    owner.flush()
+    assert _count(url) == before + 7
+    owner.close()
+    other.close()
+
+
+def test_a_torn_line_at_the_end_of_a_dead_log_does_not_block_the_rest(
+    migrated: tuple[str, int], tmp_path: Path
+) -> None:
+    url, before = migrated
+    spill = tmp_path / "spill"
+    run = subprocess.run([sys.executable, "-c", _DYING_WORKER, url, str(spill), "3"], capture_output=True, text=True)
+    assert run.returncode == -9, run.stderr
     with next(spill.glob("*.jsonl")).open("a") as f:
         f.write('{"request_id": "torn-by-a-cr')  # a crash mid-write
-    first.spill.append([{**vars(_record()), "text": None} for _ in range(2)])
-    first.flush()
-    assert _count(url) == before + 5
+    survivor = SqlAnalyticsStore(url, spill_dir=spill)
+    survivor.flush()
+    assert _count(url) == before + 3
     assert not list(spill.glob("*.jsonl"))
-    first.close()
+    survivor.close()
+
+
+def test_rows_over_the_log_cap_are_dropped_and_counted(
+    postgres_server: PostgresServer, migrated: tuple[str, int], tmp_path: Path
+) -> None:
+    """With the database down the log grows to its cap; the rows beyond it are dropped and
+    counted, never raised to the request path, and the rows within it are all shipped later."""
+    url, before = migrated
+    store = SqlAnalyticsStore(url, spill_dir=tmp_path / "spill", spill_max_bytes=40_000)
+    postgres_server.stop()
+    try:
+        for _ in range(300):
+            store.record([_record()])
+        store.flush()
+    finally:
+        postgres_server.start()
+    dropped = store.writer.dropped
+    assert 0 < dropped < 300
+    assert store.spill.pending_bytes() <= 40_000
+    store.flush()
+    assert _count(url) == before + 300 - dropped
+    store.close()
+
+
+def test_a_row_refused_as_data_goes_to_the_dead_letter_file(migrated: tuple[str, int], tmp_path: Path) -> None:
+    """PostgreSQL refuses a NUL in text (a data error, not an outage): that row is set aside and
+    every other row of its batch is written."""
+    url, before = migrated
+    store = SqlAnalyticsStore(url, spill_dir=tmp_path / "spill", store_text=True)
+    rows = [_record() for _ in range(20)]
+    rows[13].text = "poisoned\x00row"
+    store.record(rows)
+    assert store.flush() == 20
+    assert _count(url) == before + 19
+    assert store.healthy and store.writer.dead_letters == 1
+    [line] = store.writer.dead_letter_path.read_text().splitlines()
+    assert rows[13].request_id in line and "NUL" in line
+    store.close()
 
 
 @pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
