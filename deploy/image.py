@@ -3,12 +3,14 @@
     python deploy/image.py [--name sentiment] [--base-image NAME:TAG]
     python deploy/image.py --bento-only          # make bento: the Bento alone
 
-The Bento's Python packages are pyproject.toml's dependencies, put into bentofile.yaml's config
-here at build time, so the project declares them once.
+The Bento's Python packages are the runtime lock's (bentofile.yaml: requirements/runtime.txt,
+written by `make lock` from pyproject.toml): every package at its locked version, each file
+checked against the lock's hashes when the image installs it.
 
 1. The CPU build of torch 2.13.0 as a wheel file (`pip download`, from TORCH_INDEX_URL when
-   set): the index's own torch==2.13.0 is the multi-GB CUDA build, so the Bento carries the
-   CPU wheel and its requirement resolves to it.
+   set), checked against the lock's hash: the lock pins torch==2.13.0+cpu, which PyPI does not
+   have (its torch==2.13.0 is the multi-GB CUDA build), so the Bento carries the wheel and the
+   image's install finds it through find_links.
 2. `bentoml build` from bentofile.yaml plus that wheel (and BASE_IMAGE as the Docker base when
    given: deploy/base-image.sh builds one from Debian packages where no registry is reachable).
 3. `bentoml containerize` with the legacy builder on the host network, tagged
@@ -20,12 +22,13 @@ Prints the image reference, its size and the time each step took.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+LOCK = "requirements/runtime.txt"
+# Where the Bento's env/python/wheels lies in BentoML's image (its BENTO_PATH, fixed in 1.4):
+# install.sh runs the lock's install from env/python and the wheels' from the Bento's root, so
+# only an absolute find-links path serves both, and uv refuses one that does not exist.
+IMAGE_WHEELS = "/home/bentoml/bento/env/python/wheels"
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess[str]:
@@ -52,19 +60,26 @@ def torch_wheel(dest: Path) -> Path:
     wheel = found[-1]
     if "+cpu" not in wheel.name:
         raise SystemExit(f"{wheel.name} is not the CPU build: set TORCH_INDEX_URL to an index that has it")
+    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if digest not in locked_hashes("torch"):
+        raise SystemExit(f"{wheel.name} (sha256 {digest}) is not the torch wheel {LOCK} records")
     return wheel
 
 
+def locked_hashes(name: str) -> set[str]:
+    """The sha256 digests the runtime lock records for one package."""
+    entry = re.search(rf"^{re.escape(name)}==\S+((?:\s*\\\n\s*--hash=sha256:\w+)+)", (ROOT / LOCK).read_text(), re.M)
+    return set(re.findall(r"sha256:(\w+)", entry.group(1))) if entry else set()
+
+
 def bento_config(wheel: Path | None = None, base_image: str | None = None) -> dict[str, Any]:
-    """bentofile.yaml with pyproject.toml's dependencies as its packages; with `wheel`, torch
-    comes from that wheel alone: left in the requirements, the index's CUDA build would be
-    installed first (4 GB of CUDA libraries that the CPU wheel installed over it leaves behind)."""
+    """bentofile.yaml, whose requirements are the runtime lock; with `wheel` (the image), the
+    Bento carries that torch wheel, where the image's install finds the lock's torch==2.13.0+cpu."""
     config = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     python = config.setdefault("python", {})
-    python["packages"] = [p for p in packages if not (wheel and p.startswith("torch"))]
     if wheel is not None:
         python["wheels"] = [str(wheel.relative_to(ROOT))]
+        python["find_links"] = [IMAGE_WHEELS]
         docker = config.setdefault("docker", {})
         docker["python_version"] = "3.11"
         if base_image:
