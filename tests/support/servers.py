@@ -100,8 +100,10 @@ class PostgresServer(Managed):
         """The postmaster's pid (its children are the backends)."""
         return int((self.data / "postmaster.pid").read_text().split()[0])
 
-    def stop(self) -> None:
+    def stop(self, mode: str = "fast") -> None:
+        """`pg_ctl stop -m <mode>`: `fast` rolls back and shuts down cleanly; `immediate`
+        kills every backend at once, as a crash would (crash recovery at the next start)."""
         if not (self.data / "postmaster.pid").exists():
             return  # not running
-        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
         _wait_port(self.port, up=False)
