@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 from cachetools import TTLCache
@@ -48,6 +49,11 @@ class PredictionCache(Protocol):
 
     async def set_many(self, items: dict[str, CacheValue]) -> None: ...
 
+    @property
+    def failing(self) -> bool:
+        """Its last operation failed (and none has succeeded since)."""
+        ...
+
     async def status(self) -> str:
         """`ok`, `down`, or `memory` for the embedded cache."""
         ...
@@ -70,6 +76,10 @@ class MemoryPredictionCache:
 
     async def status(self) -> str:
         return "memory"
+
+    @property
+    def failing(self) -> bool:
+        return False
 
 
 class RedisPredictionCache:
@@ -105,6 +115,10 @@ class RedisPredictionCache:
         if self._down_since is None:
             self._down_since = time.monotonic()
             log.warning("prediction cache unavailable, serving uncached: %s", exc)
+
+    @property
+    def failing(self) -> bool:
+        return self._down_since is not None
 
     def _ok(self) -> None:
         if self._down_since is not None:
@@ -145,8 +159,13 @@ class RedisPredictionCache:
         return "ok"
 
 
-def make_cache(redis_url: str | None, ttl_seconds: int) -> PredictionCache:
-    """Redis when a URL is configured, otherwise the in-process cache."""
+def make_cache(redis_url: str | None, ttl_seconds: int, local_file: Path | str | None = None) -> PredictionCache:
+    """Redis when a URL is configured; else the instance's shared SQLite file (storage/local.py)
+    when one is given, so every worker sees every entry; else an in-process cache."""
     if redis_url:
         return RedisPredictionCache(redis_url, ttl_seconds)
+    if local_file is not None:
+        from storage.local import LocalPredictionCache
+
+        return LocalPredictionCache(local_file, ttl_seconds)
     return MemoryPredictionCache(ttl_seconds)

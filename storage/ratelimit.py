@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from limits import RateLimitItem, parse
@@ -66,9 +67,9 @@ class LimitsRateLimiter:
     the library's asyncio storages (`async+memory://`, `async+redis://` with redis-py)."""
 
     def __init__(self, storage_uri: str = "memory://", **options: object) -> None:
-        self._embedded = storage_uri.startswith("memory://")
+        self._embedded = storage_uri.startswith(("memory://", "sqlite://", "async+sqlite://"))
         uri = storage_uri if storage_uri.startswith("async+") else f"async+{storage_uri}"
-        if not self._embedded:
+        if not storage_uri.startswith(("memory://", "sqlite://", "async+sqlite://")):
             options = {"implementation": "redispy", **options}
         self._storage = storage_from_string(uri, **options)  # type: ignore[arg-type]  # passed on to redis.asyncio.Redis
         self._limiter = strategies.MovingWindowRateLimiter(self._storage)
@@ -104,8 +105,9 @@ class LimitsRateLimiter:
             return "down"
 
 
-def make_limiter(redis_url: str | None) -> LimitsRateLimiter:
-    """One window per client across all workers and replicas with Redis, per worker without."""
+def make_limiter(redis_url: str | None, local_file: Path | str | None = None) -> LimitsRateLimiter:
+    """One window per client across all workers and replicas with Redis; across the instance's
+    workers with its shared SQLite file (storage/local.py); per worker with neither."""
     if redis_url:
         # Bounded timeouts: a Redis that is down or hung must not hold requests, so the limiter
         # fails open; 1 s rather than the cache's 250 ms, because a call that times out while
@@ -114,4 +116,8 @@ def make_limiter(redis_url: str | None) -> LimitsRateLimiter:
         from redis.backoff import NoBackoff
 
         return LimitsRateLimiter(redis_url, socket_timeout=1.0, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+    if local_file is not None:
+        import storage.local  # noqa: F401  # registers the async+sqlite storage with limits
+
+        return LimitsRateLimiter(f"async+sqlite://{local_file}")
     return LimitsRateLimiter("memory://")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,3 +60,24 @@ def test_concurrent_requests_are_batched(served: str) -> None:
     assert texts_inferred >= len(texts)
     assert 0 < batches < texts_inferred, f"{batches} forward calls for {texts_inferred} texts: nothing was batched"
     assert total("sentiment_inference_queue_wait_seconds_count") >= len(texts)
+
+
+def test_embedded_cache_and_limit_are_shared_by_the_workers(served: str) -> None:
+    """No Redis: the two workers share one SQLite file, so every first repeat is a hit,
+    whichever worker answers it, and 100/minute lets exactly 100 of 200 concurrent through."""
+    for i in range(6):
+        text = {"text": f"embedded repeat {i} {uuid.uuid4()}"}
+        first = httpx.post(f"{served}/predict", json=text, timeout=30).json()
+        repeat = httpx.post(f"{served}/predict", json=text, timeout=30).json()
+        assert first["cached"] is False and repeat["cached"] is True, (i, first, repeat)
+    warm = {"text": f"embedded limit {uuid.uuid4()}"}
+    client = {"X-Forwarded-For": f"203.0.113.{uuid.uuid4().int % 200 + 20}"}
+    # cached first, so only the door guards (before the limiter) can shed, and retries are free
+    assert httpx.post(f"{served}/predict", json=warm, timeout=30).status_code == 200
+
+    def call(_: int) -> int:
+        return post_retrying_sheds(f"{served}/predict", warm, client).status_code
+
+    with cf.ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(call, range(200)))
+    assert statuses.count(200) == 100 and statuses.count(429) == 100, statuses

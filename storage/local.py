@@ -1,0 +1,211 @@
+"""The embedded backends (no REDIS_URL): one SQLite file shared by every worker of the instance,
+so a repeat is a cache hit on any worker and "100/minute" means 100 for the instance.
+
+- `LocalPredictionCache`: the prediction cache, entries with a time to live.
+- `LocalLimitsStorage`: a storage for the `limits` library (scheme `async+sqlite://<file>`): the
+  moving-window strategy stays the library's; this only keeps its entries where every worker
+  sees them.
+
+Written on the standard library's sqlite3 rather than taken from a package: `limits` has no
+storage that processes of one host share without a server, and diskcache (the obvious cache)
+would add a dependency for what is two tables here. Each call is one short transaction
+(microseconds, WAL, no fsync per commit), run on the event loop as the in-process cache's were;
+a busy or broken file fails open like Redis: a miss, or a request let through and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from limits.aio.storage import MovingWindowSupport, Storage
+
+CacheValue = dict[str, Any]
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cache (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS cache_expires ON cache (expires);
+CREATE TABLE IF NOT EXISTS window_entries (key TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS window_entries_key_at ON window_entries (key, at);
+CREATE TABLE IF NOT EXISTS counters (key TEXT PRIMARY KEY, value INTEGER NOT NULL, expires REAL NOT NULL);
+"""
+
+
+def connect(path: Path | str) -> sqlite3.Connection:
+    """A connection to the shared file (created with its tables if missing)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # A short busy timeout: a worker waits at most this long for another's write, on its loop.
+    conn = sqlite3.connect(str(path), timeout=0.5, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    for attempt in range(20):  # workers starting together race on the first CREATE
+        try:
+            conn.executescript(SCHEMA)
+            break
+        except sqlite3.OperationalError:
+            if attempt == 19:
+                raise
+            time.sleep(0.05)
+    return conn
+
+
+class LocalPredictionCache:
+    """The prediction cache in the instance's shared SQLite file."""
+
+    backend = "memory"  # the contract's name for the embedded cache (/health, gauges)
+
+    def __init__(self, path: Path | str, ttl_seconds: int, max_entries: int = 200_000) -> None:
+        self.path = Path(path)
+        self.ttl = ttl_seconds
+        self.max_entries = max_entries
+        self._conn = connect(self.path)
+        self._lock = threading.Lock()
+        self._writes = 0
+        self.errors = 0
+        self.failing = False
+
+    async def get_many(self, keys: Sequence[str]) -> list[CacheValue | None]:
+        try:
+            with self._lock:
+                marks = ",".join("?" * len(keys))
+                rows = self._conn.execute(
+                    f"SELECT key, value FROM cache WHERE key IN ({marks}) AND expires > ?",  # noqa: S608  # placeholders only
+                    [*keys, time.time()],
+                ).fetchall()
+        except sqlite3.Error:
+            self.errors += 1
+            self.failing = True
+            return [None] * len(keys)
+        self.failing = False
+        found = {k: json.loads(v) for k, v in rows}
+        return [found.get(k) for k in keys]
+
+    async def set_many(self, items: dict[str, CacheValue]) -> None:
+        if not items:
+            return
+        expires = time.time() + self.ttl
+        try:
+            with self._lock:
+                self._conn.executemany(
+                    "INSERT OR REPLACE INTO cache (key, value, expires) VALUES (?, ?, ?)",
+                    [(k, json.dumps(v), expires) for k, v in items.items()],
+                )
+                self._writes += len(items)
+                if self._writes >= 1000:
+                    self._writes = 0
+                    self._trim()
+        except sqlite3.Error:
+            self.errors += 1
+
+    def _trim(self) -> None:
+        """Expired entries out, then the oldest tenth while over `max_entries` (each a few ms)."""
+        self._conn.execute("DELETE FROM cache WHERE expires <= ?", (time.time(),))
+        (count,) = self._conn.execute("SELECT count(*) FROM cache").fetchone()
+        if count > self.max_entries:
+            excess = count - self.max_entries + self.max_entries // 10
+            self._conn.execute(
+                "DELETE FROM cache WHERE key IN (SELECT key FROM cache ORDER BY expires LIMIT ?)", (excess,)
+            )
+
+    async def status(self) -> str:
+        return "memory"
+
+
+class LocalLimitsStorage(Storage, MovingWindowSupport):
+    """`async+sqlite:///<file>`: the moving window's entries in the instance's shared file. The
+    check and the insert of `acquire_entry` are one write transaction (BEGIN IMMEDIATE), so two
+    workers never both take the last slot."""
+
+    STORAGE_SCHEME = ["async+sqlite"]
+
+    def __init__(self, uri: str | None = None, wrap_exceptions: bool = False, **options: Any) -> None:
+        super().__init__(uri, wrap_exceptions=wrap_exceptions, **options)
+        assert uri is not None
+        self._conn = connect(uri.split("://", 1)[1])
+        self._lock = threading.Lock()
+        self._acquired = 0
+        self._longest_window = 0
+
+    @property
+    def base_exceptions(self) -> type[Exception] | tuple[type[Exception], ...]:
+        return sqlite3.Error
+
+    def _write(self, sql: str, *params: Any) -> Any:
+        with self._lock:
+            return self._conn.execute(sql, params)
+
+    async def acquire_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        if amount > limit:
+            return False
+        now = time.time()
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("DELETE FROM window_entries WHERE key = ? AND at < ?", (key, now - expiry))
+                (taken,) = self._conn.execute("SELECT count(*) FROM window_entries WHERE key = ?", (key,)).fetchone()
+                allowed = taken + amount <= limit
+                if allowed:
+                    self._conn.executemany("INSERT INTO window_entries VALUES (?, ?)", [(key, now)] * amount)
+                self._acquired += 1
+                self._longest_window = max(self._longest_window, expiry)
+                if self._acquired % 1000 == 0:  # clients gone for good: their entries go too
+                    self._conn.execute("DELETE FROM window_entries WHERE at < ?", (now - self._longest_window,))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return allowed
+
+    async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
+        now = time.time()
+        with self._lock:
+            oldest, count = self._conn.execute(
+                "SELECT min(at), count(*) FROM window_entries WHERE key = ? AND at >= ?", (key, now - expiry)
+            ).fetchone()
+        return (oldest, count) if count else (now, 0)
+
+    # The fixed-window methods every limits storage has (the service uses the moving window).
+
+    async def incr(self, key: str, expiry: int, amount: int = 1) -> int:
+        now = time.time()
+        with self._lock:
+            self._conn.execute("DELETE FROM counters WHERE key = ? AND expires <= ?", (key, now))
+            self._conn.execute(
+                "INSERT INTO counters VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+                (key, amount, now + expiry),
+            )
+            (value,) = self._conn.execute("SELECT value FROM counters WHERE key = ?", (key,)).fetchone()
+        return int(value)
+
+    async def get(self, key: str) -> int:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT value FROM counters WHERE key = ? AND expires > ?", (key, time.time())
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    async def get_expiry(self, key: str) -> float:
+        with self._lock:
+            row = self._conn.execute("SELECT expires FROM counters WHERE key = ?", (key,)).fetchone()
+        return float(row[0]) if row else time.time()
+
+    async def check(self) -> bool:
+        try:
+            self._write("SELECT 1")
+        except sqlite3.Error:
+            return False
+        return True
+
+    async def reset(self) -> int | None:
+        with self._lock:
+            entries = self._conn.execute("DELETE FROM window_entries").rowcount
+            counters = self._conn.execute("DELETE FROM counters").rowcount
+        return int(entries + counters)
+
+    async def clear(self, key: str) -> None:
+        self._write("DELETE FROM window_entries WHERE key = ?", key)
+        self._write("DELETE FROM counters WHERE key = ?", key)
