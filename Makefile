@@ -22,7 +22,7 @@ PROFILE ?= full
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install lock audit model eval serve migrate bento test lint bench bench-analytics loadtest prometheus image up down test-containers
+.PHONY: install lock audit model eval serve migrate bento test lint bench bench-analytics loadtest chaos prometheus image up down test-containers
 
 $(STAMP): pyproject.toml $(LOCK_DEV)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -92,6 +92,13 @@ bench-analytics: install  ## /analytics query times over a seeded million-row ta
 loadtest: $(if $(URL),install,model)  ## the original plan: SCENARIO=baseline|spike|cache|all PROFILE=full|quick [URL= USERS= DURATION= OUT=]
 	$(PY) -m loadtests.run $(SCENARIO) --profile $(PROFILE) $(if $(URL),--url $(URL),) \
 		$(if $(USERS),--users $(USERS),) $(if $(DURATION),--duration $(DURATION),) $(if $(OUT),--out $(OUT),)
+
+# The quick profile runs on the tests' quick models, kept in a store of their own (var/bentoml-quick,
+# built once in about a minute); the full profile on the store's models (make model).
+CHAOS_HOME = $(if $(filter quick,$(PROFILE)),BENTOML_HOME=$(CURDIR)/var/bentoml-quick,)
+chaos: $(if $(filter quick,$(PROFILE)),install,model)  ## faults under load (Redis, PostgreSQL, a worker, a restart): every answer stored once? PROFILE=full|quick [OUT=]
+	$(if $(CHAOS_HOME),$(CHAOS_HOME) $(PY) -m models.build --profile quick,)
+	$(CHAOS_HOME) $(PY) -m loadtests.chaos --profile $(PROFILE) $(if $(OUT),--out $(OUT),)
 
 prometheus: install  ## Prometheus on 127.0.0.1:9090 scraping the API on :3000 with the alert rules
 	prometheus --config.file=prometheus/prometheus.yml --storage.tsdb.path=var/prometheus \
