@@ -28,6 +28,10 @@ DEFAULT_BATCH_WAIT_MS = 0.0
 # of 64 closed-loop clients; 400 ms shed none there, but its bound (400 ms of queue, then the
 # forward call) is over the spike's 350 ms.
 DEFAULT_MAX_QUEUE_DELAY_MS = 200.0
+DEFAULT_SPILL_MAX_BYTES = 1 << 30
+# An analytics key anyone could guess is refused at start: too short, or an example's value.
+MIN_ADMIN_KEY_CHARS = 32
+PLACEHOLDER_WORDS = ("change-me", "changeme", "replace-me", "placeholder", "example", "your-key")
 # Relative paths (the SQLite file, the spill folder) are anchored here, beside service/.
 PROJECT_ROOT = db.PROJECT_ROOT
 
@@ -50,6 +54,9 @@ class Settings(BaseSettings):
     rate_limit_batch: str = "20/minute"
     trusted_proxies: Annotated[list[str], NoDecode] = []
     admin_api_key: SecretStr | None = None
+    # The key of the request ids /feedback accepts (service/request_ids.py). Unset: derived from
+    # ADMIN_API_KEY, or, without one, a key file in SPILL_DIR shared by the instance's workers.
+    request_id_key: SecretStr | None = None
     max_text_chars: int = Field(5000, gt=0)
     max_batch_size: int = Field(64, gt=0)
     max_body_bytes: int = Field(1_048_576, gt=0)
@@ -66,6 +73,22 @@ class Settings(BaseSettings):
     # Where analytics rows go while the database is down; replayed when it is back. Keep it
     # on a persistent volume in containers so a restart during an outage loses nothing.
     spill_dir: str = "var/spill"
+    # The cap of that folder (every worker's log): about 3.5 million rows of 300 bytes, 1.5 hours
+    # of this host's top uncached rate (600 predictions/s) with the database down. Beyond it rows
+    # are dropped and counted (sentiment_analytics_rows_total{outcome="dropped"}, alerted on).
+    spill_max_bytes: int = Field(DEFAULT_SPILL_MAX_BYTES, gt=0)
+
+    @field_validator("admin_api_key")
+    @classmethod
+    def _strong_admin_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        key = value.get_secret_value()
+        if len(key) < MIN_ADMIN_KEY_CHARS:
+            raise ValueError(f"ADMIN_API_KEY must be at least {MIN_ADMIN_KEY_CHARS} characters (openssl rand -hex 32)")
+        if any(word in key.lower().replace("_", "-") for word in PLACEHOLDER_WORDS):
+            raise ValueError("ADMIN_API_KEY is a placeholder; generate one with openssl rand -hex 32")
+        return value
 
     @field_validator("database_url")
     @classmethod

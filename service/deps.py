@@ -15,7 +15,7 @@ from limits import RateLimitItem
 from service import metrics
 from service.config import get_settings
 from service.errors import ApiError
-from service.guards import client_address
+from service.guards import client_address, trusted_networks
 from storage.ratelimit import RateLimiter
 
 
@@ -41,7 +41,7 @@ class ClientLimits:
     def __init__(self, limiter: RateLimiter, limits: dict[str, RateLimitItem | None], trusted: Sequence[str]) -> None:
         self.limiter = limiter
         self.limits = limits
-        self.trusted = tuple(trusted)
+        self.trusted = trusted_networks(trusted)
 
     async def check(self, request: Request, response: Response, scope: str) -> None:
         """Count this request against its client's limit; 429 with the contract's headers over it."""
@@ -61,7 +61,7 @@ class ClientLimits:
         return functools.partial(self.check, request, response, scope)
 
 
-def require_admin(request: Request) -> None:
+async def require_admin(request: Request) -> None:
     """401 unless the request carries `Authorization: Bearer <ADMIN_API_KEY>` (when one is set)."""
     key = get_settings().admin_api_key
     if key is None:

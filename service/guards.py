@@ -19,23 +19,44 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequence[str]) -> str:
-    """The peer, or the first X-Forwarded-For address when the peer is a trusted proxy."""
+
+def trusted_networks(trusted: Sequence[str]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(net, strict=False) for net in trusted)
+
+
+def _identity(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """IPv4 clients by address; IPv6 clients by /64, the block one subscriber usually holds
+    (counting each of its 2^64 addresses apart would make a limit per address meaningless)."""
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequence[Network]) -> str:
+    """The client a rate limit counts: the peer, or, when the peer is a trusted proxy, the
+    rightmost X-Forwarded-For address that is not itself a trusted proxy. Entries to the left of
+    it were written by the client (or by proxies it chose) and are never believed; each trusted
+    proxy appends the address it saw, so the rightmost untrusted one is the real client."""
     if not peer:
         return "unknown"
-    if forwarded_for and trusted:
-        try:
-            addr = ipaddress.ip_address(peer)
-        except ValueError:
-            return peer
-        if any(addr in ipaddress.ip_network(net, strict=False) for net in trusted):
-            first = forwarded_for.split(",")[0].strip()
+    try:
+        addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer
+    if forwarded_for and trusted and any(addr in net for net in trusted):
+        for entry in reversed(forwarded_for.split(",")):
             try:
-                return str(ipaddress.ip_address(first))
+                hop = ipaddress.ip_address(entry.strip())
             except ValueError:
-                return peer
-    return peer
+                break  # garbage where an address should be: believe nothing further left
+            addr = hop
+            if not any(hop in net for net in trusted):
+                break
+    return _identity(addr)
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:

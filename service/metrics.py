@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import resource
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,8 +20,10 @@ from prometheus_client import Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
     from service.batching import BatchStats
+    from service.database import DatabaseCalls
     from storage.analytics import AnalyticsStore
     from storage.cache import PredictionCache
+    from storage.ratelimit import RateLimiter
 
 log = logging.getLogger("sentiment")
 
@@ -167,23 +169,53 @@ def observe_waits(waits: list[float]) -> None:
 
 class GaugeWatcher:
     """A worker's gauges, refreshed every `interval` seconds on its event loop: dependencies,
-    memory, the analytics buffer and spill. It keeps the database's last state for /health, so
-    a health probe costs no database round trip."""
+    memory, the analytics log. It keeps the dependencies' last states for /health, so a health
+    probe costs no round trip; each check is bounded in time, and a database check still
+    running from the last round counts as down rather than piling up threads."""
 
-    def __init__(self, cache: PredictionCache, analytics: AnalyticsStore, interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        cache: PredictionCache,
+        limiter: RateLimiter,
+        analytics: AnalyticsStore,
+        database: DatabaseCalls,
+        interval: float = 2.0,
+        timeout_s: float = 2.0,
+    ) -> None:
         self.cache = cache
+        self.limiter = limiter
         self.analytics = analytics
+        self.database = database
         self.interval = interval
+        self.timeout_s = timeout_s
         self.database_status = "sqlite" if analytics.dialect == "sqlite" else "ok"
+        self.cache_status = "memory" if cache.backend == "memory" else "ok"
+        self.limiter_status = self.cache_status
         self._task: asyncio.Task[None] | None = None
 
+    async def _bounded(self, check: Awaitable[str]) -> str:
+        try:
+            return await asyncio.wait_for(check, self.timeout_s)
+        except Exception:
+            return "down"
+
+    async def _database(self) -> str:
+        if self.database.stuck:
+            return "down"
+        try:
+            return await self.database.run(self.analytics.status, timeout_s=self.timeout_s)
+        except Exception:  # ApiError: failed, slow or stuck
+            return "down"
+
     async def refresh(self) -> None:
-        # The database check and the spill folder's size are blocking calls: off the loop.
-        self.database_status = await asyncio.to_thread(self.analytics.status)
-        DEPENDENCY_UP.labels("cache", self.cache.backend).set(await self.cache.status() != "down")
+        self.database_status, self.cache_status, self.limiter_status = await asyncio.gather(
+            self._database(), self._bounded(self.cache.status()), self._bounded(self.limiter.status())
+        )
+        DEPENDENCY_UP.labels("cache", self.cache.backend).set(self.cache_status != "down")
         DEPENDENCY_UP.labels("database", self.analytics.dialect).set(self.database_status != "down")
         RESIDENT_MEMORY.set(resident_memory_bytes())
         MEMORY_LIMIT.set(memory_limit_bytes())
+        # The log folder's size is a directory scan: off the loop.
         await asyncio.to_thread(self.analytics.update_gauges)
 
     async def start(self) -> None:

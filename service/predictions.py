@@ -34,10 +34,17 @@ def make_batcher(infer: Callable[[str, list[str]], list[ModelOutput]], settings:
 class Predictions:
     """Predictions for texts by a model tag, built from a cache, a batcher and an analytics sink."""
 
-    def __init__(self, cache: PredictionCache, batcher: Batcher[ModelOutput], analytics: AnalyticsStore) -> None:
+    def __init__(
+        self,
+        cache: PredictionCache,
+        batcher: Batcher[ModelOutput],
+        analytics: AnalyticsStore,
+        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
         self.cache = cache
         self.batcher = batcher
         self.analytics = analytics
+        self.new_id = new_id
 
     async def predict(
         self,
@@ -83,7 +90,7 @@ class Predictions:
         for i, answer in enumerate(found):
             assert answer is not None
             p = Prediction(
-                request_id=str(uuid.uuid4()),
+                request_id=self.new_id(),
                 label=answer["label"],
                 score=answer["score"],
                 probabilities=answer["probabilities"],
@@ -108,5 +115,6 @@ class Predictions:
                     text=texts[i],
                 )
             )
+        # Logged before the answer leaves (one write(2)): an answered prediction has its row.
         self.analytics.record(records)
         return predictions

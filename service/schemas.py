@@ -8,22 +8,28 @@ from datetime import timedelta
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
+from pydantic.json_schema import JsonDict
 
 from service.config import get_settings
 from service.errors import ApiError
 
 Label = Literal["negative", "positive"]
-MAX_WINDOW_SECONDS = 3650 * 86400
+# The analytics `window`: a number and a unit, as many digits as keep it under 10,000 days (any
+# more would reach back past the dates a timestamp holds). The OpenAPI document publishes it.
+WINDOW_PATTERN = r"^(\d{1,6}[sm]|\d{1,5}h|\d{1,4}d)$"
+WINDOW_QUERY = {"pattern": WINDOW_PATTERN, "examples": ["15m", "1h", "24h"]}
 
 
 def parse_window(value: str) -> timedelta:
     """The analytics `window` query parameter: a number and a unit s, m, h or d (e.g. 15m)."""
-    match = re.fullmatch(r"(\d{1,6})([smhd])", value.strip())
+    match = re.fullmatch(r"(\d{1,6}[sm]|\d{1,5}h|\d{1,4}d)", value)
     if not match:
-        raise ApiError(400, "invalid request: window: expected a number and a unit s, m, h or d, e.g. 15m")
-    seconds = int(match[1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
-    if seconds > MAX_WINDOW_SECONDS:
-        raise ApiError(400, f"invalid request: window: at most {MAX_WINDOW_SECONDS // 86400} days")
+        raise ApiError(
+            400,
+            "invalid request: window: expected a number and a unit s, m, h or d, e.g. 15m"
+            " (at most 6 digits of s or m, 5 of h, 4 of d)",
+        )
+    seconds = int(value[:-1]) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[value[-1]]
     return timedelta(seconds=seconds)
 
 
@@ -32,6 +38,9 @@ def _check_text(value: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    if "\x00" in value:
+        # PostgreSQL cannot store it, and it is never part of a review: refused at the door.
+        raise ValueError("must not contain NUL characters (\\u0000)")
     stripped = value.strip()
     if not stripped:
         raise ValueError("must not be blank")
@@ -41,10 +50,21 @@ def _check_text(value: str) -> str:
     return stripped
 
 
+# What a valid text is, published in the OpenAPI document (checked by _check_text, whose
+# messages name the problem): not blank, no NUL, at most MAX_TEXT_CHARS after stripping (said in
+# words: a maxLength would count the surrounding whitespace that the limit does not).
+TEXT_SCHEMA: JsonDict = {
+    "type": "string",
+    "minLength": 1,
+    "pattern": r"^[^\x00]*[^\x00\s][^\x00]*$",
+    "description": f"not blank, no NUL, at most {get_settings().max_text_chars} characters after stripping",
+}
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: StrictStr
+    text: StrictStr = Field(json_schema_extra=TEXT_SCHEMA)
 
     @field_validator("text")
     @classmethod
@@ -59,7 +79,9 @@ class ABRequest(PredictRequest):
 class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    texts: list[StrictStr]
+    texts: list[StrictStr] = Field(
+        json_schema_extra={"minItems": 1, "maxItems": get_settings().max_batch_size, "items": TEXT_SCHEMA}
+    )
 
     @field_validator("texts")
     @classmethod
@@ -106,3 +128,34 @@ class BatchResponse(BaseModel):
 
 class FeedbackResponse(BaseModel):
     accepted: bool = True
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: what went wrong, and the request id the log has it under."""
+
+    error: str
+    request_id: str | None = None
+    fields: list[FieldError] | None = None
+
+
+_MEANINGS = {
+    400: "invalid body or query, naming the field",
+    401: "analytics need Authorization: Bearer <ADMIN_API_KEY>",
+    404: "unknown request_id (feedback takes only ids this service issued)",
+    413: "request body over MAX_BODY_BYTES",
+    429: "over the client's rate limit (Retry-After, RateLimit and RateLimit-Policy headers)",
+    503: "overloaded, or the analytics database unavailable: retry after Retry-After seconds",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict]:
+    """The error answers a route gives, for the OpenAPI document. "4XX" covers the rest (405 for
+    a wrong method), and keeps FastAPI from listing a 422 that this service never sends."""
+    out: dict[int | str, dict] = {code: {"model": ErrorBody, "description": _MEANINGS[code]} for code in codes}
+    out["4XX"] = {"model": ErrorBody, "description": "any other client error, with the same body"}
+    return out

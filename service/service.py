@@ -18,14 +18,15 @@ from typing import Annotated
 import bentoml
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import SQLAlchemyError
 
 from models import runtime
 from service import ab, deps, errors, metrics, schemas
 from service.config import Settings, get_settings, project_version
+from service.database import DatabaseCalls
 from service.errors import ApiError
 from service.guards import BodySizeLimit, ErrorCounts, InFlightLimit, JsonNotFound, LoopLag, RequestContext, route_paths
 from service.predictions import Predictions, make_batcher
+from service.request_ids import RequestIds, load_key
 from storage import migrate
 from storage.analytics import AnalyticsStore, SqlAnalyticsStore
 from storage.cache import make_cache
@@ -74,20 +75,33 @@ class Sentiment:
             str(m.tag): runtime.load_dir(Path(m.path), str(m.tag), settings.threads_per_worker)
             for m in (self.model_a, self.model_b)
         }
-        self.cache = make_cache(settings.redis_url, settings.cache_ttl_seconds)
+        # Without Redis: one SQLite file of the instance's, shared by its workers (storage/local.py).
+        local = Path(settings.spill_dir) / "embedded.sqlite"
+        self.cache = make_cache(settings.redis_url, settings.cache_ttl_seconds, local)
+        predict_limit = parse_limit(settings.rate_limit_predict)
         self.client_limits = deps.ClientLimits(
-            make_limiter(settings.redis_url),
-            {"predict": parse_limit(settings.rate_limit_predict), "batch": parse_limit(settings.rate_limit_batch)},
+            make_limiter(settings.redis_url, local),
+            # feedback is limited as /predict, in a window of its own
+            {"predict": predict_limit, "feedback": predict_limit, "batch": parse_limit(settings.rate_limit_batch)},
             settings.trusted_proxies,
         )
         self.analytics: AnalyticsStore = SqlAnalyticsStore(
-            settings.database_url, store_text=settings.store_text, spill_dir=settings.spill_dir
+            settings.database_url,
+            store_text=settings.store_text,
+            spill_dir=settings.spill_dir,
+            spill_max_bytes=settings.spill_max_bytes,
         )
         self.analytics.start()
         ERRORS.sink = self.analytics
         self.batcher = make_batcher(lambda tag, texts: self.predictors[tag].predict(texts), settings)
-        self.predictions = Predictions(self.cache, self.batcher, self.analytics)
-        self.gauges = metrics.GaugeWatcher(self.cache, self.analytics)
+        admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
+        secret = settings.request_id_key.get_secret_value() if settings.request_id_key else None
+        self.request_ids = RequestIds(load_key(secret, admin_key, Path(settings.spill_dir) / "request-id.key"))
+        self.predictions = Predictions(self.cache, self.batcher, self.analytics, self.request_ids.new)
+        self.database = DatabaseCalls()
+        self.gauges = metrics.GaugeWatcher(self.cache, self.client_limits.limiter, self.analytics, self.database)
+        if admin_key is None:
+            log.warning("ADMIN_API_KEY is unset: /analytics/* answer every client that reaches the service")
 
     @bentoml.on_deployment
     def _migrate() -> None:
@@ -115,17 +129,18 @@ class Sentiment:
         LOOP_LAG.stop()
         await asyncio.to_thread(self.batcher.close)
         ERRORS.sink = None
+        self.database.close()
         await asyncio.to_thread(self.analytics.close)
 
     # --- endpoints -------------------------------------------------------------------------
 
-    @app.post("/predict", response_model=schemas.Prediction)
+    @app.post("/predict", response_model=schemas.Prediction, responses=schemas.error_responses(400, 413, 429, 503))
     async def predict(self, body: schemas.PredictRequest, request: Request, response: Response) -> schemas.Prediction:
         limit = self.client_limits.gate(request, response, "predict")
         [prediction] = await self.predictions.predict([body.text], self.tag_a, "/predict", gate=limit)
         return prediction
 
-    @app.post("/predict/ab", response_model=schemas.ABPrediction)
+    @app.post("/predict/ab", response_model=schemas.ABPrediction, responses=schemas.error_responses(400, 413, 429, 503))
     async def predict_ab(self, body: schemas.ABRequest, request: Request, response: Response) -> schemas.ABPrediction:
         limit = self.client_limits.gate(request, response, "predict")
         variant = ab.assign(self.experiment, body.user_id, settings.ab_split)
@@ -133,37 +148,44 @@ class Sentiment:
         [prediction] = await self.predictions.predict([body.text], tag, "/predict/ab", variant, gate=limit)
         return schemas.ABPrediction(**prediction.model_dump(), variant=variant, experiment=self.experiment)
 
-    @app.post("/batch", response_model=schemas.BatchResponse)
+    @app.post("/batch", response_model=schemas.BatchResponse, responses=schemas.error_responses(400, 413, 429, 503))
     async def batch(self, body: schemas.BatchRequest, request: Request, response: Response) -> schemas.BatchResponse:
         limit = self.client_limits.gate(request, response, "batch")
         predictions = await self.predictions.predict(body.texts, self.tag_a, "/batch", gate=limit)
         cached = sum(p.cached for p in predictions)
         return schemas.BatchResponse(predictions=predictions, count=len(predictions), cached_count=cached)
 
-    @app.post("/feedback", response_model=schemas.FeedbackResponse)
-    async def feedback(self, body: schemas.FeedbackRequest) -> schemas.FeedbackResponse:
-        try:
-            await asyncio.to_thread(self.analytics.record_feedback, str(body.request_id), body.label)
-        except SQLAlchemyError as exc:
-            log.warning("feedback not stored: %s", exc)
-            raise ApiError(503, "analytics database unavailable, retry later", {"Retry-After": "5"}) from exc
+    @app.post(
+        "/feedback", response_model=schemas.FeedbackResponse, responses=schemas.error_responses(400, 404, 413, 429, 503)
+    )
+    async def feedback(
+        self, body: schemas.FeedbackRequest, request: Request, response: Response
+    ) -> schemas.FeedbackResponse:
+        """Only ids this service issued: nobody can skew the A/B accuracy with invented ones."""
+        if not self.request_ids.issued(body.request_id):
+            raise ApiError(404, "unknown request_id: not a prediction this service answered")
+        await self.client_limits.check(request, response, "feedback")
+        await self.database.run(self.analytics.record_feedback, str(body.request_id), body.label)
         return schemas.FeedbackResponse(accepted=True)
 
-    @app.get("/analytics/summary", dependencies=Admin)
-    async def analytics_summary(self, window: Annotated[str, Query()] = "1h") -> dict:
-        return await asyncio.to_thread(self.analytics.summary, schemas.parse_window(window))
+    @app.get("/analytics/summary", dependencies=Admin, responses=schemas.error_responses(400, 401, 503))
+    async def analytics_summary(
+        self, window: Annotated[str, Query(json_schema_extra=schemas.WINDOW_QUERY)] = "1h"
+    ) -> dict:
+        return await self.database.run(self.analytics.summary, schemas.parse_window(window))
 
-    @app.get("/analytics/ab", dependencies=Admin)
-    async def analytics_ab(self, window: Annotated[str, Query()] = "1h") -> dict:
-        report = await asyncio.to_thread(self.analytics.ab_report, schemas.parse_window(window))
+    @app.get("/analytics/ab", dependencies=Admin, responses=schemas.error_responses(400, 401, 503))
+    async def analytics_ab(self, window: Annotated[str, Query(json_schema_extra=schemas.WINDOW_QUERY)] = "1h") -> dict:
+        report = await self.database.run(self.analytics.ab_report, schemas.parse_window(window))
         return {"experiment": self.experiment, "split": settings.ab_split, **report}
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
-        """Redis is asked (one PING on the event loop); the database's state is the gauge
-        watcher's (every 5 s) or the analytics writer's last failure: no database round trip."""
-        cache = await self.cache.status()
-        database = "down" if not self.analytics.healthy else self.gauges.database_status
+        """From the gauge watcher's state (every few seconds) and the analytics writer's last
+        write: no Redis or database round trip, so probes cost nothing and never hang."""
+        cache, database = self.gauges.cache_status, self.gauges.database_status
+        cache = "down" if self.cache.failing else cache
+        database = "down" if not self.analytics.healthy else database
         serving = bool(self.predictors)
         runtimes = {tag: p.runtime for tag, p in self.predictors.items()}
         model = {"A": self.tag_a, "B": self.tag_b, "runtimes": runtimes, "threads": settings.threads_per_worker}
@@ -173,7 +195,7 @@ class Sentiment:
             "model": model,
             "cache": cache,
             "database": database,
-            "rate_limiter": await self.client_limits.limiter.status(),
+            "rate_limiter": self.gauges.limiter_status,
             "version": VERSION,
         }
         return JSONResponse(body, status_code=200 if serving else 503)

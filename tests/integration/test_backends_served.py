@@ -6,10 +6,11 @@ import concurrent.futures as cf
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import sqlalchemy as sa
 
@@ -131,7 +132,7 @@ def test_limit_is_exact_across_workers_and_instances(
     second = Served(env, tmp_path / "second.log")
     try:  # the stop is registered before the start: a start that times out is stopped too
         second.start()
-        other = f"198.51.100.{(uuid.uuid4().int % 250) + 1}"
+        other = f"198.18.0.{uuid.uuid4().int % 250}"  # another network: never a client above
         urls = [stack.url, second.url] * 100
         with cf.ThreadPoolExecutor(50) as pool:
             both = list(pool.map(lambda u: _answer(u, text, other), urls))
@@ -148,9 +149,9 @@ def test_redis_outage_degrades_then_recovers_without_restart(stack: Served, redi
         answers = [_post(stack.url, "/predict", {"text": t}, client) for t in texts + texts]
         assert [r.status_code for r in answers] == [200] * 10
         assert not any(r.json()["cached"] for r in answers)  # uncached while Redis is down
-        health = httpx.get(f"{stack.url}/health", timeout=10)
-        assert health.status_code == 200
-        assert health.json()["status"] == "degraded" and health.json()["cache"] == "down"
+        # /health reports the watcher's state (refreshed every 2 s) and the cache's last call
+        health = _health_until(stack.url, lambda h: h["cache"] == "down")
+        assert health["status"] == "degraded" and health["cache"] == "down"
     finally:
         redis_server.start()
     text = f"after the outage {uuid.uuid4()}"
@@ -163,7 +164,18 @@ def test_redis_outage_degrades_then_recovers_without_restart(stack: Served, redi
         text = f"after the outage {uuid.uuid4()}"
         time.sleep(0.5)
     assert first["cached"] is False and second["cached"] is True
-    assert httpx.get(f"{stack.url}/health", timeout=10).json()["status"] == "ok"
+    assert _health_until(stack.url, lambda h: h["status"] == "ok")["status"] == "ok"
+
+
+def _health_until(url: str, done: Callable[[dict], bool], timeout: float = 15) -> dict:
+    """/health until `done` holds of it (each worker's watcher refreshes every 2 s), or the last."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.get(f"{url}/health", timeout=10)
+        assert r.status_code == 200, r.text
+        if done(r.json()) or time.monotonic() > deadline:
+            return dict(r.json())
+        time.sleep(0.3)
 
 
 class _Traffic:
@@ -214,8 +226,13 @@ def test_postgres_outage_loses_and_duplicates_nothing(stack: Served, postgres_se
         postgres_server.stop()
         try:
             time.sleep(6)
-            health = httpx.get(f"{stack.url}/health", timeout=10).json()
+            health = _health_until(stack.url, lambda h: h["database"] == "down")
             assert health["database"] == "down" and health["status"] == "degraded"
+            summary = httpx.get(f"{stack.url}/analytics/summary", timeout=30)
+            assert summary.status_code == 503 and summary.headers["Retry-After"], summary.text
+            rid = traffic.ok[-1]
+            feedback = _post(stack.url, "/feedback", {"request_id": rid, "label": "positive"}, "192.0.2.250")
+            assert feedback.status_code == 503 and "database" in feedback.json()["error"]
         finally:
             postgres_server.start()
         time.sleep(2)
@@ -223,6 +240,55 @@ def test_postgres_outage_loses_and_duplicates_nothing(stack: Served, postgres_se
     rows = _wait_rows(postgres_server.url, traffic.ok)
     assert len(rows) == len(traffic.ok), f"{len(traffic.ok) - len(rows)} answered predictions have no row"
     assert set(rows.values()) == {1}
+
+
+def _workers(server: Served) -> list[psutil.Process]:
+    """The BentoML worker processes of `server`: its descendants that load the service."""
+    assert server.proc is not None
+    parent = psutil.Process(server.proc.pid)
+    return [p for p in parent.children(recursive=True) if "_bentoml_impl.worker" in " ".join(p.cmdline())]
+
+
+def test_a_sigkilled_worker_loses_no_answered_row(stack: Served, postgres_server: PostgresServer) -> None:
+    """Each row is in the worker's local log before its answer leaves: a worker killed with rows
+    not yet shipped loses none of them; the other worker (or the restarted one) ships its log."""
+    workers = _workers(stack)
+    assert len(workers) == 2, workers
+    with _Traffic(stack.url) as traffic:
+        time.sleep(3)
+        workers[0].kill()
+        time.sleep(6)  # BentoML starts a new worker meanwhile
+    assert len(traffic.ok) > 50
+    rows = _wait_rows(postgres_server.url, traffic.ok, timeout=60)
+    assert len(rows) == len(traffic.ok), f"{len(traffic.ok) - len(rows)} answered predictions have no row"
+    assert set(rows.values()) == {1}
+    httpx.get(f"{stack.url}/readyz", timeout=30).raise_for_status()
+
+
+def test_predictions_go_on_while_the_database_is_blackholed(stack: Served, postgres_server: PostgresServer) -> None:
+    """PostgreSQL stopped with SIGSTOP: connections stay open and never answer. Predictions are
+    answered all along, /analytics answers 503 in bounded time, and every row arrives after."""
+    postmaster = psutil.Process(postgres_server.pid())
+    frozen = [postmaster, *postmaster.children()]
+    with _Traffic(stack.url) as traffic:
+        time.sleep(2)
+        for p in frozen:
+            p.suspend()
+        try:
+            time.sleep(8)
+            started = time.monotonic()
+            summary = httpx.get(f"{stack.url}/analytics/summary", timeout=60)
+            assert summary.status_code == 503 and time.monotonic() - started < 30
+            during = len(traffic.ok)
+            time.sleep(3)
+            assert len(traffic.ok) > during, "predictions stalled behind the database"
+        finally:
+            for p in frozen:
+                p.resume()
+        time.sleep(2)
+    assert traffic.failed == 0
+    rows = _wait_rows(postgres_server.url, traffic.ok, timeout=90)
+    assert len(rows) == len(traffic.ok), f"{len(traffic.ok) - len(rows)} answered predictions have no row"
 
 
 def test_service_restart_during_outage_replays_the_spill_file(
@@ -241,8 +307,8 @@ def test_service_restart_during_outage_replays_the_spill_file(
             with _Traffic(first.url) as traffic:
                 time.sleep(4)
             answered += traffic.ok
-            first.stop()  # SIGTERM during the outage: buffered rows go to the spill file
-            assert list(Path(env["SPILL_DIR"]).glob("*.jsonl")), "nothing was spilled"
+            first.stop()  # SIGTERM during the outage: the rows stay in the workers' logs
+            assert list(Path(env["SPILL_DIR"]).glob("*.jsonl")), "no row waits in a log"
             second.start()
         finally:
             postgres_server.start()

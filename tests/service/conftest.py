@@ -19,6 +19,8 @@ def service_env(model_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
     db = Path(tmp_path_factory.mktemp("analytics")) / "analytics.db"
     env = {
         "DATABASE_URL": f"sqlite:///{db}",
+        # this session's own: the analytics logs, the embedded cache and limiter, the id key
+        "SPILL_DIR": str(db.parent / "spill"),
         **model_env,
         # The test client's peer; each test then names its own client in X-Forwarded-For.
         "TRUSTED_PROXIES": "10.0.0.0/8",

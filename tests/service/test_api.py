@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
@@ -208,13 +210,46 @@ def test_rate_limit_gives_429_with_headers(client: TestClient, headers: dict[str
     assert other.status_code == 200
 
 
-def test_untrusted_forwarded_for_is_ignored(client: TestClient) -> None:
-    """Only the configured proxies may name the client: others are limited by their peer."""
-    from service.guards import client_address
+def _remaining(response: httpx.Response) -> int:
+    return int(response.headers["RateLimit"].split("remaining=")[1].split(",")[0])
 
-    assert client_address("10.0.0.9", "203.0.113.5, 10.0.0.1", ["10.0.0.0/8"]) == "203.0.113.5"
-    assert client_address("198.51.100.7", "203.0.113.5", ["10.0.0.0/8"]) == "198.51.100.7"
-    assert client_address("10.0.0.9", "garbage", ["10.0.0.0/8"]) == "10.0.0.9"
+
+def test_entries_a_client_writes_do_not_change_its_limit_identity(client: TestClient, ip: str) -> None:
+    """Through the trusted proxy (the test client's peer, which appends), whatever a client writes
+    to the left of its address counts against the same window: the rightmost untrusted address."""
+    text = {"text": f"Identity check {uuid.uuid4()}"}
+    seen = [
+        _remaining(client.post("/predict", json=text, headers={"X-Forwarded-For": f"{spoof}{ip}"}))
+        for spoof in ("", "203.0.113.77, ", "10.0.0.1, 198.51.100.3, ", "not-an-ip, ")
+    ]
+    assert seen == [seen[0] - i for i in range(4)]
+
+
+def test_a_direct_client_cannot_claim_another_address(client: TestClient) -> None:
+    """A peer outside TRUSTED_PROXIES is its own identity, whatever X-Forwarded-For it sends."""
+    direct = TestClient(client.app, client=(f"198.51.100.{uuid.uuid4().int % 200 + 20}", 4000))
+    text = {"text": f"Direct client {uuid.uuid4()}"}
+    claims = ("203.0.113.1", "203.0.113.2", "10.0.0.1")
+    seen = [_remaining(direct.post("/predict", json=text, headers={"X-Forwarded-For": c})) for c in claims]
+    assert seen == [seen[0] - i for i in range(3)]
+
+
+def test_feedback_takes_only_ids_the_service_issued(client: TestClient, headers: dict[str, str]) -> None:
+    invented = client.post("/feedback", json={"request_id": str(uuid.uuid4()), "label": "positive"}, headers=headers)
+    assert invented.status_code == 404 and "request_id" in invented.json()["error"]
+    issued = client.post("/predict", json={"text": f"Feedback id {uuid.uuid4()}"}, headers=headers).json()
+    ok = client.post("/feedback", json={"request_id": issued["request_id"], "label": "negative"}, headers=headers)
+    assert ok.status_code == 200 and "RateLimit" in ok.headers
+    assert uuid.UUID(issued["request_id"]).version == 4
+
+
+def test_nul_in_text_is_refused_naming_the_field(client: TestClient, headers: dict[str, str]) -> None:
+    for path, body, field in (
+        ("/predict", {"text": "bad\u0000text"}, "text"),
+        ("/batch", {"texts": ["fine", "bad\u0000"]}, "texts"),
+    ):
+        r = client.post(path, content=json.dumps(body), headers={**headers, "content-type": "application/json"})
+        assert r.status_code == 400 and field in r.json()["error"] and "NUL" in r.json()["error"], r.text
 
 
 def test_overload_is_a_503_with_retry_after_but_cached_texts_are_answered(
@@ -244,10 +279,11 @@ def test_admin_key_guards_analytics(client: TestClient, monkeypatch: pytest.Monk
 
     from service import service as module
 
-    monkeypatch.setattr(module.settings, "admin_api_key", SecretStr("s3cret"))
+    key = "k" * 40
+    monkeypatch.setattr(module.settings, "admin_api_key", SecretStr(key))
     assert client.get("/analytics/summary").status_code == 401
     assert client.get("/analytics/ab", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    ok = client.get("/analytics/summary", headers={"Authorization": "Bearer s3cret"})
+    ok = client.get("/analytics/summary", headers={"Authorization": f"Bearer {key}"})
     assert ok.status_code == 200 and "total" in ok.json()
 
 

@@ -43,7 +43,15 @@ def test_environment_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "value"), [("AB_SPLIT", "1.5"), ("TRUSTED_PROXIES", "not-an-ip"), ("MAX_BATCH_SIZE", "0")]
+    ("name", "value"),
+    [
+        ("AB_SPLIT", "1.5"),
+        ("TRUSTED_PROXIES", "not-an-ip"),
+        ("MAX_BATCH_SIZE", "0"),
+        ("ADMIN_API_KEY", "s3cret"),  # too short to resist guessing
+        ("ADMIN_API_KEY", "change-me-change-me-change-me-change-me"),  # an example's placeholder
+        ("SPILL_MAX_BYTES", "0"),
+    ],
 )
 def test_bad_values_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
     monkeypatch.setenv(name, value)
@@ -73,3 +81,10 @@ def test_readme_documents_every_setting_with_its_default() -> None:
             assert cell.startswith("empty"), (name, cell)
         else:
             assert cell.startswith(f"`{_shown(default)}`"), (name, cell, default)
+
+
+def test_a_strong_admin_key_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "9f2c" * 8
+    monkeypatch.setenv("ADMIN_API_KEY", key)
+    value = Settings().admin_api_key
+    assert value is not None and value.get_secret_value() == key

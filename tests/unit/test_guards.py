@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, Router
 
-from service.guards import BodySizeLimit, InFlightLimit
+from service.guards import BodySizeLimit, InFlightLimit, client_address, trusted_networks
 
 
 async def _slow(request: Request) -> JSONResponse:
@@ -138,3 +138,38 @@ async def test_a_lagging_event_loop_sheds_new_requests_at_the_door() -> None:
             assert (await client.post("/predict")).status_code == 200
     finally:
         lag.stop()
+
+
+PROXIES = trusted_networks(["10.0.0.0/8", "2001:db8:ffff::/48"])
+
+
+@pytest.mark.parametrize(
+    ("peer", "forwarded_for", "client"),
+    [
+        # a direct client: whatever it writes in the header is ignored
+        ("203.0.113.5", "198.51.100.1", "203.0.113.5"),
+        # through one trusted proxy that appends the address it saw
+        ("10.1.2.3", "203.0.113.5", "203.0.113.5"),
+        # a client writing its own entries in front of the proxy's: never believed
+        ("10.1.2.3", "198.51.100.1, 1.2.3.4, 203.0.113.5", "203.0.113.5"),
+        # two trusted proxies in a row: the rightmost untrusted entry is the client
+        ("10.1.2.3", "198.51.100.1, 203.0.113.5, 10.9.9.9", "203.0.113.5"),
+        # garbage where an address should be: nothing left of it is believed
+        ("10.1.2.3", "198.51.100.1, not-an-address", "10.1.2.3"),
+        # IPv6 clients count by /64, whatever address they take inside it
+        ("2001:db8:1:2:aaaa::1", None, "2001:db8:1:2::/64"),
+        ("10.1.2.3", "2001:db8:1:2:bbbb::7", "2001:db8:1:2::/64"),
+        ("2001:db8:ffff::1", "::ffff:203.0.113.5", "203.0.113.5"),
+        (None, "203.0.113.5", "unknown"),
+    ],
+)
+def test_client_identity_is_the_rightmost_untrusted_forwarded_address(
+    peer: str | None, forwarded_for: str | None, client: str
+) -> None:
+    assert client_address(peer, forwarded_for, PROXIES) == client
+
+
+def test_a_client_behind_a_proxy_cannot_pick_its_identity() -> None:
+    """Whatever a client prepends, the limit identity through an appending proxy is the same."""
+    seen = {client_address("10.0.0.2", f"{spoof}, 203.0.113.5", PROXIES) for spoof in ("1.1.1.1", "10.0.0.3", "::1")}
+    assert seen == {"203.0.113.5"}
