@@ -82,3 +82,62 @@ request_errors = Table(
     Column("status", Integer, nullable=False),
 )
 Index("ix_request_errors_created_at", request_errors.c.created_at)
+
+# Bulk scoring jobs (storage/jobs.py). Any replica answers for any job, and every worker of every
+# replica claims its chunks: the standard PostgreSQL queue, chunk rows leased with
+# FOR UPDATE SKIP LOCKED (one UPDATE statement under SQLite's write lock there).
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("job_id", String(36), primary_key=True),
+    Column("status", String(16), nullable=False),  # queued, running, done, failed, cancelled
+    Column("total", Integer, nullable=False),
+    Column("done", Integer, nullable=False),
+    Column("model", String(128), nullable=False),
+    Column("client", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("progressed_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("expires_at", DateTime(timezone=True), nullable=True),
+    Column("error", Text, nullable=True),
+)
+Index("ix_jobs_status_created_at", jobs.c.status, jobs.c.created_at)
+Index("ix_jobs_expires_at", jobs.c.expires_at)
+
+# A job's texts in chunks of up to CHUNK_TEXTS: the unit a worker claims, under a lease.
+job_chunks = Table(
+    "job_chunks",
+    metadata,
+    Column("job_id", String(36), primary_key=True),
+    Column("chunk", Integer, primary_key=True, autoincrement=False),
+    Column("first", Integer, nullable=False),  # index of its first text in the job
+    Column("size", Integer, nullable=False),
+    Column("queued_at", DateTime(timezone=True), nullable=False),  # the job's: older jobs first
+    Column("state", String(8), nullable=False),  # queued, leased, done
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+    Column("worker", String(64), nullable=True),
+    Column("attempts", Integer, nullable=False),
+)
+Index("ix_job_chunks_claim", job_chunks.c.state, job_chunks.c.queued_at, job_chunks.c.chunk)
+
+# A job's texts, kept only until their chunk is scored.
+job_texts = Table(
+    "job_texts",
+    metadata,
+    Column("job_id", String(36), primary_key=True),
+    Column("idx", Integer, primary_key=True, autoincrement=False),
+    Column("text", Text, nullable=False),
+)
+
+# One result per text, written idempotently by (job, index); no text kept.
+job_results = Table(
+    "job_results",
+    metadata,
+    Column("job_id", String(36), primary_key=True),
+    Column("idx", Integer, primary_key=True, autoincrement=False),
+    Column("label", String(16), nullable=False),
+    Column("score", Float, nullable=False),
+    Column("p_negative", Float, nullable=False),
+    Column("p_positive", Float, nullable=False),
+)

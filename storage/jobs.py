@@ -1,0 +1,302 @@
+"""The bulk-job queue in the analytics database: submit, lease a chunk, complete it, follow it.
+
+The standard PostgreSQL queue pattern: a job's texts are cut into chunks, and a worker leases
+the oldest claimable chunk with `FOR UPDATE SKIP LOCKED` (concurrent workers never wait on each
+other or take the same chunk; under SQLite one UPDATE statement holds the database's write lock,
+which gives the same guarantee). A lease that runs out (its worker died) makes the chunk
+claimable again. Results are written with ON CONFLICT DO NOTHING by (job, index), and a chunk is
+counted into the job's progress only by the UPDATE that marks it done, so a chunk scored twice
+is stored and counted once. Chosen over RQ or Celery: those add a broker process and a second
+copy of the model outside the service's batcher (README, Bulk jobs).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Engine
+
+from storage.analytics.records import utcnow
+from storage.analytics.writer import upsert
+from storage.tables import job_chunks, job_results, job_texts, jobs
+
+CHUNK_TEXTS = 256
+INSERT_ROWS = 5_000  # rows per INSERT statement when a job's texts are stored
+ACTIVE = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A leased chunk: its job, position and texts (index i of `texts` is `first + i` in the job)."""
+
+    job_id: str
+    chunk: int
+    first: int
+    texts: list[str]
+    model: str
+
+
+@dataclass(frozen=True)
+class Result:
+    label: str
+    score: float
+    p_negative: float
+    p_positive: float
+
+
+class JobQueue:
+    def __init__(self, engine: Engine, result_ttl: timedelta = timedelta(days=7)) -> None:
+        self.engine = engine
+        self.result_ttl = result_ttl
+        self.postgres = engine.dialect.name == "postgresql"
+
+    # --- clients ---------------------------------------------------------------------------
+
+    def submit(self, texts: Sequence[str], model: str, client: str, chunk_texts: int = CHUNK_TEXTS) -> str:
+        """Store a job and its chunks in one transaction; returns its id."""
+        job_id = str(uuid.uuid4())
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(
+                jobs.insert().values(
+                    job_id=job_id,
+                    status="queued",
+                    total=len(texts),
+                    done=0,
+                    model=model,
+                    client=client[:64],
+                    created_at=now,
+                )
+            )
+            for start in range(0, len(texts), INSERT_ROWS):
+                rows = [
+                    {"job_id": job_id, "idx": start + i, "text": t}
+                    for i, t in enumerate(texts[start : start + INSERT_ROWS])
+                ]
+                conn.execute(job_texts.insert(), rows)
+            chunks = [
+                {
+                    "job_id": job_id,
+                    "chunk": n,
+                    "first": first,
+                    "size": min(chunk_texts, len(texts) - first),
+                    "queued_at": now,
+                    "state": "queued",
+                    "attempts": 0,
+                }
+                for n, first in enumerate(range(0, len(texts), chunk_texts))
+            ]
+            conn.execute(job_chunks.insert(), chunks)
+        return job_id
+
+    def status(self, job_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).mappings().first()
+        if row is None:
+            return None
+        return {
+            "job_id": row["job_id"],
+            "status": row["status"],
+            "total": row["total"],
+            "done": row["done"],
+            "created_at": _iso(row["created_at"]),
+            "finished_at": _iso(row["finished_at"]),
+            "eta_seconds": _eta(row),
+            "model": row["model"],
+        }
+
+    def results(self, job_id: str, page: int = 5_000) -> Iterator[dict[str, Any]]:
+        """The job's results in input order, read a page at a time."""
+        last = -1
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(job_results)
+                    .where(job_results.c.job_id == job_id, job_results.c.idx > last)
+                    .order_by(job_results.c.idx)
+                    .limit(page)
+                ).all()
+            for r in rows:
+                yield {
+                    "index": r.idx,
+                    "label": r.label,
+                    "score": r.score,
+                    "probabilities": {"negative": r.p_negative, "positive": r.p_positive},
+                }
+            if len(rows) < page:
+                return
+            last = rows[-1].idx
+
+    def cancel(self, job_id: str) -> str | None:
+        """Cancel a queued or running job (its texts and unclaimed chunks go at once; a leased
+        chunk's worker stops at its next sub-batch). Returns the status now, None if unknown."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                jobs.update()
+                .where(jobs.c.job_id == job_id, jobs.c.status.in_(ACTIVE))
+                .values(status="cancelled", finished_at=now, expires_at=now + self.result_ttl)
+            ).rowcount
+            if updated:
+                conn.execute(job_texts.delete().where(job_texts.c.job_id == job_id))
+                conn.execute(job_chunks.delete().where(job_chunks.c.job_id == job_id))
+            status = conn.execute(sa.select(jobs.c.status).where(jobs.c.job_id == job_id)).scalar()
+        return status
+
+    # --- workers ---------------------------------------------------------------------------
+
+    def claim(self, worker: str, lease: timedelta) -> Chunk | None:
+        """Lease the oldest claimable chunk (queued, or leased with its lease run out)."""
+        now = utcnow()
+        claimable = sa.or_(
+            job_chunks.c.state == "queued", sa.and_(job_chunks.c.state == "leased", job_chunks.c.lease_until < now)
+        )
+        pick = (
+            sa.select(job_chunks.c.job_id, job_chunks.c.chunk)
+            .where(claimable)
+            .order_by(job_chunks.c.queued_at, job_chunks.c.job_id, job_chunks.c.chunk)
+            .limit(1)
+        )
+        if self.postgres:
+            pick = pick.with_for_update(skip_locked=True)
+        picked = pick.subquery()
+        stmt = (
+            job_chunks.update()
+            .where(job_chunks.c.job_id == picked.c.job_id, job_chunks.c.chunk == picked.c.chunk, claimable)
+            .values(state="leased", lease_until=now + lease, worker=worker[:64], attempts=job_chunks.c.attempts + 1)
+            .returning(job_chunks.c.job_id, job_chunks.c.chunk, job_chunks.c.first, job_chunks.c.size)
+        )
+        with self.engine.begin() as conn:
+            row = conn.execute(stmt).first()
+            if row is None:
+                return None
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.job_id == row.job_id, jobs.c.status == "queued")
+                .values(status="running", started_at=now, progressed_at=now)
+            )
+            model = conn.execute(sa.select(jobs.c.model).where(jobs.c.job_id == row.job_id)).scalar_one()
+            texts = (
+                conn.execute(
+                    sa.select(job_texts.c.text)
+                    .where(job_texts.c.job_id == row.job_id, job_texts.c.idx >= row.first)
+                    .where(job_texts.c.idx < row.first + row.size)
+                    .order_by(job_texts.c.idx)
+                )
+                .scalars()
+                .all()
+            )
+        if len(texts) < row.size:  # cancelled meanwhile: its texts are gone
+            return None
+        return Chunk(row.job_id, row.chunk, row.first, list(texts), model)
+
+    def active(self, job_id: str) -> bool:
+        """False once the job is cancelled (or gone): a worker stops scoring its chunk."""
+        with self.engine.connect() as conn:
+            status = conn.execute(sa.select(jobs.c.status).where(jobs.c.job_id == job_id)).scalar()
+        return status in ACTIVE
+
+    def complete(self, chunk: Chunk, results: Sequence[Result]) -> bool:
+        """Store the chunk's results and count it done, once. True when this call counted it."""
+        now = utcnow()
+        rows = [
+            {
+                "job_id": chunk.job_id,
+                "idx": chunk.first + i,
+                "label": r.label,
+                "score": r.score,
+                "p_negative": r.p_negative,
+                "p_positive": r.p_positive,
+            }
+            for i, r in enumerate(results)
+        ]
+        with self.engine.begin() as conn:
+            if not self.active_in(conn, chunk.job_id):
+                return False
+            conn.execute(upsert(self.engine, job_results).on_conflict_do_nothing(), rows)
+            counted = conn.execute(
+                job_chunks.update()
+                .where(job_chunks.c.job_id == chunk.job_id, job_chunks.c.chunk == chunk.chunk)
+                .where(job_chunks.c.state != "done")
+                .values(state="done", lease_until=None)
+            ).rowcount
+            if not counted:
+                return False
+            conn.execute(
+                job_texts.delete()
+                .where(job_texts.c.job_id == chunk.job_id, job_texts.c.idx >= chunk.first)
+                .where(job_texts.c.idx < chunk.first + len(chunk.texts))
+            )
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.job_id == chunk.job_id)
+                .values(done=jobs.c.done + len(rows), progressed_at=now)
+            )
+            conn.execute(
+                jobs.update()
+                .where(jobs.c.job_id == chunk.job_id, jobs.c.done >= jobs.c.total, jobs.c.status.in_(ACTIVE))
+                .values(status="done", finished_at=now, expires_at=now + self.result_ttl)
+            )
+            if conn.execute(sa.select(jobs.c.status).where(jobs.c.job_id == chunk.job_id)).scalar() == "done":
+                conn.execute(job_chunks.delete().where(job_chunks.c.job_id == chunk.job_id))
+        return True
+
+    @staticmethod
+    def active_in(conn: sa.Connection, job_id: str) -> bool:
+        return conn.execute(sa.select(jobs.c.status).where(jobs.c.job_id == job_id)).scalar() in ACTIVE
+
+    # --- upkeep ----------------------------------------------------------------------------
+
+    def expire(self) -> int:
+        """Remove finished jobs past their time to live, with their results; returns how many."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            gone = conn.execute(sa.select(jobs.c.job_id).where(jobs.c.expires_at < now)).scalars().all()
+            for table in (job_results, job_texts, job_chunks, jobs):
+                conn.execute(table.delete().where(table.c.job_id.in_(gone)))
+        return len(gone)
+
+    def stats(self) -> dict[str, Any]:
+        """Jobs by status, and the age of the oldest queued or running job's last progress."""
+        with self.engine.connect() as conn:
+            by_status: dict[str, int] = dict(
+                conn.execute(sa.select(jobs.c.status, sa.func.count()).group_by(jobs.c.status)).all()
+            )
+            oldest = conn.execute(sa.select(sa.func.min(jobs.c.created_at)).where(jobs.c.status == "queued")).scalar()
+            stalled = conn.execute(
+                sa.select(sa.func.min(sa.func.coalesce(jobs.c.progressed_at, jobs.c.created_at))).where(
+                    jobs.c.status.in_(ACTIVE)
+                )
+            ).scalar()
+        now = utcnow()
+        return {
+            "by_status": by_status,
+            "oldest_queued_seconds": _age(oldest, now),
+            "least_recent_progress_seconds": _age(stalled, now),
+        }
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite gives naive datetimes back (stored as UTC text); PostgreSQL aware ones.
+    return value if value.tzinfo else value.replace(tzinfo=utcnow().tzinfo)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return _aware(value).isoformat() if value else None
+
+
+def _age(value: datetime | None, now: datetime) -> float:
+    return max(0.0, (now - _aware(value)).total_seconds()) if value else 0.0
+
+
+def _eta(row: Any) -> float | None:
+    """Seconds to go at the rate so far; None before the first chunk or once finished."""
+    if row["status"] != "running" or not row["started_at"] or not row["done"]:
+        return None
+    elapsed = (utcnow() - _aware(row["started_at"])).total_seconds()
+    return round((row["total"] - row["done"]) * elapsed / row["done"], 1)
