@@ -12,6 +12,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from hypothesis.strategies import SearchStrategy
 from schemathesis import GenerationMode
 
 from tests.support.serving import Served
@@ -47,20 +48,25 @@ def fuzz(url: str, examples: int = EXAMPLES) -> Counter[str]:
     for result in schema.get_all_operations():
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-
-            @given(case=operation.as_strategy(generation_mode=mode))
-            @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-            def run(case: schemathesis.Case) -> None:
-                response = case.call_and_validate(base_url=url)
-                assert response.status_code < 500 or response.status_code == 503, response.text
-                ran[f"{operation.label} {mode.value}"] += 1
-
             try:
-                run()
+                _fuzz_one(
+                    url, operation.as_strategy(generation_mode=mode), examples, ran, f"{operation.label} {mode.value}"
+                )
             except Unsatisfiable:
                 # GET /health takes no input at all: there is no invalid request to make
                 assert mode is GenerationMode.NEGATIVE and not list(operation.iter_parameters()), operation.label
     return ran
+
+
+def _fuzz_one(url: str, cases: SearchStrategy, examples: int, ran: Counter[str], key: str) -> None:
+    @given(case=cases)
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def run(case: schemathesis.Case) -> None:
+        response = case.call_and_validate(base_url=url)
+        assert response.status_code < 500 or response.status_code == 503, response.text
+        ran[key] += 1
+
+    run()
 
 
 def test_every_answer_matches_the_published_contract(fuzzed: str) -> None:
