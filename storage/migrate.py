@@ -13,6 +13,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 from storage.db import DEFAULT_URL, anchored
 
@@ -24,6 +25,11 @@ def alembic_config(url: str) -> Config:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
+
+
+def head() -> str:
+    """The newest revision of the migrations."""
+    return str(ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head())
 
 
 def upgrade(url: str, revision: str = "head") -> None:
