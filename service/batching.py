@@ -126,6 +126,10 @@ class Batcher(Generic[R]):
         soonest_free = min(busy) if len(busy) >= self.threads else 0.0
         return soonest_free + ahead
 
+    def queued_texts(self) -> int:
+        """Texts waiting for an inference thread (not those in a forward call now)."""
+        return sum(self._queued.values())
+
     async def predict(self, model: str, texts: Sequence[str]) -> list[R]:
         """One result per text, in order, from a forward call shared with concurrent callers."""
         delay = self.expected_delay()

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     # A limits-style string ("100/minute", "10 per second"), or "0" to switch the limit off.
     rate_limit_predict: str = "100/minute"
     rate_limit_batch: str = "20/minute"
+    rate_limit_jobs: str = "10/minute"
     trusted_proxies: Annotated[list[str], NoDecode] = []
     admin_api_key: SecretStr | None = None
     # The key of the request ids /feedback accepts (service/request_ids.py). Unset: derived from
@@ -60,6 +61,10 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(5000, gt=0)
     max_batch_size: int = Field(64, gt=0)
     max_body_bytes: int = Field(1_048_576, gt=0)
+    # Bulk jobs (/jobs): their own size limits, and how long a finished job's results are kept.
+    max_job_texts: int = Field(100_000, gt=0)
+    max_job_body_bytes: int = Field(64 * 1_048_576, gt=0)
+    job_result_ttl_seconds: int = Field(604_800, gt=0)
     service_workers: int = Field(DEFAULT_WORKERS, gt=0)
     torch_num_threads: int | None = Field(None, gt=0)
     inference_threads: int | None = Field(None, gt=0)

@@ -43,13 +43,17 @@ class ClientLimits:
         self.limits = limits
         self.trusted = trusted_networks(trusted)
 
+    def identity(self, request: Request) -> str:
+        """The client a limit counts (guards.client_address)."""
+        peer = request.client.host if request.client else None
+        return client_address(peer, request.headers.get("x-forwarded-for"), self.trusted)
+
     async def check(self, request: Request, response: Response, scope: str) -> None:
         """Count this request against its client's limit; 429 with the contract's headers over it."""
         limit = self.limits[scope]
         if limit is None:
             return
-        peer = request.client.host if request.client else None
-        client = client_address(peer, request.headers.get("x-forwarded-for"), self.trusted)
+        client = self.identity(request)
         decision = await self.limiter.hit(scope, client, limit)
         if not decision.allowed:
             metrics.RATE_LIMITED.labels(metrics.endpoint_label(request.url.path)).inc()

@@ -72,18 +72,21 @@ class BodySizeLimit:
     body without one (chunked), as soon as the bytes read pass the limit. Such a body is read
     here before the app sees it: FastAPI would turn an error raised mid-read into a 400."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, larger: dict[str, tuple[int, str]] | None = None) -> None:
+        """`larger`: paths with a limit of their own, {path: (bytes, the setting's name)}."""
         self.app = app
         self.max_bytes = max_bytes
+        self.larger = larger or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        error = {"error": f"request body exceeds {self.max_bytes} bytes (MAX_BODY_BYTES)"}
+        max_bytes, setting = self.larger.get(scope["path"], (self.max_bytes, "MAX_BODY_BYTES"))
+        error = {"error": f"request body exceeds {max_bytes} bytes ({setting})"}
         length = next((v for k, v in scope.get("headers", []) if k == b"content-length"), None)
         if length is not None:
-            if length.isdigit() and int(length) > self.max_bytes:
+            if length.isdigit() and int(length) > max_bytes:
                 await _send_json(send, 413, error, {"Connection": "close"})
                 return
             await self.app(scope, receive, send)
@@ -96,7 +99,7 @@ class BodySizeLimit:
             if message["type"] != "http.request":
                 break
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
+            if size > max_bytes:
                 await _send_json(send, 413, error, {"Connection": "close"})
                 return
             if not message.get("more_body", False):

@@ -110,6 +110,28 @@ MEMORY_LIMIT = Gauge(
     "Memory the service may use: the cgroup limit, or the machine's memory when there is none.",
     multiprocess_mode="livemax",
 )
+JOB_TEXTS = Counter(
+    "sentiment_job_texts_total",
+    "Texts of bulk jobs scored (by this instance's workers).",
+)
+JOBS = Gauge(
+    "sentiment_jobs",
+    "Bulk jobs in the database by status (every replica reads the same table: take the max).",
+    ["status"],
+    multiprocess_mode="livemax",
+)
+JOB_OLDEST_QUEUED = Gauge(
+    "sentiment_job_oldest_queued_seconds",
+    "Age of the oldest job no worker has started.",
+    multiprocess_mode="livemax",
+)
+JOB_STALLED = Gauge(
+    "sentiment_job_stalled_seconds",
+    "Seconds since the least recently progressed queued or running job last advanced.",
+    multiprocess_mode="livemax",
+)
+for _status in ("queued", "running", "done", "failed", "cancelled"):
+    JOBS.labels(_status)
 
 # Series that exist from the start, at zero: a rate of "none yet" is 0, not "no data".
 for _result in ("hit", "miss"):
@@ -127,8 +149,23 @@ def register_endpoints(routes: Sequence[str], guarded: Sequence[str]) -> None:
 
 
 def endpoint_label(path: str) -> str:
-    """A bounded label for `path`: itself when it is a route, else "other"."""
-    return path if path in ENDPOINTS else "other"
+    """A bounded label for `path`: itself when it is a route, its template for a job's paths
+    (`/jobs/{job_id}`, `/jobs/{job_id}/results`), else "other"."""
+    if path in ENDPOINTS:
+        return path
+    if path.startswith("/jobs/"):
+        template = "/jobs/{job_id}/results" if path.endswith("/results") else "/jobs/{job_id}"
+        if template in ENDPOINTS:
+            return template
+    return "other"
+
+
+def observe_jobs(stats: dict) -> None:
+    """The job queue's state, as JobQueue.stats gives it."""
+    for status in ("queued", "running", "done", "failed", "cancelled"):
+        JOBS.labels(status).set(stats["by_status"].get(status, 0))
+    JOB_OLDEST_QUEUED.set(stats["oldest_queued_seconds"])
+    JOB_STALLED.set(stats["least_recent_progress_seconds"])
 
 
 def resident_memory_bytes() -> int:

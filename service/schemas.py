@@ -33,7 +33,7 @@ def parse_window(value: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def _check_text(value: str) -> str:
+def check_text(value: str) -> str:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -50,7 +50,7 @@ def _check_text(value: str) -> str:
     return stripped
 
 
-# What a valid text is, published in the OpenAPI document (checked by _check_text, whose
+# What a valid text is, published in the OpenAPI document (checked by check_text, whose
 # messages name the problem): not blank, no NUL, at most MAX_TEXT_CHARS after stripping (said in
 # words: a maxLength would count the surrounding whitespace that the limit does not).
 TEXT_SCHEMA: JsonDict = {
@@ -69,7 +69,7 @@ class PredictRequest(BaseModel):
     @field_validator("text")
     @classmethod
     def _text(cls, value: str) -> str:
-        return _check_text(value)
+        return check_text(value)
 
 
 class ABRequest(PredictRequest):
@@ -92,7 +92,7 @@ class BatchRequest(BaseModel):
         out = []
         for i, text in enumerate(value):
             try:
-                out.append(_check_text(text))
+                out.append(check_text(text))
             except ValueError as exc:
                 raise ValueError(f"item {i}: {exc}") from None
         return out
@@ -146,8 +146,9 @@ class ErrorBody(BaseModel):
 _MEANINGS = {
     400: "invalid body or query, naming the field",
     401: "analytics need Authorization: Bearer <ADMIN_API_KEY>",
-    404: "unknown request_id (feedback takes only ids this service issued)",
+    404: "unknown request_id (feedback takes only ids this service issued), or unknown job",
     413: "request body over MAX_BODY_BYTES",
+    409: "the job is not done (the body has its progress), or already finished (DELETE)",
     429: "over the client's rate limit (Retry-After, RateLimit and RateLimit-Policy headers)",
     503: "overloaded, or the analytics database unavailable: retry after Retry-After seconds",
 }
@@ -159,3 +160,43 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
     out: dict[int | str, dict] = {code: {"model": ErrorBody, "description": _MEANINGS[code]} for code in codes}
     out["4XX"] = {"model": ErrorBody, "description": "any other client error, with the same body"}
     return out
+
+
+JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+class JobSubmitted(BaseModel):
+    job_id: str
+    status: JobStatus
+    total: int
+
+
+class JobProgress(BaseModel):
+    job_id: str
+    status: JobStatus
+    total: int
+    done: int
+    created_at: str
+    finished_at: str | None
+    eta_seconds: float | None
+    model: str
+
+
+# POST /jobs reads its body itself (two media types, up to MAX_JOB_BODY_BYTES): its OpenAPI
+# request body is declared here.
+JOB_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"texts": {"type": "array", "minItems": 1, "items": TEXT_SCHEMA}},
+                    "required": ["texts"],
+                    "additionalProperties": False,
+                }
+            },
+            "application/x-ndjson": {"schema": {"type": "string", "description": 'one {"text": str} a line'}},
+        },
+    }
+}

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
 
 import bentoml
 from fastapi import Depends, FastAPI, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool
 
 from models import runtime
 from service import ab, deps, errors, metrics, schemas
@@ -25,11 +28,14 @@ from service.config import Settings, get_settings, project_version
 from service.database import DatabaseCalls
 from service.errors import ApiError
 from service.guards import BodySizeLimit, ErrorCounts, InFlightLimit, JsonNotFound, LoopLag, RequestContext, route_paths
+from service.jobs import JobRunner, parse_texts
 from service.predictions import Predictions, make_batcher
 from service.request_ids import RequestIds, load_key
 from storage import migrate
 from storage.analytics import AnalyticsStore, SqlAnalyticsStore
 from storage.cache import make_cache
+from storage.db import make_engine
+from storage.jobs import JobQueue
 from storage.ratelimit import make_limiter, parse_limit
 
 log = logging.getLogger("sentiment")
@@ -82,7 +88,12 @@ class Sentiment:
         self.client_limits = deps.ClientLimits(
             make_limiter(settings.redis_url, local),
             # feedback is limited as /predict, in a window of its own
-            {"predict": predict_limit, "feedback": predict_limit, "batch": parse_limit(settings.rate_limit_batch)},
+            {
+                "predict": predict_limit,
+                "feedback": predict_limit,
+                "batch": parse_limit(settings.rate_limit_batch),
+                "jobs": parse_limit(settings.rate_limit_jobs),
+            },
             settings.trusted_proxies,
         )
         self.analytics: AnalyticsStore = SqlAnalyticsStore(
@@ -100,6 +111,10 @@ class Sentiment:
         self.predictions = Predictions(self.cache, self.batcher, self.analytics, self.request_ids.new)
         self.database = DatabaseCalls()
         self.gauges = metrics.GaugeWatcher(self.cache, self.client_limits.limiter, self.analytics, self.database)
+        self.jobs = JobQueue(make_engine(settings.database_url), timedelta(seconds=settings.job_result_ttl_seconds))
+        self.job_runner = JobRunner(
+            self.jobs, self.database.run, self.batcher, self.cache, self.analytics, settings.batch_max_texts
+        )
         if admin_key is None:
             log.warning("ADMIN_API_KEY is unset: /analytics/* answer every client that reaches the service")
 
@@ -122,9 +137,11 @@ class Sentiment:
         gc.freeze()
         await self.gauges.start()
         LOOP_LAG.start()
+        self.job_runner.start()
 
     @bentoml.on_shutdown
     async def _close(self) -> None:
+        self.job_runner.stop()
         self.gauges.stop()
         LOOP_LAG.stop()
         await asyncio.to_thread(self.batcher.close)
@@ -179,6 +196,50 @@ class Sentiment:
         report = await self.database.run(self.analytics.ab_report, schemas.parse_window(window))
         return {"experiment": self.experiment, "split": settings.ab_split, **report}
 
+    @app.post(
+        "/jobs",
+        status_code=202,
+        response_model=schemas.JobSubmitted,
+        responses=schemas.error_responses(400, 413, 429, 503),
+        openapi_extra=schemas.JOB_BODY,
+    )
+    async def submit_job(self, request: Request, response: Response) -> schemas.JobSubmitted:
+        """Texts too many for one request: scored by every worker's idle capacity (docs/api.md)."""
+        await self.client_limits.check(request, response, "jobs")
+        texts = parse_texts(await request.body(), request.headers.get("content-type", ""), settings.max_job_texts)
+        client = self.client_limits.identity(request)
+        job_id = await self.database.run(self.jobs.submit, texts, self.tag_a, client, timeout_s=120)
+        response.headers["Location"] = f"/jobs/{job_id}"
+        return schemas.JobSubmitted(job_id=job_id, status="queued", total=len(texts))
+
+    @app.get("/jobs/{job_id}", response_model=schemas.JobProgress, responses=schemas.error_responses(404, 503))
+    async def job_status(self, job_id: str) -> schemas.JobProgress:
+        return schemas.JobProgress(**await self._job(job_id))
+
+    @app.get("/jobs/{job_id}/results", responses=schemas.error_responses(404, 409, 503))
+    async def job_results(self, job_id: str) -> StreamingResponse:
+        """One {"index", "label", "score", "probabilities"} a line, in input order."""
+        progress = await self._job(job_id)
+        if progress["status"] != "done":
+            raise ApiError(409, f"job {job_id} is {progress['status']}: results once it is done", progress=progress)
+        lines = (json.dumps(r, separators=(",", ":")) + "\n" for r in self.jobs.results(job_id))
+        return StreamingResponse(iterate_in_threadpool(lines), media_type="application/x-ndjson")
+
+    @app.delete("/jobs/{job_id}", responses=schemas.error_responses(404, 409, 503))
+    async def cancel_job(self, job_id: str) -> dict:
+        status, cancelled = await self.database.run(self.jobs.cancel, job_id)
+        if status is None:
+            raise ApiError(404, f"unknown job {job_id}")
+        if not cancelled:
+            raise ApiError(409, f"job {job_id} is already {status}")
+        return {"job_id": job_id, "status": status}
+
+    async def _job(self, job_id: str) -> dict:
+        progress = await self.database.run(self.jobs.status, job_id)
+        if progress is None:
+            raise ApiError(404, f"unknown job {job_id}")
+        return dict(progress)
+
     @app.get("/health")
     async def health(self) -> JSONResponse:
         """From the gauge watcher's state (every few seconds) and the analytics writer's last
@@ -215,7 +276,11 @@ LOOP_LAG = LoopLag()
 app.add_middleware(
     InFlightLimit, limit=MAX_IN_FLIGHT, paths=PUBLIC_PATHS, lag=LOOP_LAG, max_lag_s=settings.max_queue_delay_ms / 4000
 )
-app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+app.add_middleware(
+    BodySizeLimit,
+    max_bytes=settings.max_body_bytes,
+    larger={"/jobs": (settings.max_job_body_bytes, "MAX_JOB_BODY_BYTES")},
+)
 app.add_middleware(RequestContext, public=PUBLIC_PATHS, on_error=ERRORS)
 # On BentoML's outer app: unknown paths never reach the FastAPI app above.
 Sentiment.add_asgi_middleware(JsonNotFound)  # type: ignore[attr-defined]  # a bentoml.Service

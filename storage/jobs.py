@@ -132,9 +132,10 @@ class JobQueue:
                 return
             last = rows[-1].idx
 
-    def cancel(self, job_id: str) -> str | None:
+    def cancel(self, job_id: str) -> tuple[str | None, bool]:
         """Cancel a queued or running job (its texts and unclaimed chunks go at once; a leased
-        chunk's worker stops at its next sub-batch). Returns the status now, None if unknown."""
+        chunk's worker stops at its next sub-batch). Returns its status now (None if unknown)
+        and whether this call cancelled it."""
         now = utcnow()
         with self.engine.begin() as conn:
             updated = conn.execute(
@@ -146,7 +147,7 @@ class JobQueue:
                 conn.execute(job_texts.delete().where(job_texts.c.job_id == job_id))
                 conn.execute(job_chunks.delete().where(job_chunks.c.job_id == job_id))
             status = conn.execute(sa.select(jobs.c.status).where(jobs.c.job_id == job_id)).scalar()
-        return status
+        return status, bool(updated)
 
     # --- workers ---------------------------------------------------------------------------
 

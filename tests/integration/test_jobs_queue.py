@@ -86,12 +86,13 @@ def test_cancel_stops_a_job_and_older_jobs_go_first(queue: JobQueue) -> None:
     second = queue.submit(["good d"], "m:1", "c", chunk_texts=1)
     chunk = queue.claim("w", timedelta(seconds=30))
     assert chunk is not None and chunk.job_id == first
-    assert queue.cancel(first) == "cancelled"
+    assert queue.cancel(first) == ("cancelled", True)
+    assert queue.cancel(first) == ("cancelled", False)
     assert not queue.active(first)
     assert not queue.complete(chunk, _score(chunk.texts))  # the running chunk's results are refused
     nxt = queue.claim("w", timedelta(seconds=30))
     assert nxt is not None and nxt.job_id == second  # nothing of the cancelled job is claimable
-    assert queue.cancel("no-such-job") is None
+    assert queue.cancel("no-such-job") == (None, False)
     assert queue.stats()["by_status"] == {"cancelled": 1, "running": 1}
 
 

@@ -25,6 +25,9 @@ def service_env(model_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
         # The test client's peer; each test then names its own client in X-Forwarded-For.
         "TRUSTED_PROXIES": "10.0.0.0/8",
         "SERVICE_WORKERS": "1",
+        # small job limits, so the bad-input tests stay small
+        "MAX_JOB_TEXTS": "300",
+        "MAX_JOB_BODY_BYTES": "65536",
     }
     os.environ.update(env)
     from storage import migrate

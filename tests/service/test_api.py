@@ -294,7 +294,10 @@ def test_the_guards_and_labels_cover_every_route_of_the_contract(client: TestCli
     from service import service as module
 
     contract = {"/predict", "/predict/ab", "/batch", "/feedback", "/analytics/summary", "/analytics/ab"}
+    contract |= {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/results"}
     assert set(module.PUBLIC_PATHS) == contract
+    assert metrics.endpoint_label("/jobs/1f0c/results") == "/jobs/{job_id}/results"
+    assert metrics.endpoint_label("/jobs/1f0c") == "/jobs/{job_id}" and metrics.endpoint_label("/nope") == "other"
     assert set(metrics.ENDPOINTS) == contract | {"/health"}
     assert set(module.BENTOML_SKIP) == contract | {"/health"}
     exposed = generate_latest().decode()
