@@ -243,9 +243,17 @@ class JobQueue:
                 .where(jobs.c.job_id == chunk.job_id, jobs.c.done >= jobs.c.total, jobs.c.status.in_(ACTIVE))
                 .values(status="done", finished_at=now, expires_at=now + self.result_ttl)
             )
-            if conn.execute(sa.select(jobs.c.status).where(jobs.c.job_id == chunk.job_id)).scalar() == "done":
-                conn.execute(job_chunks.delete().where(job_chunks.c.job_id == chunk.job_id))
         return True
+
+    def workers(self, job_id: str) -> dict[str, int]:
+        """Chunks scored by each worker (`host-pid`): kept until the job expires."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(job_chunks.c.worker, sa.func.count())
+                .where(job_chunks.c.job_id == job_id, job_chunks.c.state == "done")
+                .group_by(job_chunks.c.worker)
+            ).all()
+        return {str(w): int(n) for w, n in rows}
 
     @staticmethod
     def active_in(conn: sa.Connection, job_id: str) -> bool:

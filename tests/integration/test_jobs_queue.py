@@ -38,6 +38,7 @@ def test_a_job_is_scored_chunk_by_chunk_with_one_result_per_text_in_order(queue:
         assert queue.complete(chunk, _score(chunk.texts))
         chunks += 1
     assert chunks == 8
+    assert queue.workers(job) == {"w1": 8}
     status = queue.status(job)
     assert status is not None and status["status"] == "done" and status["done"] == 1000 and status["finished_at"]
     results = list(queue.results(job, page=300))
