@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     max_job_texts: int = Field(100_000, gt=0)
     max_job_body_bytes: int = Field(64 * 1_048_576, gt=0)
     job_result_ttl_seconds: int = Field(604_800, gt=0)
+    # A leased chunk (256 texts, about half a second of an idle worker) whose worker has not
+    # finished it in this time is taken by another: a dead worker's chunk waits at most this long.
+    job_lease_seconds: float = Field(30.0, gt=0)
     service_workers: int = Field(DEFAULT_WORKERS, gt=0)
     torch_num_threads: int | None = Field(None, gt=0)
     inference_threads: int | None = Field(None, gt=0)

@@ -113,7 +113,13 @@ class Sentiment:
         self.gauges = metrics.GaugeWatcher(self.cache, self.client_limits.limiter, self.analytics, self.database)
         self.jobs = JobQueue(make_engine(settings.database_url), timedelta(seconds=settings.job_result_ttl_seconds))
         self.job_runner = JobRunner(
-            self.jobs, self.database.run, self.batcher, self.cache, self.analytics, settings.batch_max_texts
+            self.jobs,
+            self.database.run,
+            self.batcher,
+            self.cache,
+            self.analytics,
+            settings.batch_max_texts,
+            lease=timedelta(seconds=settings.job_lease_seconds),
         )
         if admin_key is None:
             log.warning("ADMIN_API_KEY is unset: /analytics/* answer every client that reaches the service")
