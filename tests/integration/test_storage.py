@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import subprocess
 import sys
@@ -378,3 +379,17 @@ def test_sqlite_upgrade_creates_its_folder(tmp_path: Path) -> None:
     migrate.upgrade(f"sqlite:///{tmp_path}/var/analytics.db")
     migrate.check(f"sqlite:///{tmp_path}/var/analytics.db")
     assert (tmp_path / "var" / "analytics.db").exists()
+
+
+def test_a_spill_file_of_the_previous_release_is_shipped(migrated: tuple[str, int], tmp_path: Path) -> None:
+    """0.1.0 named its spill files analytics-<pid>-<hex>.jsonl and wrote a blank line per append."""
+    url, before = migrated
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    rows = [{**vars(_record()), "created_at": utcnow().isoformat()} for _ in range(4)]
+    (spill / "analytics-4242-0badc0de.jsonl").write_text("\n" + "".join(json.dumps(r) + "\n" for r in rows))
+    store = SqlAnalyticsStore(url, spill_dir=spill)
+    store.flush()
+    assert _count(url) == before + 4 and store.writer.replayed == 4
+    assert not list(spill.glob("analytics-4242-*"))
+    store.close()
