@@ -87,10 +87,11 @@ def code_version(source: Path) -> dict[str, Any]:
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", *args], cwd=source, capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
+        return done.stdout if done.returncode == 0 else ""
 
+    # porcelain lines are "XY path": the status columns may be blank, so nothing is stripped first
     changed = git("status", "--porcelain", "--", "service", "storage").splitlines()
-    return {"commit": git("rev-parse", "--short", "HEAD"), "uncommitted": [line[3:] for line in changed]}
+    return {"commit": git("rev-parse", "--short", "HEAD").strip(), "uncommitted": [line[3:] for line in changed]}
 
 
 def run(profile: Profile, out: Path, source: Path = ROOT) -> int:
@@ -118,6 +119,7 @@ def run(profile: Profile, out: Path, source: Path = ROOT) -> int:
         stack = faults.Stack(redis_server, postgres, served)
 
         log(f"load: {profile.users} users against {served.url}, faults on a timeline")
+        load_before = round(os.getloadavg()[0], 2)
         t0 = time.time()
         started_utc = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         locust = start_locust(profile, served.url, out)
@@ -139,7 +141,8 @@ def run(profile: Profile, out: Path, source: Path = ROOT) -> int:
             "started_utc": started_utc,
             "load_s": round(load_s, 1),
             "workers": WORKERS,
-            "machine": {"cpus": os.cpu_count()},
+            # the 1-minute load average: what else the cores were doing (a shared machine)
+            "machine": {"cpus": os.cpu_count(), "load_before": load_before, "load_after": round(os.getloadavg()[0], 2)},
             "code": code_version(source),
             "faults": [w.as_dict(t0) for w in windows],
             "drain": drain,

@@ -59,6 +59,7 @@ def markdown(run: dict[str, Any]) -> str:
     f, p = run["figures"], run["profile"]
     lat = f["latency"]
     code = run.get("code") or {"commit": "", "uncommitted": []}
+    machine = run.get("machine") or {}
     verdict = "**passed**" if not run["failures"] else "**failed**: " + "; ".join(run["failures"])
     lines = [
         f"# Chaos run: {p['name']} profile",
@@ -68,7 +69,9 @@ def markdown(run: dict[str, Any]) -> str:
         "throwaway Redis and PostgreSQL, rate limits off. Verdict: " + verdict + ".",
         "",
         f"The service ran from commit {code['commit'] or '?'}"
-        + (f" with uncommitted changes to {', '.join(code['uncommitted'])}." if code["uncommitted"] else "."),
+        + (f" with uncommitted changes to {', '.join(code['uncommitted'])}" if code["uncommitted"] else "")
+        + f". Load average (1 min) of the {machine.get('cpus')} cores: {machine.get('load_before', '?')} before "
+        f"the load, {machine.get('load_after', '?')} after it.",
         "",
         "## Faults",
         "",
