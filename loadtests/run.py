@@ -152,10 +152,13 @@ def run_locust(scenario: Scenario, url: str, out: Path, admin_key: str | None) -
 
 
 def _get(url: str, path: str, **kw) -> httpx.Response | None:
+    """An answer of 200, or None: a proxy in front (nginx refuses /metrics from outside) or a
+    failing call leaves that part out of the report."""
     try:
-        return httpx.get(f"{url}{path}", timeout=30, **kw)
+        r = httpx.get(f"{url}{path}", timeout=30, **kw)
     except httpx.HTTPError:
         return None
+    return r if r.status_code == 200 else None
 
 
 def run_scenario(

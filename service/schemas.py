@@ -196,7 +196,14 @@ JOB_BODY = {
                     "additionalProperties": False,
                 }
             },
-            "application/x-ndjson": {"schema": {"type": "string", "description": 'one {"text": str} a line'}},
         },
+        # NDJSON (application/x-ndjson, one {"text": str} a line) is taken too; a JSON schema
+        # cannot say what a valid one is, so it is described rather than published as a type.
+        "description": 'JSON {"texts": [...]}, or application/x-ndjson with one {"text": str} a line',
     }
+}
+
+NDJSON_RESULTS = {
+    "description": 'one {"index", "label", "score", "probabilities"} a line, in input order',
+    "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
 }

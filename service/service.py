@@ -13,6 +13,7 @@ import asyncio
 import gc
 import json
 import logging
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated
@@ -218,22 +219,26 @@ class Sentiment:
         response.headers["Location"] = f"/jobs/{job_id}"
         return schemas.JobSubmitted(job_id=job_id, status="queued", total=len(texts))
 
-    @app.get("/jobs/{job_id}", response_model=schemas.JobProgress, responses=schemas.error_responses(404, 503))
-    async def job_status(self, job_id: str) -> schemas.JobProgress:
-        return schemas.JobProgress(**await self._job(job_id))
+    @app.get("/jobs/{job_id}", response_model=schemas.JobProgress, responses=schemas.error_responses(400, 404, 503))
+    async def job_status(self, job_id: uuid.UUID) -> schemas.JobProgress:
+        return schemas.JobProgress(**await self._job(str(job_id)))
 
-    @app.get("/jobs/{job_id}/results", responses=schemas.error_responses(404, 409, 503))
-    async def job_results(self, job_id: str) -> StreamingResponse:
+    @app.get(
+        "/jobs/{job_id}/results",
+        response_class=StreamingResponse,
+        responses={200: schemas.NDJSON_RESULTS, **schemas.error_responses(400, 404, 409, 503)},
+    )
+    async def job_results(self, job_id: uuid.UUID) -> StreamingResponse:
         """One {"index", "label", "score", "probabilities"} a line, in input order."""
-        progress = await self._job(job_id)
+        progress = await self._job(str(job_id))
         if progress["status"] != "done":
             raise ApiError(409, f"job {job_id} is {progress['status']}: results once it is done", progress=progress)
-        lines = (json.dumps(r, separators=(",", ":")) + "\n" for r in self.jobs.results(job_id))
+        lines = (json.dumps(r, separators=(",", ":")) + "\n" for r in self.jobs.results(str(job_id)))
         return StreamingResponse(iterate_in_threadpool(lines), media_type="application/x-ndjson")
 
-    @app.delete("/jobs/{job_id}", responses=schemas.error_responses(404, 409, 503))
-    async def cancel_job(self, job_id: str) -> dict:
-        status, cancelled = await self.database.run(self.jobs.cancel, job_id)
+    @app.delete("/jobs/{job_id}", responses=schemas.error_responses(400, 404, 409, 503))
+    async def cancel_job(self, job_id: uuid.UUID) -> dict:
+        status, cancelled = await self.database.run(self.jobs.cancel, str(job_id))
         if status is None:
             raise ApiError(404, f"unknown job {job_id}")
         if not cancelled:

@@ -20,7 +20,10 @@ from tests.support.serving import Served
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 # The contract's operations; BentoML's own probes and /metrics are not this service's API.
-PUBLIC = r"^/(predict|predict/ab|batch|feedback|analytics/summary|analytics/ab|health)$"
+PUBLIC = (
+    r"^/(predict|predict/ab|batch|feedback|analytics/summary|analytics/ab|health"
+    r"|jobs|jobs/\{job_id\}|jobs/\{job_id\}/results)$"
+)
 EXAMPLES = 25  # per operation and mode (valid, invalid): a few hundred requests in all
 
 
@@ -73,4 +76,4 @@ def test_every_answer_matches_the_published_contract(fuzzed: str) -> None:
     ran = fuzz(fuzzed)
     operations = {key.rsplit(" ", 1)[0] for key in ran}
     print(f"schemathesis: {len(operations)} operations, {sum(ran.values())} cases, 0 failures: {dict(ran)}")
-    assert len(operations) == 7, sorted(operations)
+    assert len(operations) == 11, sorted(operations)
