@@ -92,7 +92,7 @@ class RedisPredictionCache:
 
     backend = "redis"
 
-    def __init__(self, url: str, ttl_seconds: int, timeout: float = 0.25) -> None:
+    def __init__(self, url: str, ttl_seconds: int, timeout: float = 0.25, backoff_s: float = 1.0) -> None:
         import redis.asyncio
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -107,10 +107,15 @@ class RedisPredictionCache:
             retry=Retry(NoBackoff(), 0),
         )
         self._down_since: float | None = None
+        # After a failure, lookups and fills skip Redis for `backoff_s`: a hung Redis then costs
+        # one timeout a second, not two per request (the chaos run measured 0.56 s p50 without).
+        self.backoff_s = backoff_s
+        self._retry_at = 0.0
         self.errors = 0
 
     def _failed(self, exc: Exception, operation: str) -> None:
         self.errors += 1
+        self._retry_at = time.monotonic() + self.backoff_s
         CACHE_ERRORS.labels(operation).inc()
         if self._down_since is None:
             self._down_since = time.monotonic()
@@ -125,9 +130,12 @@ class RedisPredictionCache:
             log.warning("prediction cache back after %.1f s", time.monotonic() - self._down_since)
             self._down_since = None
 
+    def _backing_off(self) -> bool:
+        return self._down_since is not None and time.monotonic() < self._retry_at
+
     async def get_many(self, keys: Sequence[str]) -> list[CacheValue | None]:
-        if not keys:
-            return []
+        if not keys or self._backing_off():
+            return [None] * len(keys)
         try:
             raw = await self._client.mget(list(keys))
         except Exception as exc:
@@ -137,7 +145,7 @@ class RedisPredictionCache:
         return [json.loads(v) if v is not None else None for v in raw]
 
     async def set_many(self, items: dict[str, CacheValue]) -> None:
-        if not items:
+        if not items or self._backing_off():
             return
         try:
             async with self._client.pipeline(transaction=False) as pipe:

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 LIMITER_ERRORS = Counter(
     "sentiment_rate_limiter_errors_total",
-    "Rate-limit checks that failed on the limiter's storage and let the request through.",
+    "Rate-limit checks that failed on the limiter's storage, or were skipped in the second after such"
+    " a failure, and let the request through.",
 )
 
 
@@ -74,9 +75,16 @@ class LimitsRateLimiter:
         self._storage = storage_from_string(uri, **options)  # type: ignore[arg-type]  # passed on to redis.asyncio.Redis
         self._limiter = strategies.MovingWindowRateLimiter(self._storage)
         self.errors = 0
+        # After a storage failure, checks let requests through without asking for `backoff_s`:
+        # a hung Redis then costs one timeout a second, not one per request.
+        self.backoff_s = 1.0
+        self._retry_at = 0.0
 
     async def hit(self, scope: str, client: str, limit: RateLimitItem) -> Decision:
         window = limit.get_expiry()
+        if time.monotonic() < self._retry_at:  # failing: let it through unchecked, counted
+            LIMITER_ERRORS.inc()
+            return Decision(True, limit.amount, limit.amount, window, window)
         try:
             allowed = await self._limiter.hit(limit, scope, client)
         except Exception as exc:  # fail open: a limiter outage must not stop predictions
@@ -92,6 +100,7 @@ class LimitsRateLimiter:
 
     def _failed(self, exc: Exception) -> None:
         self.errors += 1
+        self._retry_at = time.monotonic() + self.backoff_s
         LIMITER_ERRORS.inc()
         if self.errors == 1 or self.errors % 1000 == 0:
             log.warning("rate limiter storage failed (%s errors so far): %s", self.errors, exc)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -82,12 +84,12 @@ def test_redis_cache_fails_open_and_recovers(redis_server: RedisServer) -> None:
             await cache.set_many({key: {"label": "negative"}})
             assert time.perf_counter() - started < 2.0
             assert await cache.status() == "down"
-            assert cache.errors >= 3
+            assert cache.errors >= 2  # the lookup and the probe; the fill was skipped (backoff)
         finally:
             redis_server.start()
+        assert await cache.status() == "ok"  # the watcher's probe: the cache is used again at once
         await cache.set_many({key: {"label": "negative"}})
         assert await cache.get_many([key]) == [{"label": "negative"}]
-        assert await cache.status() == "ok"
 
     asyncio.run(scenario())
 
@@ -393,3 +395,33 @@ def test_a_spill_file_of_the_previous_release_is_shipped(migrated: tuple[str, in
     assert _count(url) == before + 4 and store.writer.replayed == 4
     assert not list(spill.glob("analytics-4242-*"))
     store.close()
+
+
+def test_a_hung_redis_is_asked_once_per_backoff_not_once_per_request(redis_server: RedisServer) -> None:
+    """Redis stopped with SIGSTOP accepts connections and never answers: after the first
+    timeout the cache and the limiter stop asking it for their backoff, so the requests meanwhile
+    are served at once (uncached, unlimited and counted) instead of each waiting for a timeout."""
+
+    async def scenario() -> None:
+        cache = RedisPredictionCache(redis_server.url, 60, backoff_s=30)
+        limiter = LimitsRateLimiter(redis_server.url, socket_timeout=0.25, socket_connect_timeout=0.25)
+        limiter.backoff_s = 30
+        limit = parse_limit("5/minute")
+        assert limit is not None
+        await cache.set_many({"k": {"label": "positive"}})
+        assert await cache.get_many(["k"]) == [{"label": "positive"}]
+        assert redis_server.proc is not None
+        os.kill(redis_server.proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(20):
+                assert await cache.get_many(["k"]) == [None]
+                await cache.set_many({"k": {"label": "negative"}})
+                assert (await limiter.hit("predict", "203.0.113.7", limit)).allowed
+            assert cache.errors == 1 and cache.failing  # one timeout, then no more asking
+            assert limiter.errors == 1
+        finally:
+            os.kill(redis_server.proc.pid, signal.SIGCONT)
+        assert await cache.status() == "ok"  # the watcher's probe asks regardless, and clears it
+        assert not cache.failing and await cache.get_many(["k"]) == [{"label": "positive"}]
+
+    asyncio.run(scenario())
