@@ -36,11 +36,16 @@ def read_records(folder: Path) -> list[dict[str, Any]]:
 
 
 def outcome(row: dict[str, Any]) -> str:
-    if row["status"] == 0:
+    # no response, or one cut off after its status line (a 200 whose body never arrived whole)
+    if row["status"] == 0 or row.get("error"):
         return CONNECTION
     if row["status"] == 503 and row.get("retry_after"):
         return SHED
     return str(row["status"])
+
+
+def answered(row: dict[str, Any]) -> bool:
+    return outcome(row) == "200"
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -105,7 +110,7 @@ def wait_drained(
 
 
 def _latency(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    ms = [r["ms"] for r in rows if r["status"] == 200]
+    ms = [r["ms"] for r in rows if answered(r)]
     return {
         "requests": len(rows),
         "answered": len(ms),
@@ -133,19 +138,19 @@ def per_second(rows: list[dict[str, Any]], t0: float) -> list[dict[str, Any]]:
                 "answered": kinds["200"],
                 "shed": kinds[SHED],
                 "failed": sum(n for k, n in kinds.items() if k not in ("200", SHED)),
-                "p99_ms": percentile((r["ms"] for r in got if r["status"] == 200), 0.99),
+                "p99_ms": percentile((r["ms"] for r in got if answered(r)), 0.99),
             }
         )
     return series
 
 
 def tally(rows: list[dict[str, Any]], stored: list[str], windows: list[Window], t0: float) -> dict[str, Any]:
-    answered = [i for r in rows if r["status"] == 200 for i in (r.get("ids") or [])]
-    answered_at = {i: r["t"] + r["ms"] / 1000 for r in rows if r["status"] == 200 for i in (r.get("ids") or [])}
-    answered_set, stored_set = set(answered), set(stored)
+    ids = [i for r in rows if answered(r) for i in (r.get("ids") or [])]
+    answered_at = {i: r["t"] + r["ms"] / 1000 for r in rows if answered(r) for i in (r.get("ids") or [])}
+    answered_set, stored_set = set(ids), set(stored)
     missing = sorted(answered_set - stored_set, key=lambda i: answered_at[i])
     statuses = Counter(outcome(r) for r in rows)
-    errors = Counter(r.get("error", "?") for r in rows if r["status"] == 0)
+    errors = Counter(r.get("error", "?") for r in rows if outcome(r) == CONNECTION)
     server_errors = {k: n for k, n in statuses.items() if k.isdigit() and int(k) >= 500}
 
     def window_of(t: float) -> str:
@@ -163,13 +168,13 @@ def tally(rows: list[dict[str, Any]], stored: list[str], windows: list[Window], 
         "statuses": dict(sorted(statuses.items())),
         "connection_errors": dict(errors),
         "server_errors": server_errors,  # 5xx other than a shed (a 503 without Retry-After counts)
-        "answers_without_ids": sum(1 for r in rows if r["status"] == 200 and not r.get("ids")),
-        "predictions_answered": len(answered),
+        "answers_without_ids": sum(1 for r in rows if answered(r) and not r.get("ids")),
+        "predictions_answered": len(ids),
         "rows_stored": len(stored),
         "missing": len(missing),
         "missing_by_window": dict(Counter(window_of(answered_at[i]) for i in missing)),
         "missing_sample": [{"request_id": i, "answered_s": round(answered_at[i] - t0, 2)} for i in missing[:50]],
-        "duplicated_answered": len(answered) - len(answered_set),
+        "duplicated_answered": len(ids) - len(answered_set),
         "duplicated_stored": len(stored) - len(stored_set),
         "extra": len(stored_set - answered_set),
         "latency": {
