@@ -79,17 +79,25 @@ class LimitsRateLimiter:
         # a hung Redis then costs one timeout a second, not one per request.
         self.backoff_s = 1.0
         self._retry_at = 0.0
+        self._failing = False
+        self._probing = False
 
     async def hit(self, scope: str, client: str, limit: RateLimitItem) -> Decision:
         window = limit.get_expiry()
-        if time.monotonic() < self._retry_at:  # failing: let it through unchecked, counted
+        # Failing: let requests through unchecked (counted) until the backoff ends, then let
+        # one check at a time find out whether the storage is back.
+        if self._failing and (self._probing or time.monotonic() < self._retry_at):
             LIMITER_ERRORS.inc()
             return Decision(True, limit.amount, limit.amount, window, window)
+        self._probing = self._failing
         try:
             allowed = await self._limiter.hit(limit, scope, client)
         except Exception as exc:  # fail open: a limiter outage must not stop predictions
             self._failed(exc)
             return Decision(True, limit.amount, limit.amount, window, window)
+        finally:
+            self._probing = False
+        self._failing = False
         try:
             stats = await self._limiter.get_window_stats(limit, scope, client)
         except Exception as exc:  # the decision stands; only the headers are approximate
@@ -100,6 +108,7 @@ class LimitsRateLimiter:
 
     def _failed(self, exc: Exception) -> None:
         self.errors += 1
+        self._failing = True
         self._retry_at = time.monotonic() + self.backoff_s
         LIMITER_ERRORS.inc()
         if self.errors == 1 or self.errors % 1000 == 0:
