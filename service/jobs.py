@@ -18,13 +18,10 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
-from models.runtime import Prediction as ModelOutput
 from service import metrics
-from service.batching import Batcher, Overloaded
 from service.errors import ApiError
+from service.predictions import Predictions
 from service.schemas import check_text
-from storage.analytics import AnalyticsStore, PredictionRecord
-from storage.cache import CacheValue, PredictionCache, cache_key, text_digest
 from storage.jobs import Chunk, JobQueue, Result
 
 log = logging.getLogger(__name__)
@@ -77,18 +74,14 @@ class JobRunner:
         self,
         queue: JobQueue,
         db: DbCall,
-        batcher: Batcher[ModelOutput],
-        cache: PredictionCache,
-        analytics: AnalyticsStore,
+        predictions: Predictions,
         sub_batch: int,
         lease: timedelta = timedelta(seconds=120),
         poll_s: float = 1.0,
     ) -> None:
         self.queue = queue
         self.db = db
-        self.batcher = batcher
-        self.cache = cache
-        self.analytics = analytics
+        self.predictions = predictions
         self.sub_batch = sub_batch
         self.lease = lease
         self.poll_s = poll_s
@@ -132,7 +125,7 @@ class JobRunner:
                 log.exception("job %s chunk %s failed; left for its lease to run out", chunk.job_id, chunk.chunk)
 
     def _idle(self) -> bool:
-        return self.batcher.queued_texts() == 0
+        return self.predictions.batcher.queued_texts() == 0
 
     async def score(self, chunk: Chunk) -> bool:
         """Score a chunk a sub-batch at a time, interactive texts first; False if the job was
@@ -150,43 +143,12 @@ class JobRunner:
         return done
 
     async def _predict(self, chunk: Chunk, texts: list[str], first: int) -> list[Result]:
-        started = time.perf_counter()
-        digests = [text_digest(t) for t in texts]
-        keys = [cache_key(chunk.model, digest=d) for d in digests]
-        found: list[CacheValue | None] = await self.cache.get_many(keys)
-        missing = [i for i, hit in enumerate(found) if hit is None]
-        if missing:
-            while True:
-                try:
-                    outputs = await self.batcher.predict(chunk.model, [texts[i] for i in missing])
-                    break
-                except Overloaded:  # interactive traffic fills the queue: wait for it
-                    await asyncio.sleep(0.05)
-            fresh: dict[str, CacheValue] = {}
-            for i, out in zip(missing, outputs, strict=True):
-                value: CacheValue = {"label": out.label, "score": out.score, "probabilities": out.probabilities}
-                found[i] = fresh[keys[i]] = value
-            await self.cache.set_many(fresh)
-        latency_ms = round((time.perf_counter() - started) * 1000, 2)
-        inferred = set(missing)
-        results, records = [], []
-        for i, answer in enumerate(found):
-            assert answer is not None
-            probs = answer["probabilities"]
-            results.append(Result(answer["label"], answer["score"], probs["negative"], probs["positive"]))
-            records.append(
-                PredictionRecord(
-                    # one row per (job, index): a chunk scored twice is recorded once
-                    request_id=f"{chunk.job_id[:24]}-{first + i:011d}",
-                    endpoint="/jobs",
-                    model=chunk.model,
-                    label=answer["label"],
-                    score=answer["score"],
-                    cached=i not in inferred,
-                    latency_ms=latency_ms,
-                    text_sha256=digests[i],
-                    text_length=len(texts[i]),
-                )
-            )
-        self.analytics.record(records)
-        return results
+        answers = await self.predictions.answer(texts, chunk.model, wait_when_overloaded=True)
+        # one row per (job, index): a chunk scored twice is recorded once
+        ids = [f"{chunk.job_id[:24]}-{first + i:011d}" for i in range(len(texts))]
+        self.predictions.analytics.record(answers.records(texts, chunk.model, "/jobs", ids))
+        probabilities = [v["probabilities"] for v in answers.values]
+        return [
+            Result(v["label"], v["score"], p["negative"], p["positive"])
+            for v, p in zip(answers.values, probabilities, strict=True)
+        ]

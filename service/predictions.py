@@ -7,6 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 from models.runtime import Prediction as ModelOutput
 from service import metrics
@@ -31,6 +32,47 @@ def make_batcher(infer: Callable[[str, list[str]], list[ModelOutput]], settings:
     )
 
 
+@dataclass(frozen=True)
+class Answers:
+    """The cache's or the model's answer for each text, which texts the model ran, how long."""
+
+    values: list[CacheValue]
+    inferred: set[int]
+    digests: list[str]
+    seconds: float
+
+    @property
+    def latency_ms(self) -> float:
+        return round(self.seconds * 1000, 2)
+
+    def records(
+        self,
+        texts: Sequence[str],
+        tag: str,
+        endpoint: str,
+        ids: Sequence[str],
+        variant: str | None = None,
+        keep_text: bool = False,
+    ) -> list[PredictionRecord]:
+        """One analytics row per text (its text only with `keep_text`, STORE_TEXT deciding then)."""
+        return [
+            PredictionRecord(
+                request_id=ids[i],
+                endpoint=endpoint,
+                model=tag,
+                label=value["label"],
+                score=value["score"],
+                cached=i not in self.inferred,
+                latency_ms=self.latency_ms,
+                text_sha256=self.digests[i],
+                text_length=len(texts[i]),
+                variant=variant,
+                text=texts[i] if keep_text else None,
+            )
+            for i, value in enumerate(self.values)
+        ]
+
+
 class Predictions:
     """Predictions for texts by a model tag, built from a cache, a batcher and an analytics sink."""
 
@@ -46,6 +88,42 @@ class Predictions:
         self.analytics = analytics
         self.new_id = new_id
 
+    async def answer(
+        self,
+        texts: Sequence[str],
+        tag: str,
+        gate: Callable[[], Awaitable[None]] | None = None,
+        wait_when_overloaded: bool = False,
+    ) -> Answers:
+        """The cache first, the batcher for the misses, then the cache fill. Overloaded when the
+        batcher sheds them, unless `wait_when_overloaded` (bulk jobs: retry until it takes them)."""
+        started = time.perf_counter()
+        digests = [text_digest(t) for t in texts]
+        keys = [cache_key(tag, digest=d) for d in digests]
+        lookup = self.cache.get_many(keys)
+        if gate is None:
+            found: list[CacheValue | None] = await lookup
+        else:
+            found, _ = await asyncio.gather(lookup, gate())
+        missing = [i for i, hit in enumerate(found) if hit is None]
+        if missing:
+            while True:
+                try:
+                    outputs = await self.batcher.predict(tag, [texts[i] for i in missing])
+                    break
+                except Overloaded:
+                    if not wait_when_overloaded:
+                        raise
+                    await asyncio.sleep(0.05)  # interactive traffic fills the queue: wait for it
+            fresh: dict[str, CacheValue] = {}
+            for i, out in zip(missing, outputs, strict=True):
+                value: CacheValue = {"label": out.label, "score": out.score, "probabilities": out.probabilities}
+                found[i] = fresh[keys[i]] = value
+            await self.cache.set_many(fresh)
+        values = [v for v in found if v is not None]
+        assert len(values) == len(texts)
+        return Answers(values, set(missing), digests, time.perf_counter() - started)
+
     async def predict(
         self,
         texts: Sequence[str],
@@ -59,62 +137,29 @@ class Predictions:
         `gate` (the rate limit) is run beside the cache lookup, both being round trips to Redis;
         an error it raises (429) ends the request before anything is inferred or recorded.
         """
-        started = time.perf_counter()
-        digests = [text_digest(t) for t in texts]
-        keys = [cache_key(tag, digest=d) for d in digests]
-        lookup = self.cache.get_many(keys)
-        if gate is None:
-            found: list[CacheValue | None] = await lookup
-        else:
-            found, _ = await asyncio.gather(lookup, gate())
-        missing = [i for i, hit in enumerate(found) if hit is None]
-        if missing:
-            try:
-                outputs = await self.batcher.predict(tag, [texts[i] for i in missing])
-            except Overloaded as exc:
-                metrics.OVERLOAD_REJECTIONS.labels(endpoint, "queue_delay").inc()
-                raise ApiError(503, "service overloaded, retry later", {"Retry-After": str(exc.retry_after_s)}) from exc
-            fresh: dict[str, CacheValue] = {}
-            for i, out in zip(missing, outputs, strict=True):
-                value: CacheValue = {"label": out.label, "score": out.score, "probabilities": out.probabilities}
-                found[i] = fresh[keys[i]] = value
-            await self.cache.set_many(fresh)
-        elapsed = time.perf_counter() - started
-        latency_ms = round(elapsed * 1000, 2)
-        metrics.CACHE_LOOKUPS.labels("hit").inc(len(texts) - len(missing))
-        metrics.CACHE_LOOKUPS.labels("miss").inc(len(missing))
-        metrics.PREDICTION_SECONDS.labels(endpoint, variant or "none").observe(elapsed)
-        inferred = set(missing)
+        try:
+            answers = await self.answer(texts, tag, gate)
+        except Overloaded as exc:
+            metrics.OVERLOAD_REJECTIONS.labels(endpoint, "queue_delay").inc()
+            raise ApiError(503, "service overloaded, retry later", {"Retry-After": str(exc.retry_after_s)}) from exc
+        metrics.CACHE_LOOKUPS.labels("hit").inc(len(texts) - len(answers.inferred))
+        metrics.CACHE_LOOKUPS.labels("miss").inc(len(answers.inferred))
+        metrics.PREDICTION_SECONDS.labels(endpoint, variant or "none").observe(answers.seconds)
+        ids = [self.new_id() for _ in texts]
         predictions = []
-        records = []
-        for i, answer in enumerate(found):
-            assert answer is not None
+        for i, value in enumerate(answers.values):
             p = Prediction(
-                request_id=self.new_id(),
-                label=answer["label"],
-                score=answer["score"],
-                probabilities=answer["probabilities"],
+                request_id=ids[i],
+                label=value["label"],
+                score=value["score"],
+                probabilities=value["probabilities"],
                 model=tag,
-                cached=i not in inferred,
-                latency_ms=latency_ms,
+                cached=i not in answers.inferred,
+                latency_ms=answers.latency_ms,
             )
             predictions.append(p)
             metrics.PREDICTIONS.labels(endpoint, tag, variant or "none", p.label, str(p.cached).lower()).inc()
-            records.append(
-                PredictionRecord(
-                    request_id=p.request_id,
-                    endpoint=endpoint,
-                    model=tag,
-                    label=p.label,
-                    score=p.score,
-                    cached=p.cached,
-                    latency_ms=latency_ms,
-                    text_sha256=digests[i],
-                    text_length=len(texts[i]),
-                    variant=variant,
-                    text=texts[i],
-                )
-            )
+        records = answers.records(texts, tag, endpoint, ids, variant, keep_text=True)
         # Logged before the answer leaves (one write(2)): an answered prediction has its row.
         self.analytics.record(records)
         return predictions

@@ -116,9 +116,7 @@ class Sentiment:
         self.job_runner = JobRunner(
             self.jobs,
             self.database.run,
-            self.batcher,
-            self.cache,
-            self.analytics,
+            self.predictions,
             settings.batch_max_texts,
             lease=timedelta(seconds=settings.job_lease_seconds),
         )
