@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.serving import ROOT, Served, free_port
+from tests.support.serving import ROOT, Served, embedded_env, free_port
 
 # The client is a package of its own (client/pyproject.toml), not installed into the project's venv.
 sys.path.insert(0, str(ROOT / "client"))
@@ -48,15 +48,8 @@ def service(
     model_env: dict[str, str], bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
     workdir = tmp_path_factory.mktemp("serve")
-    env = {
-        "BENTOML_HOME": str(bentoml_home),
-        **model_env,
-        "DATABASE_URL": f"sqlite:///{workdir / 'analytics.db'}",
-        "SPILL_DIR": str(workdir / "spill"),
-        "TRUSTED_PROXIES": "127.0.0.1",
-        # a window short enough for a test to watch the client wait out a 429 and get through
-        "RATE_LIMIT_JOBS": "3/10 seconds",
-    }
+    # a jobs window short enough for a test to watch the client wait out a 429 and get through
+    env = embedded_env(bentoml_home, model_env, workdir, TRUSTED_PROXIES="127.0.0.1", RATE_LIMIT_JOBS="3/10 seconds")
     with Served(env, workdir / "serve.log", workers=2) as server:
         yield Service(server.url, workdir / "analytics.db")
 

@@ -15,7 +15,7 @@ from hypothesis.errors import Unsatisfiable
 from hypothesis.strategies import SearchStrategy
 from schemathesis import GenerationMode
 
-from tests.support.serving import Served
+from tests.support.serving import Served, embedded_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -30,15 +30,8 @@ EXAMPLES = 25  # per operation and mode (valid, invalid): a few hundred requests
 @pytest.fixture(scope="module")
 def fuzzed(model_env: dict[str, str], bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     workdir = tmp_path_factory.mktemp("fuzz")
-    env = {
-        "BENTOML_HOME": str(bentoml_home),
-        **model_env,
-        "DATABASE_URL": f"sqlite:///{workdir / 'analytics.db'}",
-        "SPILL_DIR": str(workdir / "spill"),
-        # limits off: generated requests must reach validation and the model, not a 429
-        "RATE_LIMIT_PREDICT": "0",
-        "RATE_LIMIT_BATCH": "0",
-    }
+    # limits off: generated requests must reach validation and the model, not a 429
+    env = embedded_env(bentoml_home, model_env, workdir, RATE_LIMIT_PREDICT="0", RATE_LIMIT_BATCH="0")
     with Served(env, workdir / "serve.log", workers=1) as server:
         yield server.url
 

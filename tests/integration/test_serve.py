@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.serving import Served, post_retrying_sheds
+from tests.support.serving import Served, embedded_env, post_retrying_sheds
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -18,13 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 @pytest.fixture(scope="module")
 def served(model_env: dict[str, str], bentoml_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     workdir = tmp_path_factory.mktemp("serve")
-    env = {
-        "BENTOML_HOME": str(bentoml_home),
-        **model_env,
-        "DATABASE_URL": f"sqlite:///{workdir / 'analytics.db'}",
-        "SPILL_DIR": str(workdir / "spill"),
-        "TRUSTED_PROXIES": "127.0.0.1",
-    }
+    env = embedded_env(bentoml_home, model_env, workdir, TRUSTED_PROXIES="127.0.0.1")
     with Served(env, workdir / "serve.log", workers=2) as server:
         yield server.url
 

@@ -93,6 +93,18 @@ class Managed:
         self.stop()
 
 
+def embedded_env(bentoml_home: Path, models: dict[str, str], workdir: Path, **extra: str) -> dict[str, str]:
+    """A served instance's environment on the embedded backends: the tests' model store and
+    models, SQLite analytics and a SPILL_DIR of its own in `workdir`, plus `extra` settings."""
+    return {
+        "BENTOML_HOME": str(bentoml_home),
+        **models,
+        "DATABASE_URL": f"sqlite:///{workdir / 'analytics.db'}",
+        "SPILL_DIR": str(workdir / "spill"),
+        **extra,
+    }
+
+
 class Served(Managed):
     """`bentoml serve service.service:Sentiment` on a free port with the given environment."""
 
