@@ -10,6 +10,7 @@ scored is an analytics row under the endpoint `/jobs`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -92,9 +93,21 @@ class JobRunner:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="job-runner")
 
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    async def stop(self) -> None:
+        """Stop scoring and give this worker's leased chunks back (a half-scored chunk is
+        scored again by whoever takes it: its results and rows are kept once by (job, index))."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        try:
+            released = await self.db(self.queue.release, self.worker)
+        except Exception as exc:  # the database is down: the leases run out instead
+            log.warning("job leases of %s not released (%s); they run out in %s", self.worker, exc, self.lease)
+        else:
+            if released:
+                log.info("released %d job chunk(s) leased by %s", released, self.worker)
 
     async def _upkeep(self) -> None:
         """The queue's gauges, and finished jobs past their time to live removed."""

@@ -146,7 +146,7 @@ class Sentiment:
 
     @bentoml.on_shutdown
     async def _close(self) -> None:
-        self.job_runner.stop()
+        await self.job_runner.stop()
         self.gauges.stop()
         LOOP_LAG.stop()
         await asyncio.to_thread(self.batcher.close)

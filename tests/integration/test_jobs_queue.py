@@ -82,6 +82,20 @@ def test_a_chunk_whose_lease_ran_out_is_taken_again_and_counted_once(queue: JobQ
     assert len(list(queue.results(job))) == 10
 
 
+def test_a_stopping_worker_gives_its_chunks_back_at_once(queue: JobQueue) -> None:
+    job = queue.submit([f"good {i}" for i in range(30)], "m:1", "c", chunk_texts=10)
+    first = queue.claim("stops", timedelta(minutes=10))
+    second = queue.claim("stops", timedelta(minutes=10))
+    third = queue.claim("stays", timedelta(minutes=10))
+    assert first is not None and second is not None and third is not None
+    assert queue.claim("other", timedelta(seconds=30)) is None  # all three leased for 10 minutes
+    assert queue.release("stops") == 2
+    again = [queue.claim("other", timedelta(seconds=30)) for _ in range(3)]
+    # the released chunks, oldest first, without waiting for their leases; the other worker's stays
+    assert [(c.job_id, c.chunk) for c in again if c] == [(job, first.chunk), (job, second.chunk)]
+    assert queue.release("stops") == 0
+
+
 def test_cancel_stops_a_job_and_older_jobs_go_first(queue: JobQueue) -> None:
     first = queue.submit(["good a", "good b", "good c"], "m:1", "c", chunk_texts=1)
     second = queue.submit(["good d"], "m:1", "c", chunk_texts=1)
