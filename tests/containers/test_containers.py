@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import shutil
 import subprocess
@@ -319,6 +320,41 @@ def test_stack_prometheus_scrapes_both_replicas(stack: dict[str, str]) -> None:
     summary = httpx.get("http://127.0.0.1:8080/analytics/summary", headers=admin, timeout=10)
     assert summary.status_code == 200 and summary.json()["total"] > 0, summary.text
     record("Prometheus, analytics", f"both targets up; {summary.json()['total']} predictions in the last hour")
+
+
+def test_stack_scores_a_file_with_the_client_through_nginx(stack: dict[str, str], tmp_path: Path) -> None:
+    """`sentiment-client score` on 10,000 lines, over 2 MB (nginx's cap on other bodies), through
+    nginx: one result per line in input order, each the label the service gives the text."""
+    step("sentiment-client score: 10,000 lines through nginx")
+    subjects = ["The battery", "Customer support", "The delivery", "This blender", "The hotel room", "The plot"]
+    verdicts = ["was wonderful", "broke after two days", "exceeded my hopes", "was a waste of money", "is fine"]
+    texts = [
+        f"{subjects[i % 6]} {verdicts[i % 5]}, review {i}. " + "Details follow in a long paragraph. " * 7
+        for i in range(10_000)
+    ]
+    source, results = tmp_path / "reviews.jsonl", tmp_path / "results.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert source.stat().st_size > 2 * 2**20
+    started = time.monotonic()
+    run = subprocess.run(
+        [sys.executable, "-m", "sentiment_client", "score", str(source), "--out", str(results)]
+        + ["--url", "http://127.0.0.1:8080"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "client")},
+        cwd=tmp_path,
+    )
+    seconds = time.monotonic() - started
+    shown = [line for line in run.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    print("\n".join(shown[:3] + ["..."] + shown[-4:]), flush=True)  # the progress bar's states
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["index"] for r in lines] == list(range(len(texts)))
+    for i in (0, 1, 4_321, 9_999):  # the service's own answer for the text, from its shared cache
+        r = httpx.post("http://127.0.0.1:8080/predict", json={"text": texts[i]}, timeout=30)
+        assert r.status_code == 200 and r.json()["label"] == lines[i]["label"], (i, r.text, lines[i])
+    size = source.stat().st_size / 2**20
+    record("client through nginx", f"{len(lines):,} results in order, {size:.1f} MB in, {seconds:.0f} s")
 
 
 def test_stack_takes_the_quick_load_test_through_nginx(stack: dict[str, str]) -> None:

@@ -141,10 +141,24 @@ def test_nginx_refuses_the_internal_paths_and_appends_the_peer() -> None:
         # `^~` prefix matches: /docs covers /docs.json and every /docs*, before any regex location.
         assert re.search(rf"location\s+\^~\s+{re.escape(path)}\s*\{{", text), path
         assert re.fullmatch(r"\s*return 40[34];\s*", locations[path]), (path, locations[path])
-    proxied = locations["/"]
-    assert "proxy_pass http://sentiment_api;" in proxied
-    assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in proxied
-    assert "$remote_addr" not in proxied  # nothing replaces what the replicas take the rightmost of
+    for path in ("/", "/jobs"):
+        assert "proxy_pass http://sentiment_api;" in locations[path], path
+        # a location's own proxy_set_header would drop every one it inherits from the server
+        assert "proxy_set_header" not in locations[path], path
+    assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in text
+    assert "$remote_addr" not in text  # nothing replaces what the replicas take the rightmost of
+
+
+def test_nginx_lets_a_bulk_job_body_through_up_to_the_service_cap() -> None:
+    from service.config import Settings
+
+    text = (NGINX / "nginx.conf").read_text()
+    cap = Settings().max_job_body_bytes
+    assert re.search(r"^    client_max_body_size 2m;", text, re.M)  # every other request
+    assert re.fullmatch(
+        rf"\s*client_max_body_size {cap // 2**20}m;\s*proxy_pass http://sentiment_api;\s*", _nginx_blocks(text)["/jobs"]
+    )
+    assert "error_page 413 @too_large;" in text and 'return 413 \'{"error"' in text  # JSON, as the service's
 
 
 def test_nginx_floods_get_429_and_the_container_test_passes_through() -> None:
