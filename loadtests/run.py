@@ -220,6 +220,36 @@ def _redis_flush(redis_url: str) -> None:
     redis.Redis.from_url(redis_url).flushdb()
 
 
+def start_stack(
+    out: Path, workers: int | None, started: list, env: dict[str, str] | None = None
+) -> tuple[Served, dict[str, int], str]:
+    """Throwaway Redis and PostgreSQL and the service on them (`bentoml serve`, the store's
+    models, `env` on top): the service, the pids to sample, and Redis's URL. Each server is
+    appended to `started` before its start, so the caller stops a failed start's servers too."""
+    from tests.support.servers import PostgresServer, RedisServer
+
+    print("starting Redis, PostgreSQL and the service (bentoml serve) ...", flush=True)
+    redis_server = RedisServer()
+    started.append(redis_server)
+    redis_server.start()
+    postgres = PostgresServer()
+    started.append(postgres)
+    postgres.start()
+    settings = {
+        "REDIS_URL": redis_server.url,
+        "DATABASE_URL": postgres.url,
+        "TRUSTED_PROXIES": "127.0.0.1",
+        "SPILL_DIR": str(out / "spill"),
+        **(env or {}),
+    }
+    served = Served(settings, out / "serve.log", workers=workers)
+    started.append(served)
+    served.start(timeout=300)
+    assert served.proc is not None and redis_server.proc is not None
+    roots = {"api": served.proc.pid, "postgresql": postgres.pid(), "redis": redis_server.proc.pid}
+    return served, roots, redis_server.url
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", choices=[*PLAN, "all"])
@@ -243,7 +273,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.config import Settings
     from tests.support.prometheus import Prometheus
-    from tests.support.servers import PostgresServer, RedisServer
 
     started: list = []
     roots: dict[str, int] = {}
@@ -252,27 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     prometheus = None
     try:
         if url is None:
-            print("starting Redis, PostgreSQL and the service (bentoml serve) ...", flush=True)
-            # each one's stop registered before its start: a failed start is stopped too
-            redis_server = RedisServer()
-            started.append(redis_server)
-            redis_server.start()
-            postgres = PostgresServer()
-            started.append(postgres)
-            postgres.start()
-            redis_url = redis_server.url
-            env = {
-                "REDIS_URL": redis_url,
-                "DATABASE_URL": postgres.url,
-                "TRUSTED_PROXIES": "127.0.0.1",
-                "SPILL_DIR": str(out / "spill"),
-            }
-            served = Served(env, out / "serve.log", workers=args.workers)
-            started.append(served)
-            served.start(timeout=300)
+            served, roots, redis_url = start_stack(out, args.workers, started)
             url = served.url
-            assert served.proc is not None and redis_server.proc is not None
-            roots = {"api": served.proc.pid, "postgresql": postgres.pid(), "redis": redis_server.proc.pid}
             try:
                 prometheus = Prometheus([f"127.0.0.1:{served.port}"], out / "prometheus", free_port(), "5s")
                 started.append(prometheus)
