@@ -157,10 +157,14 @@ def main() -> int:
         parser.error("--texts must be positive")
 
     scenario = PLAN["baseline"]
-    if args.duration:
-        scenario = replace(scenario, duration_s=args.duration)
-    if args.users:
-        scenario = replace(scenario, users=args.users)
+    if args.duration or args.users:
+        users, seconds = args.users or scenario.users, args.duration or scenario.duration_s
+        scenario = replace(
+            scenario,
+            users=users,
+            duration_s=seconds,
+            description=f"{users} users, spawn {scenario.spawn_rate:g}/s, {seconds:g} s",
+        )
     started = datetime.now(UTC)
     out = args.out or ROOT / "var" / "jobs-beside" / started.strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)

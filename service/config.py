@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     # A leased chunk (256 texts, about half a second of an idle worker) whose worker has not
     # finished it in this time is taken by another: a dead worker's chunk waits at most this long.
     job_lease_seconds: float = Field(30.0, gt=0)
+    # A job's sub-batch starts only after the instance has served no interactive prediction for
+    # this long (service/activity.py): 0 runs jobs beside interactive traffic, at the lowest CPU
+    # priority but slowing it (docs/performance.md, Bulk jobs beside interactive traffic).
+    job_quiet_ms: float = Field(50.0, ge=0)
     service_workers: int = Field(DEFAULT_WORKERS, gt=0)
     torch_num_threads: int | None = Field(None, gt=0)
     inference_threads: int | None = Field(None, gt=0)

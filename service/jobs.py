@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
@@ -26,6 +27,15 @@ from service.schemas import check_text
 from storage.jobs import Chunk, JobQueue, Result
 
 log = logging.getLogger(__name__)
+# Sub-batches of a chunk in the batcher at once: one running, the next queued behind it.
+IN_FLIGHT = 2
+# A job's sub-batch starts only once the instance has served no interactive prediction for
+# JOB_QUIET_MS (service/activity.py): a forward call of a job slows one of an interactive request
+# on the other core. Right after traffic, sub-batches are small (SMALL_SUB_BATCH texts, a short
+# forward call that a request arriving meanwhile waits out quickly); after LONG_QUIET_S without
+# traffic, the batcher's full size, the most texts per CPU second.
+LONG_QUIET_S = 1.0
+SMALL_SUB_BATCH = 8
 
 DbCall = Callable[..., Awaitable[Any]]
 
@@ -79,6 +89,7 @@ class JobRunner:
         sub_batch: int,
         lease: timedelta = timedelta(seconds=120),
         poll_s: float = 1.0,
+        quiet_s: float = 0.05,
     ) -> None:
         self.queue = queue
         self.db = db
@@ -86,6 +97,7 @@ class JobRunner:
         self.sub_batch = sub_batch
         self.lease = lease
         self.poll_s = poll_s
+        self.quiet_s = quiet_s
         self.worker = f"{os.uname().nodename}-{os.getpid()}"
         self._task: asyncio.Task[None] | None = None
         self._stats_at = self._expired_at = 0.0
@@ -123,7 +135,9 @@ class JobRunner:
         while True:
             try:
                 await self._upkeep()
-                chunk = await self.db(self.queue.claim, self.worker, self.lease) if self._idle() else None
+                # a chunk is leased while no interactive text waits; each sub-batch of it waits for a quiet moment
+                idle = self.predictions.batcher.queued_texts() == 0
+                chunk = await self.db(self.queue.claim, self.worker, self.lease) if idle else None
             except Exception as exc:  # the database is down: try again later
                 log.debug("no job chunk claimed: %s", exc)
                 chunk = None
@@ -137,26 +151,47 @@ class JobRunner:
             except Exception:  # the lease runs out and another worker takes the chunk
                 log.exception("job %s chunk %s failed; left for its lease to run out", chunk.job_id, chunk.chunk)
 
-    def _idle(self) -> bool:
-        return self.predictions.batcher.queued_texts() == 0
+    def _wait_s(self) -> float:
+        """0 when a job's sub-batch may start now, else how long at least until it may."""
+        if self.predictions.batcher.queued_texts():
+            return 0.005
+        return max(0.0, self.quiet_s - self.predictions.activity.quiet_for())
+
+    def _sub_batch(self) -> int:
+        return self.sub_batch if self.predictions.activity.quiet_for() >= LONG_QUIET_S else SMALL_SUB_BATCH
 
     async def score(self, chunk: Chunk) -> bool:
         """Score a chunk a sub-batch at a time, interactive texts first; False if the job was
-        cancelled meanwhile (checked before each sub-batch)."""
+        cancelled meanwhile (checked before each sub-batch). The next sub-batch is queued while
+        one runs (IN_FLIGHT), so the model does not wait for the event loop to cache and record
+        one sub-batch before it gets the next; both are in the batcher's background lane, which
+        interactive texts never queue behind."""
         results: list[Result] = []
-        for start in range(0, len(chunk.texts), self.sub_batch):
-            if not await self.db(self.queue.active, chunk.job_id):
-                return False
-            while not self._idle():  # interactive texts waiting: they go first
-                await asyncio.sleep(0.002)
-            results += await self._predict(chunk, chunk.texts[start : start + self.sub_batch], chunk.first + start)
+        running: deque[asyncio.Task[list[Result]]] = deque()
+        try:
+            start = 0
+            while start < len(chunk.texts):
+                if not await self.db(self.queue.active, chunk.job_id):
+                    return False
+                while (wait := self._wait_s()) > 0:  # interactive requests go first
+                    await asyncio.sleep(max(wait, 0.002))
+                texts = chunk.texts[start : start + min(self.sub_batch, self._sub_batch())]
+                running.append(asyncio.ensure_future(self._predict(chunk, texts, chunk.first + start)))
+                start += len(texts)
+                if len(running) >= IN_FLIGHT:
+                    results += await running.popleft()
+            while running:
+                results += await running.popleft()
+        finally:
+            for task in running:  # cancelled, or a sub-batch failed: the others are not awaited
+                task.cancel()
         done = bool(await self.db(self.queue.complete, chunk, results))
         if done:
             metrics.JOB_TEXTS.inc(len(results))
         return done
 
     async def _predict(self, chunk: Chunk, texts: list[str], first: int) -> list[Result]:
-        answers = await self.predictions.answer(texts, chunk.model, wait_when_overloaded=True)
+        answers = await self.predictions.answer(texts, chunk.model, background=True)
         # one row per (job, index): a chunk scored twice is recorded once
         ids = [f"{chunk.job_id[:24]}-{first + i:011d}" for i in range(len(texts))]
         self.predictions.analytics.record(answers.records(texts, chunk.model, "/jobs", ids))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from models.runtime import Prediction as ModelOutput
 from service import metrics
+from service.activity import Activity
 from service.batching import Batcher, Overloaded
 from service.config import Settings
 from service.errors import ApiError
@@ -82,21 +83,35 @@ class Predictions:
         batcher: Batcher[ModelOutput],
         analytics: AnalyticsStore,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+        activity: Activity | None = None,
     ) -> None:
         self.cache = cache
         self.batcher = batcher
         self.analytics = analytics
         self.new_id = new_id
+        self.activity = activity or Activity(None)
 
     async def answer(
         self,
         texts: Sequence[str],
         tag: str,
         gate: Callable[[], Awaitable[None]] | None = None,
-        wait_when_overloaded: bool = False,
+        background: bool = False,
     ) -> Answers:
         """The cache first, the batcher for the misses, then the cache fill. Overloaded when the
-        batcher sheds them, unless `wait_when_overloaded` (bulk jobs: retry until it takes them)."""
+        batcher sheds them; `background` (bulk jobs): in the batcher's background lane, on the
+        CPU interactive requests leave, never shed."""
+        if not background:  # the instance is busy: bulk jobs hold back (service/activity.py)
+            self.activity.mark()
+            try:
+                return await self._answer(texts, tag, gate, background)
+            finally:
+                self.activity.mark()
+        return await self._answer(texts, tag, gate, background)
+
+    async def _answer(
+        self, texts: Sequence[str], tag: str, gate: Callable[[], Awaitable[None]] | None, background: bool
+    ) -> Answers:
         started = time.perf_counter()
         digests = [text_digest(t) for t in texts]
         keys = [cache_key(tag, digest=d) for d in digests]
@@ -107,14 +122,7 @@ class Predictions:
             found, _ = await asyncio.gather(lookup, gate())
         missing = [i for i, hit in enumerate(found) if hit is None]
         if missing:
-            while True:
-                try:
-                    outputs = await self.batcher.predict(tag, [texts[i] for i in missing])
-                    break
-                except Overloaded:
-                    if not wait_when_overloaded:
-                        raise
-                    await asyncio.sleep(0.05)  # interactive traffic fills the queue: wait for it
+            outputs = await self.batcher.predict(tag, [texts[i] for i in missing], background)
             fresh: dict[str, CacheValue] = {}
             for i, out in zip(missing, outputs, strict=True):
                 value: CacheValue = {"label": out.label, "score": out.score, "probabilities": out.probabilities}

@@ -25,6 +25,7 @@ from starlette.concurrency import iterate_in_threadpool
 
 from models import runtime
 from service import ab, deps, errors, metrics, schemas
+from service.activity import Activity
 from service.config import Settings, get_settings, project_version
 from service.database import DatabaseCalls
 from service.errors import ApiError
@@ -109,7 +110,9 @@ class Sentiment:
         admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
         secret = settings.request_id_key.get_secret_value() if settings.request_id_key else None
         self.request_ids = RequestIds(load_key(secret, admin_key, Path(settings.spill_dir) / "request-id.key"))
-        self.predictions = Predictions(self.cache, self.batcher, self.analytics, self.request_ids.new)
+        self.predictions = Predictions(
+            self.cache, self.batcher, self.analytics, self.request_ids.new, Activity(Path(settings.spill_dir))
+        )
         self.database = DatabaseCalls()
         self.gauges = metrics.GaugeWatcher(self.cache, self.client_limits.limiter, self.analytics, self.database)
         self.jobs = JobQueue(make_engine(settings.database_url), timedelta(seconds=settings.job_result_ttl_seconds))
@@ -119,6 +122,7 @@ class Sentiment:
             self.predictions,
             settings.batch_max_texts,
             lease=timedelta(seconds=settings.job_lease_seconds),
+            quiet_s=settings.job_quiet_ms / 1000,
         )
         if admin_key is None:
             log.warning("ADMIN_API_KEY is unset: /analytics/* answer every client that reaches the service")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -13,19 +14,30 @@ from pathlib import Path
 from typing import Self
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def stop_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
     """SIGTERM to the process group of `proc` (started in a session of its own, so the signal
-    reaches its workers too), SIGKILL if it has not ended within `timeout` seconds."""
+    reaches its workers too), SIGKILL if it has not ended within `timeout` seconds. Descendants
+    that outlive it (a BentoML worker whose parent was killed keeps running, serving nothing
+    but taking CPU from whatever runs next) are killed too."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        family = []
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    _, alive = psutil.wait_procs(family, timeout=5)
+    for orphan in alive:
+        with contextlib.suppress(psutil.Error):
+            orphan.kill()
 
 
 def post_retrying_sheds(url: str, body: dict, headers: dict[str, str], tries: int = 10) -> httpx.Response:

@@ -7,6 +7,7 @@ blocks on a threading.Event until the test lets it go, so batches form determini
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import pytest
@@ -174,4 +175,40 @@ async def test_a_full_batch_goes_without_waiting_out_max_wait() -> None:
     async with asyncio.timeout(10):  # a batch held for max_wait would take a minute
         await asyncio.gather(*full)
     assert [len(texts) for _, texts in model.calls] == [8]
+    batcher.close()
+
+
+class HeldJobs(Model):
+    """Holds only the calls whose first text starts with "job" (the background lane's)."""
+
+    def __call__(self, model: str, texts: list[str]) -> list[str]:
+        self.calls.append((model, list(texts)))
+        if texts[0].startswith("job"):
+            self.entered.set()
+            self.release.wait(10)
+        return [f"{model}:{t.upper()}" for t in texts]
+
+
+@pytest.mark.anyio
+async def test_background_texts_run_beside_interactive_ones_at_the_lowest_priority() -> None:
+    model = HeldJobs(hold=True)
+    waits: list[list[float]] = []
+    batcher = Batcher(model, max_batch=4, max_delay_s=0.05, on_start=waits.append)
+    running = asyncio.ensure_future(batcher.predict("m", ["job 1", "job 2"], background=True))
+    await _until(model.entered.is_set)
+    queued = [asyncio.ensure_future(batcher.predict("m", [f"job {i}"], background=True)) for i in range(3, 9)]
+    await asyncio.sleep(0.01)
+    # queued background texts are neither interactive queue nor delay: nothing is shed for them
+    assert batcher.queued_texts() == 0 and batcher.expected_delay() == 0.0
+    async with asyncio.timeout(5):  # answered while the background forward call is still held
+        assert await batcher.predict("m", ["now"]) == ["m:NOW"]
+    assert not running.done() and len(waits) == 1  # the queue-wait metric counts interactive batches only
+    [lane] = [t for t in threading.enumerate() if t.name == "inference-background"]
+    assert lane.native_id is not None and os.getpriority(os.PRIO_PROCESS, lane.native_id) == 19
+    model.release.set()
+    assert await running == ["m:JOB 1", "m:JOB 2"]
+    assert [r for q in await asyncio.gather(*queued) for r in q] == [f"m:JOB {i}" for i in range(3, 9)]
+    # each background job is a forward call of its own (its caller sizes it), in arrival order
+    assert [texts for _, texts in model.calls if texts[0].startswith("job")][1:] == [[f"job {i}"] for i in range(3, 9)]
+    assert batcher.shed == 0
     batcher.close()

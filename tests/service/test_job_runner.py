@@ -1,0 +1,113 @@
+"""The job runner beside interactive traffic: a job's sub-batches wait for a quiet instance, are
+small right after traffic and full after a long quiet, and run in the batcher's background lane.
+
+Real pieces: the job queue on SQLite, the batcher, the prediction path; the model is a function
+recording its calls, so each forward call's texts and time are known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models.runtime import Prediction
+from service import jobs as job_module
+from service.activity import Activity
+from service.batching import Batcher
+from service.database import DatabaseCalls
+from service.jobs import JobRunner
+from service.predictions import Predictions
+from storage import migrate
+from storage.analytics.records import PredictionRecord
+from storage.cache import MemoryPredictionCache
+from storage.db import make_engine
+from storage.jobs import JobQueue
+
+MODEL = "m:1"
+QUIET_S = 0.2
+
+
+class Model:
+    """Records (time, texts, thread name) of each forward call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, list[str], str]] = []
+
+    def __call__(self, tag: str, texts: list[str]) -> list[Prediction]:
+        self.calls.append((time.monotonic(), list(texts), threading.current_thread().name))
+        return [Prediction("positive", 0.9, {"negative": 0.1, "positive": 0.9}) for _ in texts]
+
+
+class Rows:
+    def __init__(self) -> None:
+        self.rows: list[PredictionRecord] = []
+
+    def record(self, records: Iterable[PredictionRecord]) -> None:
+        self.rows.extend(records)
+
+    def __getattr__(self, name: str) -> Any:  # the rest of the store's interface is not used here
+        raise AttributeError(name)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> JobQueue:
+    url = f"sqlite:///{tmp_path}/jobs.db"
+    migrate.upgrade(url)
+    return JobQueue(make_engine(url))
+
+
+async def _until(condition, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.anyio
+async def test_job_sub_batches_wait_for_a_quiet_instance_and_grow_after_a_long_quiet(
+    queue: JobQueue, tmp_path: Path
+) -> None:
+    model, rows, database = Model(), Rows(), DatabaseCalls()
+    batcher = Batcher(model, max_batch=32)
+    activity = Activity(tmp_path / "spill")
+    predictions = Predictions(MemoryPredictionCache(60), batcher, rows, activity=activity)  # type: ignore[arg-type]
+    runner = JobRunner(queue, database.run, predictions, 32, timedelta(seconds=30), poll_s=0.05, quiet_s=QUIET_S)
+    busy_until = time.monotonic() + 1.0
+    runner.start()
+    try:
+        # interactive traffic: another worker of the instance marks a request every 20 ms for 1 s
+        other_worker = Activity(tmp_path / "spill")
+        job = queue.submit([f"text {i}" for i in range(80)], MODEL, "c", chunk_texts=80)
+        while time.monotonic() < busy_until:
+            other_worker.mark()
+            await asyncio.sleep(0.02)
+        quiet_from = time.monotonic()
+        await _until(lambda: (queue.status(job) or {}).get("status") == "done")
+        first = [(t, texts, name) for t, texts, name in model.calls]
+        assert first and all(t >= quiet_from + QUIET_S - 0.05 for t, _, _ in first)  # none before the quiet
+        assert all(name == "inference-background" for _, _, name in first)
+        assert all(len(texts) <= job_module.SMALL_SUB_BATCH for _, texts, _ in first)  # right after traffic: small
+        assert [text for _, texts, _ in first for text in texts] == [f"text {i}" for i in range(80)]
+        assert len(rows.rows) == 80 and {r.endpoint for r in rows.rows} == {"/jobs"}
+
+        model.calls.clear()
+        await asyncio.sleep(job_module.LONG_QUIET_S + 0.2)
+        later = queue.submit([f"later {i}" for i in range(64)], MODEL, "c", chunk_texts=64)
+        await _until(lambda: (queue.status(later) or {}).get("status") == "done")
+        assert [len(texts) for _, texts, _ in model.calls] == [32, 32]  # after a long quiet: full sub-batches
+    finally:
+        await runner.stop()
+        batcher.close()
+        database.close()
+        activity.close()
