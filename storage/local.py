@@ -40,16 +40,18 @@ def connect(path: Path | str) -> sqlite3.Connection:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     # A short busy timeout: a worker waits at most this long for another's write, on its loop.
     conn = sqlite3.connect(str(path), timeout=0.5, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    for attempt in range(20):  # workers starting together race on the first CREATE
+    # Workers starting together race on switching the new file to WAL and on the first CREATE:
+    # either can find the file locked for longer than the busy timeout on a loaded machine.
+    for attempt in range(40):
         try:
+            conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(SCHEMA)
             break
         except sqlite3.OperationalError:
-            if attempt == 19:
+            if attempt == 39:
                 raise
             time.sleep(0.05)
+    conn.execute("PRAGMA synchronous=NORMAL")
     return conn
 
 

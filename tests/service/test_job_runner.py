@@ -18,12 +18,9 @@ from typing import Any
 import pytest
 
 from models.runtime import Prediction
-from service import jobs as job_module
 from service.activity import Activity
 from service.batching import Batcher
 from service.database import DatabaseCalls
-from service.jobs import JobRunner
-from service.predictions import Predictions
 from storage import migrate
 from storage.analytics.records import PredictionRecord
 from storage.cache import MemoryPredictionCache
@@ -78,6 +75,12 @@ async def _until(condition, timeout: float = 20.0) -> None:
 async def test_job_sub_batches_wait_for_a_quiet_instance_and_grow_after_a_long_quiet(
     queue: JobQueue, tmp_path: Path
 ) -> None:
+    # Imported here, not at collection: service.jobs imports service.schemas, which reads the
+    # settings once, and the other service tests set the environment they are read from first.
+    from service import jobs as job_module
+    from service.jobs import JobRunner
+    from service.predictions import Predictions
+
     model, rows, database = Model(), Rows(), DatabaseCalls()
     batcher = Batcher(model, max_batch=32)
     activity = Activity(tmp_path / "spill")

@@ -203,7 +203,7 @@ async def test_background_texts_run_beside_interactive_ones_at_the_lowest_priori
     async with asyncio.timeout(5):  # answered while the background forward call is still held
         assert await batcher.predict("m", ["now"]) == ["m:NOW"]
     assert not running.done() and len(waits) == 1  # the queue-wait metric counts interactive batches only
-    [lane] = [t for t in threading.enumerate() if t.name == "inference-background"]
+    [lane] = [t for t in batcher._threads if t.name == "inference-background"]
     assert lane.native_id is not None and os.getpriority(os.PRIO_PROCESS, lane.native_id) == 19
     model.release.set()
     assert await running == ["m:JOB 1", "m:JOB 2"]
