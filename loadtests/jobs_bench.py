@@ -42,6 +42,7 @@ import psutil
 import sqlalchemy as sa
 
 from loadtests.bench import metric_totals, raw_throughput
+from loadtests.peers import cpu_seconds
 from loadtests.texts import OUT_OF_SOURCE, load_texts
 from service.config import Settings
 from tests.support.servers import PostgresServer, RedisServer
@@ -135,20 +136,6 @@ class MachineLoad:
         idle = (t1.idle + t1.iowait) - (self.t0.idle + self.t0.iowait)
         total = sum(t1) - sum(self.t0)
         return round(1 - idle / total, 3) if total else 0.0
-
-
-def cpu_seconds(*pids: int) -> float:
-    """CPU seconds of the processes and all their descendants (the living ones)."""
-    total = 0.0
-    for pid in pids:
-        root = psutil.Process(pid)
-        for p in [root, *root.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                continue
-    return total
 
 
 def run_job(served: Served, backends: list[int], texts: list[str], poll_s: float) -> dict[str, Any]:

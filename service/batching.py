@@ -266,8 +266,8 @@ class Batcher(Generic[R]):
                     # the estimate, shed more, and feed on itself (seen at 64 closed-loop
                     # clients). An estimate too low is caught when the job is dequeued.
                     per_text = min(seconds, cpu) / max(1, len(texts))
-                    old = self._cost.get(model)
                     if not background:
+                        old = self._cost.get(model)
                         self._cost[model] = per_text if old is None else old + COST_SMOOTHING * (per_text - old)
                     self.on_batch(BatchStats(model, len(texts), seconds, cpu))
                 offsets = dict.fromkeys(groups, 0)

@@ -25,6 +25,25 @@ import psutil
 from tests.support.serving import ROOT, Served, free_port, stop_group
 
 
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process and all its living descendants."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def cpu_seconds(*pids: int) -> float:
+    """CPU seconds (user and system) of the processes and all their living descendants."""
+    total = 0.0
+    for pid in pids:
+        for p in process_tree(pid):
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                continue
+    return total
+
+
 @dataclass
 class Server:
     """A server under test: its root process (its children are its workers) and URL."""
@@ -44,18 +63,10 @@ class Server:
         return self.proc.pid
 
     def processes(self) -> list[psutil.Process]:
-        root = psutil.Process(self.pid)
-        return [root, *root.children(recursive=True)]
+        return process_tree(self.pid)
 
     def cpu_seconds(self) -> float:
-        total = 0.0
-        for p in self.processes():
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                continue
-        return total
+        return cpu_seconds(self.pid)
 
     def pss_mb(self) -> float:
         total = 0
