@@ -10,7 +10,6 @@ scored is an analytics row under the endpoint `/jobs`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -100,6 +99,7 @@ class JobRunner:
         self.quiet_s = quiet_s
         self.worker = f"{os.uname().nodename}-{os.getpid()}"
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._stats_at = self._expired_at = 0.0
 
     def start(self) -> None:
@@ -110,9 +110,12 @@ class JobRunner:
         scored again by whoever takes it: its results and rows are kept once by (job, index))."""
         if self._task is None:
             return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._stopping = True
+        # Cancelled again until it ends: on Python 3.11 asyncio.wait_for (in the database calls)
+        # can swallow a cancellation that arrives as its call finishes, and the loop would go on.
+        while not self._task.done():
+            self._task.cancel()
+            await asyncio.wait({self._task}, timeout=1.0)
         try:
             released = await self.db(self.queue.release, self.worker)
         except Exception as exc:  # the database is down: the leases run out instead
@@ -132,7 +135,7 @@ class JobRunner:
             await self.db(self.queue.expire)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self._upkeep()
                 # a chunk is leased while no interactive text waits; each sub-batch of it waits for a quiet moment
