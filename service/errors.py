@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.request_ids import random_uuid
 
 log = logging.getLogger("sentiment.errors")
 
@@ -28,7 +29,7 @@ class ApiError(Exception):
 def request_id(request: Request) -> str:
     rid = getattr(request.state, "request_id", None)
     if rid is None:
-        rid = request.state.request_id = str(uuid.uuid4())
+        rid = request.state.request_id = random_uuid()
     return rid
 
 

@@ -9,7 +9,6 @@ import asyncio
 import ipaddress
 import json
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
@@ -18,6 +17,7 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.request_ids import random_uuid
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -209,7 +209,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = str(uuid.uuid4())
+        rid = random_uuid()
         scope.setdefault("state", {})["request_id"] = rid  # request.state.request_id (errors.py)
         path = scope["path"]
         public = path.startswith(self.public) or path == "/health"
@@ -266,7 +266,7 @@ class JsonNotFound:
                 return  # sent with the body below, once its length is known
             if message.get("more_body"):
                 return
-            rid = str(uuid.uuid4())
+            rid = random_uuid()
             error = {"error": f"not found: {scope['method']} {scope['path']}", "request_id": rid}
             await _send_json(send, 404, error, {"X-Request-ID": rid})
 

@@ -49,7 +49,6 @@ MAX_IN_FLIGHT = 512
 
 app = FastAPI(title="sentiment", docs_url=None, redoc_url=None, openapi_url=None)
 errors.install(app)
-app.dependency_overrides[bentoml.get_current_service] = deps.current_service
 Admin = [Depends(deps.require_admin)]
 # The routes BentoML's own access log, request metrics and tracing leave alone (prefixes):
 # filled from the app's routes at the bottom. BentoML reads its config when it serves, after
@@ -276,6 +275,8 @@ class Sentiment:
 
 
 # --- guards, outermost last: built on the routes above -------------------------------------
+
+deps.resolve_self_on_the_loop(app)
 
 # The public routes (all but /health): guarded, timed, rate limited, their errors counted.
 PUBLIC_PATHS = tuple(p for p in route_paths(app.routes) if p != "/health")

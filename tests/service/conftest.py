@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
+from tests.support.serving import IN_PROCESS_ONLY
+
 _clients = itertools.count(1)
 
 
@@ -30,6 +32,7 @@ def service_env(model_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
         "MAX_JOB_BODY_BYTES": "65536",
     }
     os.environ.update(env)
+    IN_PROCESS_ONLY.update(env)  # not for the instances other tests serve
     from storage import migrate
 
     migrate.upgrade(env["DATABASE_URL"])  # what the on_deployment hook does under bentoml serve

@@ -117,6 +117,11 @@ def embedded_env(bentoml_home: Path, models: dict[str, str], workdir: Path, **ex
     }
 
 
+# Settings this pytest process put in its own environment for the in-process service
+# (tests/service/conftest.py); an instance started with Served does not inherit them.
+IN_PROCESS_ONLY: set[str] = set()
+
+
 class Served(Managed):
     """`bentoml serve service.service:Sentiment` on a free port with the given environment."""
 
@@ -124,7 +129,8 @@ class Served(Managed):
         """`workers` None leaves SERVICE_WORKERS to `env` or the service's default; `source` is
         the checkout whose service runs (another one: an earlier version, for the benchmark)."""
         self.source = source
-        self.env = {**os.environ, **({"SERVICE_WORKERS": str(workers)} if workers else {}), **env}
+        inherited = {k: v for k, v in os.environ.items() if k not in IN_PROCESS_ONLY}
+        self.env = {**inherited, **({"SERVICE_WORKERS": str(workers)} if workers else {}), **env}
         # A BentoML home of its own, sharing the model store: `bentoml serve` wipes and reuses
         # $BENTOML_HOME/prometheus_multiproc_dir, so two instances on one home mix (and erase)
         # each other's metrics.
