@@ -1,9 +1,12 @@
-"""Pure logic of the storage layer: cache keys, the TTL cache, the A/B statistics."""
+"""Pure logic of the storage layer: cache keys, the TTL cache, the A/B statistics, the spill log's write."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import math
+import os
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +69,18 @@ def test_limiter_counts_a_moving_window_per_client() -> None:
 
     asyncio.run(scenario())
     assert parse_limit("0") is None
+
+
+def test_the_spill_logs_write_appends_whole_and_reports_errors(tmp_path: Path) -> None:
+    from storage.analytics import spill
+
+    assert spill._write is not os.write  # the C library's write(2), called with the GIL held
+    path = tmp_path / "log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    assert spill._write(fd, b'{"a":1}\n') == 8
+    assert spill._write(fd, b'{"b":2}\n') == 8
+    os.close(fd)
+    assert path.read_bytes() == b'{"a":1}\n{"b":2}\n'
+    with pytest.raises(OSError) as failed:
+        spill._write(fd, b"closed")
+    assert failed.value.errno == errno.EBADF
