@@ -226,25 +226,12 @@ def start_stack(
     """Throwaway Redis and PostgreSQL and the service on them (`bentoml serve`, the store's
     models, `env` on top): the service, the pids to sample, and Redis's URL. Each server is
     appended to `started` before its start, so the caller stops a failed start's servers too."""
-    from tests.support.servers import PostgresServer, RedisServer
+    from tests.support.servers import serve_on_backends
 
     print("starting Redis, PostgreSQL and the service (bentoml serve) ...", flush=True)
-    redis_server = RedisServer()
-    started.append(redis_server)
-    redis_server.start()
-    postgres = PostgresServer()
-    started.append(postgres)
-    postgres.start()
-    settings = {
-        "REDIS_URL": redis_server.url,
-        "DATABASE_URL": postgres.url,
-        "TRUSTED_PROXIES": "127.0.0.1",
-        "SPILL_DIR": str(out / "spill"),
-        **(env or {}),
-    }
-    served = Served(settings, out / "serve.log", workers=workers)
-    started.append(served)
-    served.start(timeout=300)
+    served, redis_server, postgres = serve_on_backends(
+        out, started, {"TRUSTED_PROXIES": "127.0.0.1", **(env or {})}, workers
+    )
     assert served.proc is not None and redis_server.proc is not None
     roots = {"api": served.proc.pid, "postgresql": postgres.pid(), "redis": redis_server.proc.pid}
     return served, roots, redis_server.url

@@ -32,8 +32,8 @@ import sqlalchemy as sa
 
 from loadtests.chaos import faults, report, tally
 from loadtests.chaos.plan import PROFILES, Profile
-from tests.support.servers import PostgresServer, RedisServer
-from tests.support.serving import ROOT, Managed, Served
+from tests.support.servers import PostgresServer, serve_on_backends
+from tests.support.serving import ROOT, Managed
 
 LOCUSTFILE = Path(__file__).resolve().with_name("locustfile.py")
 WORKERS = 2
@@ -100,22 +100,8 @@ def run(profile: Profile, out: Path, source: Path = ROOT) -> int:
     try:
         log(f"starting Redis, PostgreSQL and bentoml serve ({WORKERS} workers) ...")
         # each one's stop registered before its start: a failed start is stopped too
-        redis_server = RedisServer()
-        started.append(redis_server)
-        redis_server.start()
-        postgres = PostgresServer()
-        started.append(postgres)
-        postgres.start()
-        env = {
-            "REDIS_URL": redis_server.url,
-            "DATABASE_URL": postgres.url,
-            "RATE_LIMIT_PREDICT": "0",
-            "RATE_LIMIT_BATCH": "0",
-            "SPILL_DIR": str(out / "spill"),
-        }
-        served = Served(env, out / "serve.log", workers=WORKERS, source=source)
-        started.append(served)
-        served.start(timeout=300)
+        limits_off = {"RATE_LIMIT_PREDICT": "0", "RATE_LIMIT_BATCH": "0"}
+        served, redis_server, postgres = serve_on_backends(out, started, limits_off, WORKERS, source)
         stack = faults.Stack(redis_server, postgres, served)
 
         log(f"load: {profile.users} users against {served.url}, faults on a timeline")

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support.serving import Managed, free_port
+from tests.support.serving import ROOT, Managed, Served, free_port
 
 
 def _wait_port(port: int, up: bool, timeout: float = 30) -> None:
@@ -107,3 +107,23 @@ class PostgresServer(Managed):
             return  # not running
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
         _wait_port(self.port, up=False)
+
+
+def serve_on_backends(
+    out: Path, started: list[Managed], env: dict[str, str], workers: int | None, source: Path = ROOT
+) -> tuple[Served, RedisServer, PostgresServer]:
+    """Throwaway Redis and PostgreSQL, then `bentoml serve` on them: REDIS_URL, DATABASE_URL and
+    a SPILL_DIR in `out` (its log there too), `env` on top. Each server is appended to `started`
+    before its start, so the caller stops a failed start's servers too. The load tests and the
+    chaos run start their stacks with it."""
+    redis_server = RedisServer()
+    started.append(redis_server)
+    redis_server.start()
+    postgres = PostgresServer()
+    started.append(postgres)
+    postgres.start()
+    settings = {"REDIS_URL": redis_server.url, "DATABASE_URL": postgres.url, "SPILL_DIR": str(out / "spill"), **env}
+    served = Served(settings, out / "serve.log", workers=workers, source=source)
+    started.append(served)
+    served.start(timeout=300)
+    return served, redis_server, postgres
