@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import functools
 import hmac
-import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import bentoml
-from fastapi import Depends, FastAPI, Request, Response
-from fastapi.routing import APIRoute, APIRouter
+from fastapi import Request, Response
 from limits import RateLimitItem
 
 from service import metrics
@@ -26,33 +24,6 @@ async def current_service() -> Any:
     function that FastAPI runs in its thread pool: a thread hand-off on every request. The same
     lookup as a coroutine runs on the event loop (docs/performance.md)."""
     return bentoml.get_current_service()
-
-
-def resolve_self_on_the_loop(app: FastAPI) -> None:
-    """Give the class-view endpoints their `self` through `current_service` instead.
-
-    What BentoML's `asgi_app` does to a class's endpoints (`make_fastapi_class_views`), done
-    again with the coroutine: the first parameter's default becomes the dependency and the
-    routes are included anew, so FastAPI analyses them once, here. (A dependency override,
-    `app.dependency_overrides`, does the same per request: FastAPI re-reads the overriding
-    function's signature on every call, 1.4% of the service's CPU in the spike load test.)
-    """
-    routes = [
-        route
-        for route in app.routes
-        if isinstance(route, APIRoute)
-        and route.dependant.dependencies
-        and route.dependant.dependencies[0].call is bentoml.get_current_service
-    ]
-    router = APIRouter()
-    for route in routes:
-        app.routes.remove(route)
-        signature = inspect.signature(route.endpoint)
-        first, *rest = signature.parameters.values()
-        params = [first.replace(default=Depends(current_service)), *rest]
-        route.endpoint.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-        router.routes.append(route)
-    app.include_router(router)
 
 
 Gate = Callable[[], Awaitable[None]]

@@ -29,6 +29,27 @@ def test_predict_returns_a_prediction(client: TestClient, headers: dict[str, str
     assert r.headers["RateLimit-Policy"] == "100;w=60"
 
 
+def test_endpoints_get_the_service_without_a_thread_hop(
+    client: TestClient, headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BentoML's `self` dependency is a plain function, which FastAPI runs in its thread pool:
+    the service overrides it with a coroutine (service/deps.py), so no request waits for a thread."""
+    import fastapi.dependencies.utils
+
+    hops: list[str] = []
+    real = fastapi.dependencies.utils.run_in_threadpool
+
+    async def counted(func, *args, **kwargs):  # type: ignore[no-untyped-def]
+        hops.append(getattr(func, "__qualname__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(fastapi.dependencies.utils, "run_in_threadpool", counted)
+    r = client.post("/predict", json={"text": "A thread hop per request, or none?"}, headers=headers)
+    assert r.status_code == 200, r.text
+    assert client.get("/health").status_code == 200
+    assert hops == []
+
+
 def test_repeat_is_served_from_cache(client: TestClient, headers: dict[str, str]) -> None:
     text = f"An awful, boring waste of time {uuid.uuid4()}"
     first = client.post("/predict", json={"text": text}, headers=headers).json()
