@@ -23,7 +23,6 @@ streamed by another process after a SIGKILL.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import json
@@ -53,10 +52,12 @@ def _libc_write() -> Callable[[int, bytes], int] | None:
     switch interval: 5.2 ms at the median, against 3.3 us held (a 300-byte append with one other
     thread busy in Python, on this project's 2-core machine). A page-cache append is a few
     microseconds: holding the GIL for it costs the other threads less than the hand-over costs the
-    loop. None where there is no C library to load (os.write then)."""
+    loop. None where the process's own symbols hold no write(2) (os.write then).
+
+    PyDLL(None) is the symbols already loaded into the process, libc's among them: nothing is
+    searched for at import (ctypes.util.find_library runs ldconfig in a subprocess)."""
     try:
-        libc = ctypes.PyDLL(ctypes.util.find_library("c"), use_errno=True)
-        write = libc.write
+        write = ctypes.PyDLL(None, use_errno=True).write
     except (OSError, AttributeError):
         return None
     write.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t]
