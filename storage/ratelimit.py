@@ -5,6 +5,10 @@
 replica). Its asyncio API is used, on the worker's event loop (Redis through redis-py's asyncio
 client): no thread hand-off per request. A storage failure lets the request through and is
 counted, never raised.
+
+On Redis, one script (`HIT_AND_WINDOW`) makes the hit and reads the window for the RateLimit
+headers in a single round trip, on the library's own keys and connection; `limits` has a call
+for each (`hit`, then `get_window_stats`), two round trips per request.
 """
 
 from __future__ import annotations
@@ -63,6 +67,43 @@ class RateLimiter(Protocol):
     async def status(self) -> str: ...
 
 
+# The library's moving window (limits/resources/redis/lua_scripts/acquire_moving_window.lua and
+# moving_window.lua, one list per client and limit, newest timestamp first, trimmed to the
+# limit) as one script: the hit, then the count of entries inside the window and the oldest of
+# them. Written here because limits offers no call returning both; tests/integration/
+# test_storage.py checks it against the library's own get_window_stats on the same keys.
+# KEYS[1]: the window's list; ARGV: now, limit, window seconds. Returns {allowed 1|0, count, oldest}.
+HIT_AND_WINDOW = """
+local now = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local expiry = tonumber(ARGV[3])
+local start = now - expiry
+local allowed = 1
+local entry = redis.call('lindex', KEYS[1], limit - 1)
+if entry and tonumber(entry) >= start then
+    allowed = 0
+else
+    redis.call('lpush', KEYS[1], ARGV[1])
+    redis.call('ltrim', KEYS[1], 0, limit - 1)
+    redis.call('expire', KEYS[1], expiry)
+end
+local low, high, last = 0, redis.call('llen', KEYS[1]) - 1, -1
+while low <= high do
+    local mid = math.floor((low + high) / 2)
+    if tonumber(redis.call('lindex', KEYS[1], mid)) >= start then
+        last = mid
+        low = mid + 1
+    else
+        high = mid - 1
+    end
+end
+if last < 0 then
+    return {allowed, 0, ARGV[1]}
+end
+return {allowed, last + 1, redis.call('lindex', KEYS[1], last)}
+"""
+
+
 class LimitsRateLimiter:
     """A moving-window limiter on a `limits` storage URI (`memory://`, `redis://...`), through
     the library's asyncio storages (`async+memory://`, `async+redis://` with redis-py)."""
@@ -74,6 +115,9 @@ class LimitsRateLimiter:
             options = {"implementation": "redispy", **options}
         self._storage = storage_from_string(uri, **options)  # type: ignore[arg-type]  # passed on to redis.asyncio.Redis
         self._limiter = strategies.MovingWindowRateLimiter(self._storage)
+        bridge = getattr(self._storage, "bridge", None)  # limits' Redis storages: the connection and key prefix
+        self._bridge = bridge
+        self._hit_and_window = bridge.get_connection().register_script(HIT_AND_WINDOW) if bridge else None
         self.errors = 0
         # After a storage failure, checks let requests through without asking for `backoff_s`:
         # a hung Redis then costs one timeout a second, not one per request.
@@ -90,6 +134,8 @@ class LimitsRateLimiter:
             LIMITER_ERRORS.inc()
             return Decision(True, limit.amount, limit.amount, window, window)
         self._probing = self._failing
+        if self._hit_and_window is not None:
+            return await self._hit_redis(scope, client, limit)
         try:
             allowed = await self._limiter.hit(limit, scope, client)
         except Exception as exc:  # fail open: a limiter outage must not stop predictions
@@ -105,6 +151,23 @@ class LimitsRateLimiter:
             return Decision(allowed, limit.amount, 0 if not allowed else limit.amount - 1, window, window)
         reset = max(0, math.ceil(stats.reset_time - time.time()))
         return Decision(allowed, limit.amount, max(0, stats.remaining), reset, window)
+
+    async def _hit_redis(self, scope: str, client: str, limit: RateLimitItem) -> Decision:
+        """The hit and the window's state in one round trip (HIT_AND_WINDOW)."""
+        assert self._hit_and_window is not None and self._bridge is not None
+        window = limit.get_expiry()
+        key = self._bridge.prefixed_key(limit.key_for(scope, client))
+        now = time.time()
+        try:
+            allowed, count, oldest = await self._hit_and_window([key], [repr(now), limit.amount, window])
+        except Exception as exc:  # fail open: a limiter outage must not stop predictions
+            self._failed(exc)
+            return Decision(True, limit.amount, limit.amount, window, window)
+        finally:
+            self._probing = False
+        self._failing = False
+        reset = max(0, math.ceil(float(oldest) + window - now))
+        return Decision(bool(allowed), limit.amount, max(0, limit.amount - int(count)), reset, window)
 
     def _failed(self, exc: Exception) -> None:
         self.errors += 1

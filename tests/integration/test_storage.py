@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import signal
@@ -16,6 +17,9 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from limits.aio import strategies
+from limits.storage import storage_from_string
+from redis import asyncio as redis_asyncio
 
 from storage import migrate
 from storage.analytics import PredictionRecord, SqlAnalyticsStore, reports, utcnow
@@ -103,6 +107,60 @@ def test_redis_limiter_is_exact_under_concurrency(redis_url: str) -> None:
         decisions = await asyncio.gather(*(limiters[i % 4].hit("predict", client, limit) for i in range(200)))
         assert sum(d.allowed for d in decisions) == 100
         assert await LimitsRateLimiter(redis_url).status() == "ok"
+
+    asyncio.run(scenario())
+
+
+def test_redis_limiter_keeps_the_window_the_library_reads(redis_url: str) -> None:
+    """The limiter's one-round-trip script keeps the moving window exactly as `limits` does:
+    the library's own hit and get_window_stats see the same window, and the headers agree."""
+
+    async def scenario() -> None:
+        limit = parse_limit("5/minute")
+        assert limit is not None
+        client, other = f"client-{uuid.uuid4()}", f"client-{uuid.uuid4()}"
+        limiter = LimitsRateLimiter(redis_url)
+        decisions = [await limiter.hit("predict", client, limit) for _ in range(7)]
+        assert [d.allowed for d in decisions] == [True] * 5 + [False] * 2
+        assert [d.remaining for d in decisions] == [4, 3, 2, 1, 0, 0, 0]
+        assert all(55 <= d.reset_after <= 60 for d in decisions)
+        assert decisions[-1].headers()["Retry-After"] == str(decisions[-1].reset_after)
+
+        storage = storage_from_string(f"async+{redis_url}", implementation="redispy")
+        library = strategies.MovingWindowRateLimiter(storage)
+        stats = await library.get_window_stats(limit, "predict", client)
+        assert stats.remaining == 0
+        assert abs(math.ceil(stats.reset_time - time.time()) - decisions[-1].reset_after) <= 1
+        assert not await library.hit(limit, "predict", client)
+
+        for _ in range(3):  # the library's hits count in the limiter's window
+            assert await library.hit(limit, "predict", other)
+        assert (await limiter.hit("predict", other, limit)).remaining == 1
+        assert (await library.get_window_stats(limit, "predict", other)).remaining == 1
+
+        await redis_asyncio.from_url(redis_url).script_flush()  # a restarted Redis forgets scripts
+        decision = await limiter.hit("predict", other, limit)
+        assert decision.allowed and decision.remaining == 0 and limiter.errors == 0
+
+    asyncio.run(scenario())
+
+
+def test_redis_limiter_asks_redis_once_per_request(redis_server: RedisServer) -> None:
+    async def scenario() -> None:
+        limit = parse_limit("100/minute")
+        assert limit is not None
+        limiter = LimitsRateLimiter(redis_server.url)
+        await limiter.hit("predict", "warm-up", limit)
+        redis = redis_asyncio.from_url(redis_server.url)
+
+        async def scripts_run() -> int:
+            stats = await redis.info("commandstats")
+            return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("eval", "evalsha"))
+
+        before = await scripts_run()
+        for _ in range(10):
+            assert (await limiter.hit("predict", f"client-{uuid.uuid4()}", limit)).remaining == 99
+        assert await scripts_run() - before == 10  # one script per hit: the library's calls took two
 
     asyncio.run(scenario())
 
