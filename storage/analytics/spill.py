@@ -181,15 +181,16 @@ class SpillLog:
                 current = self._seq if self._fd is not None else -1
             if seq > current:
                 break
+            path = self._segment(seq)
             try:
-                with self._segment(seq).open("rb") as f:
+                with path.open("rb") as f:
                     f.seek(offset)
                     for line in f:
                         if not line.endswith(b"\n"):
                             break  # an append still in progress: read it next time
                         offset += len(line)
                         if line.strip():
-                            self._decode_into(rows, line, self._segment(seq))
+                            self._decode_into(rows, line, path)
                         if len(rows) >= max_rows:
                             break
             except FileNotFoundError:

@@ -17,8 +17,9 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+import psycopg
 from prometheus_client import Counter, Gauge
-from sqlalchemy import Engine, Table
+from sqlalchemy import Connection, Engine, Table
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -61,6 +62,43 @@ def is_transient(exc: BaseException) -> bool:
 def upsert(engine: Engine, table: Table) -> Any:
     """The dialect's INSERT with ON CONFLICT (SQLite and PostgreSQL share the syntax)."""
     return (postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+# The rows' columns, in the order COPY sends them.
+COLUMNS = tuple(column.name for column in predictions.columns)
+_COLUMN_LIST = ", ".join(COLUMNS)
+# A staging table per connection, emptied at each commit (a rolled-back batch leaves nothing).
+_STAGING = (
+    "CREATE TEMP TABLE IF NOT EXISTS predictions_incoming ON COMMIT DELETE ROWS AS"
+    f" SELECT {_COLUMN_LIST} FROM predictions WITH NO DATA"
+)
+_COPY = f"COPY predictions_incoming ({_COLUMN_LIST}) FROM STDIN"
+_MOVE = (
+    f"INSERT INTO predictions ({_COLUMN_LIST}) SELECT {_COLUMN_LIST} FROM predictions_incoming"
+    " ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
+)
+
+
+def copy_new_rows(conn: Connection, rows: list[Row]) -> set[str]:
+    """PostgreSQL: the rows through COPY into a staging table, then one INSERT ... SELECT ... ON
+    CONFLICT DO NOTHING; returns the request ids newly stored.
+
+    The multi-row INSERT that SQLAlchemy builds for a batch (500 rows x 12 parameters) is
+    rewritten by psycopg from named to numbered parameters in Python on every call (too long for
+    its statement cache): about 0.3 ms of the worker's CPU per row, holding the GIL the event
+    loop waits for. COPY sends the rows with psycopg's C dumpers and three short statements.
+    Errors are raised as SQLAlchemy's (is_transient tells an outage from a refused row)."""
+    driver = conn.connection.driver_connection
+    try:
+        with driver.cursor() as cur:  # type: ignore[union-attr]  # psycopg's Connection on PostgreSQL
+            cur.execute(_STAGING)
+            with cur.copy(_COPY) as copy:
+                for row in rows:
+                    copy.write_row([row[name] for name in COLUMNS])
+            cur.execute(_MOVE)
+            return {request_id for (request_id,) in cur.fetchall()}
+    except psycopg.Error as exc:
+        raise sa_exc.DBAPIError.instance(_COPY, None, exc, psycopg.Error, dialect=conn.dialect) from exc
 
 
 class AnalyticsWriter:
@@ -145,13 +183,16 @@ class AnalyticsWriter:
     def write(self, rows: list[Row]) -> None:
         """Insert the rows not yet stored, and count exactly those in `prediction_counts`."""
         unique = list({row["request_id"]: row for row in rows}.values())
-        stmt = (
-            upsert(self.engine, predictions)
-            .on_conflict_do_nothing(index_elements=[predictions.c.request_id])
-            .returning(predictions.c.request_id)
-        )
         with self.engine.begin() as conn:
-            inserted = set(conn.execute(stmt, unique).scalars())
+            if self.engine.dialect.name == "postgresql":
+                inserted = copy_new_rows(conn, unique)
+            else:
+                stmt = (
+                    upsert(self.engine, predictions)
+                    .on_conflict_do_nothing(index_elements=[predictions.c.request_id])
+                    .returning(predictions.c.request_id)
+                )
+                inserted = set(conn.execute(stmt, unique).scalars())
             counts: dict[tuple, list] = {}
             for row in unique:
                 if row["request_id"] in inserted:
