@@ -6,10 +6,11 @@ The writer runs in a thread of each API worker, so its CPU is the worker's, and 
 Python it holds the GIL the event loop waits for. In a scratch database (beside the one in --url,
 or on a throwaway server without it) each round inserts --rows new rows in batches of 500, as
 the writer ships them, two ways: SQLAlchemy's multi-row `INSERT ... ON CONFLICT DO NOTHING
-RETURNING` and the writer's COPY into a staging table (storage/analytics/writer.py,
-`copy_new_rows`); then it times the whole writer (`AnalyticsWriter.flush`: reading the local log,
-the insert and the per-minute counts) over --rows rows recorded one per request. Prints the
-thread's CPU and the wall time per row, medians over the rounds.
+RETURNING` and the writer's one-row statement sent by psycopg's executemany in pipeline mode
+(storage/analytics/writer.py, `insert_new_rows`); then it times the whole writer
+(`AnalyticsWriter.flush`: reading the local log, the insert and the per-minute counts) over
+--rows rows recorded one per request. Prints the thread's CPU and the wall time per row,
+medians over the rounds.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sqlalchemy as sa
 
 from storage import migrate
 from storage.analytics import PredictionRecord, SqlAnalyticsStore, utcnow
-from storage.analytics.writer import copy_new_rows, upsert
+from storage.analytics.writer import insert_new_rows, upsert
 from storage.tables import predictions
 from tests.support.servers import PostgresServer
 
@@ -71,9 +72,9 @@ def bench(url: str, n: int, rounds: int) -> None:
         with engine.begin() as conn:
             assert len(set(conn.execute(stmt, batch).scalars())) == len(batch)
 
-    def copy(batch: list[dict]) -> None:
+    def pipeline(batch: list[dict]) -> None:
         with engine.begin() as conn:
-            assert len(copy_new_rows(conn, batch)) == len(batch)
+            assert len(insert_new_rows(conn, batch)) == len(batch)
 
     def batches(run: Callable[[list[dict]], None]) -> Callable[[], None]:
         data = rows(n)
@@ -86,13 +87,13 @@ def bench(url: str, n: int, rounds: int) -> None:
 
     results: dict[str, list[tuple[float, float]]] = {}
     for _ in range(rounds):
-        for name, run in (("multi-row INSERT (SQLAlchemy)", insert_many), ("COPY + INSERT ... SELECT", copy)):
+        for name, run in (("multi-row INSERT (SQLAlchemy)", insert_many), ("executemany, pipeline mode", pipeline)):
             results.setdefault(name, []).append(timed(batches(run), n))
         with tempfile.TemporaryDirectory() as spill:
             store = SqlAnalyticsStore(url, spill_dir=spill)
             for row in rows(n):
                 store.record([PredictionRecord(**row)])
-            results.setdefault("the writer's flush (log, COPY, counts)", []).append(timed(store.flush, n))
+            results.setdefault("the writer's flush (log, insert, counts)", []).append(timed(store.flush, n))
             store.close()
     engine.dispose()
     print(f"{n} rows per round in batches of {BATCH}, {rounds} rounds, medians (microseconds per row)")

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from storage import migrate
+from storage.analytics import PredictionRecord, SqlAnalyticsStore
 from tests.support.servers import PostgresServer
 from tests.support.serving import ROOT
 
@@ -44,6 +47,20 @@ def _app_role(server: PostgresServer) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["sh", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
 
 
+def _record() -> PredictionRecord:
+    return PredictionRecord(
+        request_id=str(uuid.uuid4()),
+        endpoint="/predict",
+        model="m:1",
+        label="positive",
+        score=0.9,
+        cached=False,
+        latency_ms=5.0,
+        text_sha256="0" * 64,
+        text_length=5,
+    )
+
+
 def _privileges(engine: sa.Engine) -> dict[str, set[str]]:
     with engine.connect() as conn:
         rows = conn.exec_driver_sql(
@@ -56,7 +73,7 @@ def _privileges(engine: sa.Engine) -> dict[str, set[str]]:
     return found
 
 
-def test_app_role_reads_and_writes_rows_and_changes_no_schema(server: PostgresServer) -> None:
+def test_app_role_reads_and_writes_rows_and_changes_no_schema(server: PostgresServer, tmp_path: Path) -> None:
     bootstrap = sa.create_engine(server.url, isolation_level="AUTOCOMMIT")
     with bootstrap.connect() as conn:  # what the postgres image makes of POSTGRES_USER and POSTGRES_DB
         conn.exec_driver_sql("CREATE ROLE sentiment LOGIN SUPERUSER")
@@ -82,6 +99,13 @@ def test_app_role_reads_and_writes_rows_and_changes_no_schema(server: PostgresSe
             conn.exec_driver_sql("DELETE FROM later")
             superuser = conn.exec_driver_sql("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").scalar_one()
         assert kept == "y" and superuser is False
+        store = SqlAnalyticsStore(_url(server, "sentiment_app"), spill_dir=tmp_path / "spill")  # as a replica
+        store.record([_record() for _ in range(20)])
+        assert store.flush() == 20 and store.healthy
+        with app.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM predictions").scalar_one() == 20
+            assert conn.exec_driver_sql("SELECT sum(n) FROM prediction_counts WHERE period_s = 60").scalar_one() == 20
+        store.close()
         for ddl in (
             "CREATE TABLE intruder (id int)",
             "CREATE TEMP TABLE scratch (id int)",
