@@ -6,7 +6,13 @@ import json
 import time
 import uuid
 
+import pytest
 from starlette.testclient import TestClient
+
+# Through the service's ASGI app, so with the quick models loaded: slow, as the other app tests.
+# (Left in the fast subset, it ran after test_job_runner.py, whose import of service.jobs reads
+# the settings before tests/service/conftest.py sets the environment they come from.)
+pytestmark = pytest.mark.slow
 
 
 def _wait_done(client: TestClient, job_id: str, timeout: float = 120) -> dict:
