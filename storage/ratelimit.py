@@ -134,16 +134,20 @@ class LimitsRateLimiter:
             LIMITER_ERRORS.inc()
             return Decision(True, limit.amount, limit.amount, window, window)
         self._probing = self._failing
-        if self._hit_and_window is not None:
-            return await self._hit_redis(scope, client, limit)
+        decision: Decision | None = None
         try:
-            allowed = await self._limiter.hit(limit, scope, client)
+            if self._hit_and_window is not None:  # Redis: the decision and its headers at once
+                decision = await self._hit_redis(scope, client, limit)
+            else:
+                allowed = await self._limiter.hit(limit, scope, client)
         except Exception as exc:  # fail open: a limiter outage must not stop predictions
             self._failed(exc)
             return Decision(True, limit.amount, limit.amount, window, window)
         finally:
             self._probing = False
         self._failing = False
+        if decision is not None:
+            return decision
         try:
             stats = await self._limiter.get_window_stats(limit, scope, client)
         except Exception as exc:  # the decision stands; only the headers are approximate
@@ -153,19 +157,13 @@ class LimitsRateLimiter:
         return Decision(allowed, limit.amount, max(0, stats.remaining), reset, window)
 
     async def _hit_redis(self, scope: str, client: str, limit: RateLimitItem) -> Decision:
-        """The hit and the window's state in one round trip (HIT_AND_WINDOW)."""
+        """The hit and the window's state in one round trip (HIT_AND_WINDOW); raises on a storage
+        failure, which `hit` handles."""
         assert self._hit_and_window is not None and self._bridge is not None
         window = limit.get_expiry()
         key = self._bridge.prefixed_key(limit.key_for(scope, client))
         now = time.time()
-        try:
-            allowed, count, oldest = await self._hit_and_window([key], [repr(now), limit.amount, window])
-        except Exception as exc:  # fail open: a limiter outage must not stop predictions
-            self._failed(exc)
-            return Decision(True, limit.amount, limit.amount, window, window)
-        finally:
-            self._probing = False
-        self._failing = False
+        allowed, count, oldest = await self._hit_and_window([key], [repr(now), limit.amount, window])
         reset = max(0, math.ceil(float(oldest) + window - now))
         return Decision(bool(allowed), limit.amount, max(0, limit.amount - int(count)), reset, window)
 
