@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import uuid
 from datetime import timedelta
 
 import sqlalchemy as sa
 
 from storage import migrate
 from storage.analytics import SqlAnalyticsStore
-from tests.support.servers import PostgresServer
+from tests.support.servers import PostgresServer, scratch_database
 
 SEED = """
 INSERT INTO predictions (request_id, created_at, endpoint, model, variant, label, score, cached,
@@ -65,12 +64,8 @@ def main() -> int:
 
 
 def bench(args: argparse.Namespace, server_url: str) -> int:
-    name = f"sentiment_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    try:
+    with scratch_database(server_url, "sentiment_bench_", keep=args.keep) as url:
+        name = sa.make_url(url).database
         migrate.upgrade(url, "0001")
         engine = sa.create_engine(url)
         started = time.perf_counter()
@@ -110,13 +105,6 @@ def bench(args: argparse.Namespace, server_url: str) -> int:
                     f"{statistics.median(times):>10.1f} {max(times):>8.1f}"
                 )
         store.close()
-    finally:
-        if args.keep:
-            print(f"kept database {name}")
-        else:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
     return 0
 
 

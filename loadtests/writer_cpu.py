@@ -28,7 +28,7 @@ from storage import migrate
 from storage.analytics import PredictionRecord, SqlAnalyticsStore, utcnow
 from storage.analytics.writer import insert_new_rows, upsert
 from storage.tables import predictions
-from tests.support.servers import PostgresServer
+from tests.support.servers import PostgresServer, scratch_database
 
 BATCH = 500
 
@@ -104,18 +104,9 @@ def bench(url: str, n: int, rounds: int) -> None:
 
 
 def scratch(server_url: str, n: int, rounds: int) -> None:
-    name = f"sentiment_writer_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    try:
+    with scratch_database(server_url, "sentiment_writer_") as url:
         migrate.upgrade(url)
         bench(url, n, rounds)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def main(argv: list[str] | None = None) -> None:

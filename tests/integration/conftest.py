@@ -8,12 +8,11 @@ are always their own servers, so stopping them never touches anybody else's.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from tests.support.servers import PostgresServer, RedisServer
+from tests.support.servers import PostgresServer, RedisServer, scratch_database
 
 
 @pytest.fixture(scope="session")
@@ -38,18 +37,9 @@ def redis_url(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def database_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """A database of this test's own on the shared server, migrated to the newest schema."""
-    import sqlalchemy as sa
-
     from storage import migrate
 
     base = os.environ.get("TEST_DATABASE_URL") or request.getfixturevalue("postgres_server").url
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = str(sa.make_url(base).set(database=name).render_as_string(hide_password=False))
-    migrate.upgrade(url)
-    yield url
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    admin.dispose()
+    with scratch_database(base, "t_") as url:
+        migrate.upgrade(url)
+        yield url

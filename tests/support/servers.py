@@ -13,6 +13,9 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.support.serving import ROOT, Managed, Served, free_port
@@ -58,6 +61,27 @@ class RedisServer(Managed):
             self.proc.wait(timeout=10)
             self.proc = None
             _wait_port(self.port, up=False)
+
+
+@contextmanager
+def scratch_database(server_url: str, prefix: str, keep: bool = False) -> Iterator[str]:
+    """A new database named `prefix` and a random suffix on the PostgreSQL at `server_url`,
+    empty; its URL, and the database dropped at the end unless `keep`."""
+    import sqlalchemy as sa
+
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    try:
+        yield sa.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        if keep:
+            print(f"kept database {name}")
+        else:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
 
 
 class PostgresServer(Managed):
