@@ -216,7 +216,9 @@ def _results(figs: dict[str, Any], original: dict[str, float]) -> list[str]:
         "",
         "Latency is Locust's, measured at the client on the same machine, 429s and sheds included; the",
         "answered rows count only 200s. A shed is a 503 with `Retry-After`: the service refused the request",
-        "at once because its texts would have waited longer than the queue-delay budget (MAX_QUEUE_DELAY_MS).",
+        "at once, because its texts would have waited longer than the queue-delay budget (MAX_QUEUE_DELAY_MS)",
+        "or because the worker already held as many requests as it answers within that budget (its adaptive",
+        "concurrency limit, `sentiment_concurrency_limit`).",
         "Cache hits and misses are the single-text requests answered `cached: true` and `false`.",
     ]
 

@@ -142,10 +142,41 @@ class LoopLag:
             self.seconds = min(self._recent)
 
 
+class AdaptiveLimit:
+    """How many requests a worker takes at once, adapted to the time they take: additive
+    increase, multiplicative decrease on latency (the AIMD limit of Netflix's concurrency-limits,
+    with TCP's congestion-avoidance step). Each prediction request that took longer than
+    `target_s` (or was shed inside) cuts the limit by `backoff`; one within it, while the limit
+    was in use (at least half of it in flight), raises it by 1/limit, about one per limit's
+    worth of answers. An overloaded worker so settles near the concurrency it can answer within
+    the target, and the requests beyond it are refused at the door in microseconds instead of
+    all waiting their turn for the CPU (docs/loadtests.md, the spike). Written here: the Python
+    libraries for this limit an outgoing call's concurrency, not an ASGI server's.
+    """
+
+    def __init__(
+        self, target_s: float, *, initial: int = 64, minimum: int = 8, maximum: int = 512, backoff: float = 0.9
+    ) -> None:
+        self.target_s = target_s
+        self.minimum = minimum
+        self.maximum = maximum
+        self.backoff = backoff
+        self.limit = float(min(max(initial, minimum), maximum))
+
+    def sample(self, seconds: float, in_flight: int, overloaded: bool = False) -> None:
+        """One finished request: its time in the worker and how many were in flight with it."""
+        if overloaded or seconds > self.target_s:
+            self.limit = max(self.minimum, self.limit * self.backoff)
+        elif in_flight * 2 >= self.limit:
+            self.limit = min(self.maximum, self.limit + 1 / self.limit)
+
+
 class InFlightLimit:
-    """503 with Retry-After when more than `limit` requests are in flight in this worker, or
-    when its event loop lags more than `max_lag_s` (`lag`): refused at the door, before the
-    body is read or Redis asked, so the refusal itself costs the loop little.
+    """503 with Retry-After when more than `limit` requests are in flight in this worker (or,
+    with `adaptive`, more than its current limit), or when its event loop lags more than
+    `max_lag_s` (`lag`): refused at the door, before the body is read or Redis asked, so the
+    refusal itself costs the loop little. `adaptive` learns from the requests to `sampled`
+    paths (the predictions: the others' times say nothing about the model's queue).
 
     BentoML's own `traffic.max_concurrency` answers a bare 429 that clients would take for a
     rate limit, and it also counts the internal batching calls; this guard counts only the
@@ -160,10 +191,14 @@ class InFlightLimit:
         retry_after: int = 1,
         lag: LoopLag | None = None,
         max_lag_s: float = float("inf"),
+        adaptive: AdaptiveLimit | None = None,
+        sampled: Sequence[str] = (),
     ) -> None:
         self.app = app
         self.limit = limit
         self.paths = tuple(paths)
+        self.adaptive = adaptive
+        self.sampled = tuple(sampled)
         self.retry_after = retry_after
         self.lag = lag
         self.max_lag_s = max_lag_s
@@ -175,7 +210,8 @@ class InFlightLimit:
             await self.app(scope, receive, send)
             return
         lagging = self.lag is not None and self.lag.seconds > self.max_lag_s
-        if self.in_flight >= self.limit or lagging:
+        limit = min(self.limit, self.adaptive.limit) if self.adaptive is not None else self.limit
+        if self.in_flight >= limit or lagging:
             self.rejected += 1
             reason = "loop_lag" if lagging else "in_flight"
             metrics.OVERLOAD_REJECTIONS.labels(metrics.endpoint_label(scope["path"]), reason).inc()
@@ -186,10 +222,27 @@ class InFlightLimit:
                 {"Retry-After": str(self.retry_after)},
             )
             return
+        if self.adaptive is None or not scope["path"].startswith(self.sampled):
+            self.in_flight += 1
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.in_flight -= 1
+            return
+        status = 0
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         self.in_flight += 1
+        start = time.perf_counter()
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_status)
         finally:
+            self.adaptive.sample(time.perf_counter() - start, self.in_flight, overloaded=status == 503)
             self.in_flight -= 1
 
 

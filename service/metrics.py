@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import resource
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,6 +109,11 @@ MEMORY_LIMIT = Gauge(
     "sentiment_memory_limit_bytes",
     "Memory the service may use: the cgroup limit, or the machine's memory when there is none.",
     multiprocess_mode="livemax",
+)
+CONCURRENCY_LIMIT = Gauge(
+    "sentiment_concurrency_limit",
+    "Requests the service's workers take at once: each worker's adaptive limit, summed over live workers.",
+    multiprocess_mode="livesum",
 )
 JOB_TEXTS = Counter(
     "sentiment_job_texts_total",
@@ -218,8 +223,10 @@ class GaugeWatcher:
         database: DatabaseCalls,
         interval: float = 2.0,
         timeout_s: float = 2.0,
+        concurrency_limit: Callable[[], float] | None = None,
     ) -> None:
         self.cache = cache
+        self.concurrency_limit = concurrency_limit
         self.limiter = limiter
         self.analytics = analytics
         self.database = database
@@ -252,6 +259,8 @@ class GaugeWatcher:
         DEPENDENCY_UP.labels("database", self.analytics.dialect).set(self.database_status != "down")
         RESIDENT_MEMORY.set(resident_memory_bytes())
         MEMORY_LIMIT.set(memory_limit_bytes())
+        if self.concurrency_limit is not None:
+            CONCURRENCY_LIMIT.set(self.concurrency_limit())
         # The log folder's size is a directory scan: off the loop.
         await asyncio.to_thread(self.analytics.update_gauges)
 

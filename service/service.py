@@ -29,7 +29,16 @@ from service.activity import Activity
 from service.config import Settings, get_settings, project_version
 from service.database import DatabaseCalls
 from service.errors import ApiError
-from service.guards import BodySizeLimit, ErrorCounts, InFlightLimit, JsonNotFound, LoopLag, RequestContext, route_paths
+from service.guards import (
+    AdaptiveLimit,
+    BodySizeLimit,
+    ErrorCounts,
+    InFlightLimit,
+    JsonNotFound,
+    LoopLag,
+    RequestContext,
+    route_paths,
+)
 from service.jobs import JobRunner, parse_texts
 from service.predictions import Predictions, make_batcher
 from service.request_ids import RequestIds, load_key
@@ -118,7 +127,13 @@ class Sentiment:
             self.cache, self.batcher, self.analytics, self.request_ids.new, Activity(Path(settings.spill_dir))
         )
         self.database = DatabaseCalls()
-        self.gauges = metrics.GaugeWatcher(self.cache, self.client_limits.limiter, self.analytics, self.database)
+        self.gauges = metrics.GaugeWatcher(
+            self.cache,
+            self.client_limits.limiter,
+            self.analytics,
+            self.database,
+            concurrency_limit=lambda: CONCURRENCY.limit,
+        )
         self.jobs = JobQueue(make_engine(settings.database_url), timedelta(seconds=settings.job_result_ttl_seconds))
         self.job_runner = JobRunner(
             self.jobs,
@@ -290,8 +305,17 @@ ERRORS = ErrorCounts(PUBLIC_PATHS)
 # answer, the cache fill), each after the loop's lag: past a quarter of the queue-delay budget
 # of lag, new requests are refused at the door (docs/performance.md: the spike load test).
 LOOP_LAG = LoopLag()
+# Under overload a worker takes only as many requests at once as it answers within the budget
+# (guards.AdaptiveLimit): the rest are refused at the door rather than all waiting for the CPU.
+CONCURRENCY = AdaptiveLimit(settings.max_queue_delay_ms / 1000, maximum=MAX_IN_FLIGHT)
 app.add_middleware(
-    InFlightLimit, limit=MAX_IN_FLIGHT, paths=PUBLIC_PATHS, lag=LOOP_LAG, max_lag_s=settings.max_queue_delay_ms / 4000
+    InFlightLimit,
+    limit=MAX_IN_FLIGHT,
+    paths=PUBLIC_PATHS,
+    lag=LOOP_LAG,
+    max_lag_s=settings.max_queue_delay_ms / 4000,
+    adaptive=CONCURRENCY,
+    sampled=("/predict", "/batch"),
 )
 app.add_middleware(
     BodySizeLimit,

@@ -324,3 +324,18 @@ def test_the_guards_and_labels_cover_every_route_of_the_contract(client: TestCli
     exposed = generate_latest().decode()
     for path in contract:  # every refusal series exists from the start, at zero or more
         assert f'sentiment_overload_rejections_total{{endpoint="{path}",reason="loop_lag"}}' in exposed
+
+
+def test_each_worker_limits_its_requests_adaptively_and_exposes_the_limit(client: TestClient) -> None:
+    from prometheus_client import generate_latest
+
+    from service import service as module
+    from service.guards import InFlightLimit
+
+    guard = next(m for m in module.app.user_middleware if m.cls is InFlightLimit)
+    assert guard.kwargs["adaptive"] is module.CONCURRENCY
+    assert guard.kwargs["sampled"] == ("/predict", "/batch")
+    assert module.CONCURRENCY.target_s == module.settings.max_queue_delay_ms / 1000
+    exposed = generate_latest().decode()
+    line = next(x for x in exposed.splitlines() if x.startswith("sentiment_concurrency_limit "))
+    assert float(line.split()[1]) == pytest.approx(module.CONCURRENCY.limit)

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route, Router
 
-from service.guards import BodySizeLimit, InFlightLimit, client_address, trusted_networks
+from service.guards import AdaptiveLimit, BodySizeLimit, InFlightLimit, client_address, trusted_networks
 
 
 async def _slow(request: Request) -> JSONResponse:
@@ -36,6 +36,43 @@ async def test_in_flight_limit_answers_503_with_retry_after() -> None:
     assert "overloaded" in rejected.json()["error"]
     assert [r.status_code for r in unguarded] == [200, 200, 200]
     assert guard.in_flight == 0 and guard.rejected == 1
+
+
+def test_adaptive_limit_backs_off_on_slow_answers_and_creeps_back_on_fast_ones() -> None:
+    limit = AdaptiveLimit(0.2, initial=64, minimum=8, maximum=128)
+    limit.sample(0.5, in_flight=40)
+    assert limit.limit == pytest.approx(64 * 0.9)
+    limit.sample(0.01, in_flight=1, overloaded=True)  # shed inside the worker: overloaded too
+    assert limit.limit == pytest.approx(64 * 0.81)
+    for _ in range(100):
+        limit.sample(0.5, in_flight=40)
+    assert limit.limit == 8  # never below the minimum
+    for _ in range(100):
+        limit.sample(0.01, in_flight=2)  # fast, but the limit was not in use: no evidence
+    assert limit.limit == 8
+    for _ in range(8 + 9 + 10):  # fast while in use: about one more per limit's worth
+        limit.sample(0.01, in_flight=8)
+    assert 10.5 < limit.limit < 11.5
+    for _ in range(10_000):
+        limit.sample(0.01, in_flight=128)
+    assert limit.limit == 128  # never above the maximum
+
+
+@pytest.mark.anyio
+async def test_in_flight_limit_adapts_to_slow_predictions_and_refuses_the_rest_at_once() -> None:
+    adaptive = AdaptiveLimit(0.1, initial=16, minimum=2, maximum=16)
+    guard = InFlightLimit(_app(), limit=512, paths=["/predict", "/other"], adaptive=adaptive, sampled=["/predict"])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://t") as client:
+        await asyncio.gather(*(client.post("/other", json={}) for _ in range(4)))
+        assert adaptive.limit == 16  # slow, but not a prediction: says nothing about the model's queue
+        first = await asyncio.gather(*(client.post("/predict", json={}) for _ in range(4)))
+        assert [r.status_code for r in first] == [200] * 4  # each took 0.3 s against a 0.1 s target
+        assert adaptive.limit == pytest.approx(16 * 0.9**4)
+        second = await asyncio.gather(*(client.post("/predict", json={}) for _ in range(14)))
+    statuses = [r.status_code for r in second]
+    assert statuses.count(200) == 11 and statuses.count(503) == 3  # under a limit of 10.5: 11 at once
+    assert all(r.headers["Retry-After"] == "1" for r in second if r.status_code == 503)
+    assert guard.in_flight == 0 and guard.rejected == 3
 
 
 @pytest.mark.anyio
