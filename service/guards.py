@@ -150,8 +150,11 @@ class AdaptiveLimit:
     was in use (at least half of it in flight), raises it by 1/limit, about one per limit's
     worth of answers. An overloaded worker so settles near the concurrency it can answer within
     the target, and the requests beyond it are refused at the door in microseconds instead of
-    all waiting their turn for the CPU (docs/loadtests.md, the spike). Written here: the Python
-    libraries for this limit an outgoing call's concurrency, not an ASGI server's.
+    all waiting their turn for the CPU (docs/loadtests.md, the spike). Below `initial`, a fast
+    request while the limit was not in use raises it by 1: the overload is over, and a limit
+    left low by it would refuse the next burst of light traffic (seen in the cache load test
+    run right after the spike). Written here: the Python libraries for this limit an outgoing
+    call's concurrency, not an ASGI server's.
     """
 
     def __init__(
@@ -161,7 +164,8 @@ class AdaptiveLimit:
         self.minimum = minimum
         self.maximum = maximum
         self.backoff = backoff
-        self.limit = float(min(max(initial, minimum), maximum))
+        self.initial = float(min(max(initial, minimum), maximum))
+        self.limit = self.initial
 
     def sample(self, seconds: float, in_flight: int, overloaded: bool = False) -> None:
         """One finished request: its time in the worker and how many were in flight with it."""
@@ -169,6 +173,8 @@ class AdaptiveLimit:
             self.limit = max(self.minimum, self.limit * self.backoff)
         elif in_flight * 2 >= self.limit:
             self.limit = min(self.maximum, self.limit + 1 / self.limit)
+        elif self.limit < self.initial:
+            self.limit = min(self.initial, self.limit + 1)
 
 
 class InFlightLimit:

@@ -47,12 +47,15 @@ def test_adaptive_limit_backs_off_on_slow_answers_and_creeps_back_on_fast_ones()
     for _ in range(100):
         limit.sample(0.5, in_flight=40)
     assert limit.limit == 8  # never below the minimum
-    for _ in range(100):
-        limit.sample(0.01, in_flight=2)  # fast, but the limit was not in use: no evidence
-    assert limit.limit == 8
     for _ in range(8 + 9 + 10):  # fast while in use: about one more per limit's worth
         limit.sample(0.01, in_flight=8)
     assert 10.5 < limit.limit < 11.5
+    for _ in range(10):  # fast with little in flight: the overload is over, back up quickly
+        limit.sample(0.01, in_flight=2)
+    assert 20.5 < limit.limit < 21.5
+    for _ in range(100):
+        limit.sample(0.01, in_flight=2)
+    assert limit.limit == 64  # but not past where it started without evidence that it is used
     for _ in range(10_000):
         limit.sample(0.01, in_flight=128)
     assert limit.limit == 128  # never above the maximum
