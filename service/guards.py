@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -150,31 +151,43 @@ class AdaptiveLimit:
     was in use (at least half of it in flight), raises it by 1/limit, about one per limit's
     worth of answers. An overloaded worker so settles near the concurrency it can answer within
     the target, and the requests beyond it are refused at the door in microseconds instead of
-    all waiting their turn for the CPU (docs/loadtests.md, the spike). Below `initial`, a fast
-    request while the limit was not in use raises it by 1: the overload is over, and a limit
-    left low by it would refuse the next burst of light traffic (seen in the cache load test
-    run right after the spike). Written here: the Python libraries for this limit an outgoing
-    call's concurrency, not an ASGI server's.
+    all waiting their turn for the CPU (docs/loadtests.md, the spike). Once no request has been
+    slow for `recovery_s`, the overload is over: a fast request puts a limit that is still below
+    `initial` back there, as a limit left low would refuse the next burst of light traffic (seen
+    in the cache load test run right after the spike; raising it on every fast request made
+    with little in flight instead let it climb in the middle of the spike). Written here: the
+    Python libraries for this limit an outgoing call's concurrency, not an ASGI server's.
     """
 
     def __init__(
-        self, target_s: float, *, initial: int = 64, minimum: int = 8, maximum: int = 512, backoff: float = 0.9
+        self,
+        target_s: float,
+        *,
+        initial: int = 64,
+        minimum: int = 8,
+        maximum: int = 512,
+        backoff: float = 0.9,
+        recovery_s: float = 5.0,
     ) -> None:
         self.target_s = target_s
+        self.recovery_s = recovery_s
+        self._slow_at = -math.inf
         self.minimum = minimum
         self.maximum = maximum
         self.backoff = backoff
         self.initial = float(min(max(initial, minimum), maximum))
         self.limit = self.initial
 
-    def sample(self, seconds: float, in_flight: int, overloaded: bool = False) -> None:
+    def sample(self, seconds: float, in_flight: int, overloaded: bool = False, now: float | None = None) -> None:
         """One finished request: its time in the worker and how many were in flight with it."""
+        now = time.monotonic() if now is None else now
         if overloaded or seconds > self.target_s:
+            self._slow_at = now
             self.limit = max(self.minimum, self.limit * self.backoff)
+        elif self.limit < self.initial and now - self._slow_at >= self.recovery_s:
+            self.limit = self.initial
         elif in_flight * 2 >= self.limit:
             self.limit = min(self.maximum, self.limit + 1 / self.limit)
-        elif self.limit < self.initial:
-            self.limit = min(self.initial, self.limit + 1)
 
 
 class InFlightLimit:

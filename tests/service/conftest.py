@@ -33,6 +33,11 @@ def service_env(model_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
     }
     os.environ.update(env)
     IN_PROCESS_ONLY.update(env)  # not for the instances other tests serve
+    # A test module imported earlier (service.jobs, through service.schemas) may have read the
+    # settings already, before this environment: the service must read them again.
+    from service.config import get_settings
+
+    get_settings.cache_clear()
     from storage import migrate
 
     migrate.upgrade(env["DATABASE_URL"])  # what the on_deployment hook does under bentoml serve

@@ -39,25 +39,27 @@ async def test_in_flight_limit_answers_503_with_retry_after() -> None:
 
 
 def test_adaptive_limit_backs_off_on_slow_answers_and_creeps_back_on_fast_ones() -> None:
-    limit = AdaptiveLimit(0.2, initial=64, minimum=8, maximum=128)
-    limit.sample(0.5, in_flight=40)
+    limit = AdaptiveLimit(0.2, initial=64, minimum=8, maximum=128, recovery_s=5.0)
+    limit.sample(0.5, in_flight=40, now=0.0)
     assert limit.limit == pytest.approx(64 * 0.9)
-    limit.sample(0.01, in_flight=1, overloaded=True)  # shed inside the worker: overloaded too
+    limit.sample(0.01, in_flight=1, overloaded=True, now=0.1)  # shed inside the worker: overloaded too
     assert limit.limit == pytest.approx(64 * 0.81)
-    for _ in range(100):
-        limit.sample(0.5, in_flight=40)
+    for i in range(100):
+        limit.sample(0.5, in_flight=40, now=1.0 + i / 100)
     assert limit.limit == 8  # never below the minimum
-    for _ in range(8 + 9 + 10):  # fast while in use: about one more per limit's worth
-        limit.sample(0.01, in_flight=8)
-    assert 10.5 < limit.limit < 11.5
-    for _ in range(10):  # fast with little in flight: the overload is over, back up quickly
-        limit.sample(0.01, in_flight=2)
-    assert 20.5 < limit.limit < 21.5
     for _ in range(100):
-        limit.sample(0.01, in_flight=2)
-    assert limit.limit == 64  # but not past where it started without evidence that it is used
+        limit.sample(0.01, in_flight=2, now=3.0)  # fast, but not in use, and the overload is recent
+    assert limit.limit == 8
+    for _ in range(8 + 9 + 10):  # fast while in use: about one more per limit's worth
+        limit.sample(0.01, in_flight=8, now=3.0)
+    assert 10.5 < limit.limit < 11.5
+    limit.sample(0.01, in_flight=2, now=7.5)  # no slow request for 5 s: the overload is over
+    assert limit.limit == 64
+    for _ in range(100):
+        limit.sample(0.01, in_flight=2, now=8.0)
+    assert limit.limit == 64  # and not past where it started without evidence that it is used
     for _ in range(10_000):
-        limit.sample(0.01, in_flight=128)
+        limit.sample(0.01, in_flight=128, now=8.0)
     assert limit.limit == 128  # never above the maximum
 
 
