@@ -53,10 +53,13 @@ def check_text(value: str) -> str:
 # What a valid text is, published in the OpenAPI document (checked by check_text, whose
 # messages name the problem): not blank, no NUL, at most MAX_TEXT_CHARS after stripping (said in
 # words: a maxLength would count the surrounding whitespace that the limit does not).
+# The whitespace is spelled out: what str.strip() removes is not what every regex engine's \s
+# means (ECMAScript's leaves out U+001C-U+001F and U+0085, and adds U+FEFF).
+STRIPPED = r"\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 TEXT_SCHEMA: JsonDict = {
     "type": "string",
     "minLength": 1,
-    "pattern": r"^[^\x00]*[^\x00\s][^\x00]*$",
+    "pattern": rf"^[^\x00]*[^\x00{STRIPPED}][^\x00]*$",
     "description": f"not blank, no NUL, at most {get_settings().max_text_chars} characters after stripping",
 }
 

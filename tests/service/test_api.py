@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import httpx
@@ -336,6 +337,11 @@ def test_each_worker_limits_its_requests_adaptively_and_exposes_the_limit(client
     assert guard.kwargs["adaptive"] is module.CONCURRENCY
     assert guard.kwargs["sampled"] == ("/predict", "/batch")
     assert module.CONCURRENCY.target_s == module.settings.max_queue_delay_ms / 1000
-    exposed = generate_latest().decode()
-    line = next(x for x in exposed.splitlines() if x.startswith("sentiment_concurrency_limit "))
-    assert float(line.split()[1]) == pytest.approx(module.CONCURRENCY.limit)
+    exposed = 0.0
+    for _ in range(50):  # the gauge watcher refreshes every 2 s; earlier tests may have moved the limit
+        line = next(x for x in generate_latest().decode().splitlines() if x.startswith("sentiment_concurrency_limit "))
+        exposed = float(line.split()[1])
+        if exposed == pytest.approx(module.CONCURRENCY.limit):
+            break
+        time.sleep(0.1)
+    assert exposed == pytest.approx(module.CONCURRENCY.limit)

@@ -88,3 +88,18 @@ def test_a_strong_admin_key_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ADMIN_API_KEY", key)
     value = Settings().admin_api_key
     assert value is not None and value.get_secret_value() == key
+
+
+def test_the_published_text_pattern_accepts_exactly_the_texts_the_service_takes() -> None:
+    """A schema-valid text must never be refused as blank (nor a refused one be schema-valid):
+    every code point alone, against check_text's rule (not NUL, not blank once stripped)."""
+    from service.schemas import TEXT_SCHEMA
+
+    pattern = re.compile(TEXT_SCHEMA["pattern"])
+    disagree = [
+        hex(i)
+        for i in range(0x110000)
+        if not 0xD800 <= i < 0xE000 and bool(pattern.fullmatch(chr(i))) != bool(i and chr(i).strip())
+    ]
+    assert disagree == []
+    assert pattern.fullmatch(" \x1f a \x85") and not pattern.fullmatch(" \x1f\t\x85\u3000")
