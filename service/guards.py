@@ -241,13 +241,7 @@ class InFlightLimit:
                 {"Retry-After": str(self.retry_after)},
             )
             return
-        if self.adaptive is None or not scope["path"].startswith(self.sampled):
-            self.in_flight += 1
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                self.in_flight -= 1
-            return
+        adaptive = self.adaptive if scope["path"].startswith(self.sampled) else None
         status = 0
 
         async def send_status(message: Message) -> None:
@@ -259,9 +253,10 @@ class InFlightLimit:
         self.in_flight += 1
         start = time.perf_counter()
         try:
-            await self.app(scope, receive, send_status)
+            await self.app(scope, receive, send if adaptive is None else send_status)
         finally:
-            self.adaptive.sample(time.perf_counter() - start, self.in_flight, overloaded=status == 503)
+            if adaptive is not None:
+                adaptive.sample(time.perf_counter() - start, self.in_flight, overloaded=status == 503)
             self.in_flight -= 1
 
 
