@@ -58,11 +58,6 @@ MAX_IN_FLIGHT = 512
 
 app = FastAPI(title="sentiment", docs_url=None, redoc_url=None, openapi_url=None)
 errors.install(app)
-# FastAPI re-analyses an overriding dependency on every request (inspect.signature: 1.4% of the
-# CPU in the spike load test), less than the thread-pool hop per request it replaces. Rebuilding
-# the routes around the coroutine instead, as BentoML's class views are built, found no route to
-# rebuild on FastAPI 0.165: its include_router keeps them inside the included router.
-app.dependency_overrides[bentoml.get_current_service] = deps.current_service
 Admin = [Depends(deps.require_admin)]
 # The routes BentoML's own access log, request metrics and tracing leave alone (prefixes):
 # filled from the app's routes at the bottom. BentoML reads its config when it serves, after
@@ -296,6 +291,8 @@ class Sentiment:
 
 # --- guards, outermost last: built on the routes above -------------------------------------
 
+# The endpoints' `self` looked up on the event loop, not in the thread pool (deps.py).
+SELF_DEPENDENCIES = deps.self_on_the_loop(app.routes)
 # The public routes (all but /health): guarded, timed, rate limited, their errors counted.
 PUBLIC_PATHS = tuple(p for p in route_paths(app.routes) if p != "/health")
 metrics.register_endpoints([*PUBLIC_PATHS, "/health"], guarded=PUBLIC_PATHS)

@@ -34,21 +34,38 @@ def test_endpoints_get_the_service_without_a_thread_hop(
     client: TestClient, headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """BentoML's `self` dependency is a plain function, which FastAPI runs in its thread pool:
-    the service overrides it with a coroutine (service/deps.py), so no request waits for a thread."""
+    the service points it at a coroutine (service/deps.py), so no request waits for a thread,
+    and in the routes themselves, so no request rebuilds its dependency tree either (as FastAPI
+    does for every request while any dependency override is set)."""
     import fastapi.dependencies.utils
 
+    from service import service
+
     hops: list[str] = []
+    rebuilt: list[str] = []
     real = fastapi.dependencies.utils.run_in_threadpool
+    real_get_dependant = fastapi.dependencies.utils.get_dependant
 
     async def counted(func, *args, **kwargs):  # type: ignore[no-untyped-def]
         hops.append(getattr(func, "__qualname__", repr(func)))
         return await real(func, *args, **kwargs)
 
+    def analysed(*args, **kwargs):  # type: ignore[no-untyped-def]
+        rebuilt.append(str(kwargs.get("path")))
+        return real_get_dependant(*args, **kwargs)
+
+    # FastAPI builds the routes it serves at the first request: after that, nothing per request
+    assert client.get("/health").status_code == 200
     monkeypatch.setattr(fastapi.dependencies.utils, "run_in_threadpool", counted)
+    monkeypatch.setattr(fastapi.dependencies.utils, "get_dependant", analysed)
     r = client.post("/predict", json={"text": "A thread hop per request, or none?"}, headers=headers)
     assert r.status_code == 200, r.text
     assert client.get("/health").status_code == 200
+    assert client.post("/feedback", json={"request_id": r.json()["request_id"], "label": "positive"}).status_code == 200
     assert hops == []
+    assert rebuilt == []
+    assert service.app.dependency_overrides == {}
+    assert service.SELF_DEPENDENCIES == len(service.route_paths(service.app.routes)) == 11  # every endpoint
 
 
 def test_repeat_is_served_from_cache(client: TestClient, headers: dict[str, str]) -> None:
