@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import sqlite3
 from pathlib import Path
 
 from storage.cache import make_cache
@@ -35,7 +36,11 @@ def test_a_limit_is_exact_across_processes_sharing_the_file(tmp_path: Path) -> N
 
 
 def _set(path: str, key: str) -> None:
-    asyncio.run(make_cache(None, 60, path).set_many({key: {"label": "positive", "score": 0.9}}))
+    async def run() -> None:
+        await make_cache(None, 60, path).set_many({key: {"label": "positive", "score": 0.9}})
+        await asyncio.sleep(0)  # written behind, at the loop's next turn
+
+    asyncio.run(run())
 
 
 def test_an_entry_one_process_sets_is_a_hit_in_another(tmp_path: Path) -> None:
@@ -65,5 +70,32 @@ def test_entries_expire_and_the_window_reports_its_use(tmp_path: Path) -> None:
         assert [d.remaining for d in decisions] == [2, 1, 0, 0]
         assert 0 < decisions[-1].reset_after <= 60
         assert await limiter.status() == "memory"
+
+    asyncio.run(run())
+
+
+def test_fills_of_one_loop_turn_are_written_together_and_read_meanwhile(tmp_path: Path) -> None:
+    """Requests answered by one forward call fill the cache in the same turn of the event loop:
+    their entries go to the file in one transaction at the next turn; until then this worker
+    reads them from memory, and other workers miss them."""
+    path = tmp_path / "e.sqlite"
+
+    async def run() -> None:
+        cache = make_cache(None, 60, path)
+        other = make_cache(None, 60, path)  # another worker's
+        for i in range(5):
+            await cache.set_many({f"k{i}": {"label": "positive", "n": i}})
+        found = await cache.get_many(["k0", "k4", "k9"])
+        assert found == [{"label": "positive", "n": 0}, {"label": "positive", "n": 4}, None]
+        assert await other.get_many(["k0", "k4"]) == [None, None]
+        statements: list[str] = []
+        cache._conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+        await asyncio.sleep(0)
+        assert await other.get_many([f"k{i}" for i in range(5)]) == [{"label": "positive", "n": i} for i in range(5)]
+        assert sqlite3.connect(path).execute("SELECT count(*) FROM cache").fetchone() == (5,)
+        assert [s.split()[0] for s in statements] == ["BEGIN", *["INSERT"] * 5, "COMMIT"]
+        cache.ttl = -1  # type: ignore[attr-defined]  # expired already: neither memory nor file answer it
+        await cache.set_many({"k5": {"label": "negative"}})
+        assert await cache.get_many(["k5"]) == [None]
 
     asyncio.run(run())
