@@ -10,7 +10,7 @@ Written on the standard library's sqlite3 rather than taken from a package: `lim
 storage that processes of one host share without a server, and diskcache (the obvious cache)
 would add a dependency for what is two tables here. Each call is one short transaction
 (microseconds, WAL, no fsync per commit), run on the event loop as the in-process cache's were
-(the cache's fills once per turn of the loop, all in one);
+(the cache's fills of one turn of the loop in one);
 a busy or broken file fails open like Redis: a miss, or a request let through and counted.
 """
 
@@ -60,11 +60,11 @@ def connect(path: Path | str) -> sqlite3.Connection:
 class LocalPredictionCache:
     """The prediction cache in the instance's shared SQLite file.
 
-    Fills are written behind, once per turn of the event loop: the requests that one forward
-    call answers resume in the same turn, and their fills go in one transaction instead of
-    one commit each (the per-miss commit was 4% of the CPU of an uncached request,
-    docs/performance.md). Until then this worker reads them from memory; an entry lost with a
-    stopping worker is only a later miss."""
+    Fills are written together, once per turn of the event loop: the requests that one forward
+    call answers resume in the same turn, and their fills go in one transaction at the next
+    turn instead of one commit each (the per-miss commit was 4% of the CPU of an uncached
+    request, docs/performance.md). Each `set_many` returns once its fill is in the file, so an
+    answer leaves only after every worker can hit it."""
 
     backend = "memory"  # the contract's name for the embedded cache (/health, gauges)
 
@@ -76,6 +76,7 @@ class LocalPredictionCache:
         self._lock = threading.Lock()
         self._writes = 0
         self._pending: dict[str, tuple[CacheValue, float]] = {}
+        self._written: asyncio.Future[None] | None = None  # the next write of the pending fills
         self.errors = 0
         self.failing = False
 
@@ -105,14 +106,25 @@ class LocalPredictionCache:
         if not items:
             return
         expires = time.time() + self.ttl
-        first = not self._pending
         self._pending.update({k: (v, expires) for k, v in items.items()})
-        if first:
-            asyncio.get_running_loop().call_soon(self.write_pending)
+        if self._written is None:
+            loop = asyncio.get_running_loop()
+            self._written = loop.create_future()
+            loop.call_soon(self.write_pending)
+        # shielded: a cancelled request must not cancel the write the others wait for
+        await asyncio.shield(self._written)
 
     def write_pending(self) -> None:
         """The fills since the last write, in one transaction."""
         pending, self._pending = self._pending, {}
+        written, self._written = self._written, None
+        try:
+            self._write(pending)
+        finally:
+            if written is not None and not written.done():
+                written.set_result(None)
+
+    def _write(self, pending: dict[str, tuple[CacheValue, float]]) -> None:
         if not pending:
             return
         try:

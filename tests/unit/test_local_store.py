@@ -36,11 +36,7 @@ def test_a_limit_is_exact_across_processes_sharing_the_file(tmp_path: Path) -> N
 
 
 def _set(path: str, key: str) -> None:
-    async def run() -> None:
-        await make_cache(None, 60, path).set_many({key: {"label": "positive", "score": 0.9}})
-        await asyncio.sleep(0)  # written behind, at the loop's next turn
-
-    asyncio.run(run())
+    asyncio.run(make_cache(None, 60, path).set_many({key: {"label": "positive", "score": 0.9}}))
 
 
 def test_an_entry_one_process_sets_is_a_hit_in_another(tmp_path: Path) -> None:
@@ -74,28 +70,31 @@ def test_entries_expire_and_the_window_reports_its_use(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
-def test_fills_of_one_loop_turn_are_written_together_and_read_meanwhile(tmp_path: Path) -> None:
+def test_fills_of_one_loop_turn_are_written_together_before_any_returns(tmp_path: Path) -> None:
     """Requests answered by one forward call fill the cache in the same turn of the event loop:
-    their entries go to the file in one transaction at the next turn; until then this worker
-    reads them from memory, and other workers miss them."""
+    their entries go to the file in one transaction, and each fill returns only once its entry
+    is there, where another worker hits it."""
     path = tmp_path / "e.sqlite"
 
     async def run() -> None:
         cache = make_cache(None, 60, path)
         other = make_cache(None, 60, path)  # another worker's
-        for i in range(5):
-            await cache.set_many({f"k{i}": {"label": "positive", "n": i}})
-        found = await cache.get_many(["k0", "k4", "k9"])
-        assert found == [{"label": "positive", "n": 0}, {"label": "positive", "n": 4}, None]
-        assert await other.get_many(["k0", "k4"]) == [None, None]
         statements: list[str] = []
         cache._conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
-        await asyncio.sleep(0)
+        fills = [cache.set_many({f"k{i}": {"label": "positive", "n": i}}) for i in range(5)]
+        await asyncio.gather(*fills)
+        assert [s.split()[0] for s in statements] == ["BEGIN", *["INSERT"] * 5, "COMMIT"]
         assert await other.get_many([f"k{i}" for i in range(5)]) == [{"label": "positive", "n": i} for i in range(5)]
         assert sqlite3.connect(path).execute("SELECT count(*) FROM cache").fetchone() == (5,)
-        assert [s.split()[0] for s in statements] == ["BEGIN", *["INSERT"] * 5, "COMMIT"]
-        cache.ttl = -1  # type: ignore[attr-defined]  # expired already: neither memory nor file answer it
-        await cache.set_many({"k5": {"label": "negative"}})
-        assert await cache.get_many(["k5"]) == [None]
+        # a request cancelled while its fill waits does not cancel the write another waits for
+        waiting = asyncio.ensure_future(cache.set_many({"k5": {"label": "negative"}}))
+        await asyncio.sleep(0)
+        alone = cache.set_many({"k6": {"label": "negative"}})
+        waiting.cancel()
+        await alone
+        assert await other.get_many(["k5", "k6"]) == [{"label": "negative"}, {"label": "negative"}]
+        cache.ttl = -1  # type: ignore[attr-defined]  # expired already: not answered
+        await cache.set_many({"k7": {"label": "negative"}})
+        assert await cache.get_many(["k7"]) == [None]
 
     asyncio.run(run())
