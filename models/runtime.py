@@ -220,6 +220,16 @@ RUNTIMES: dict[str, type[_Predictor]] = {
 }
 
 
+WARM_UP_TEXT = "A film worth seeing: the story holds from the first scene to the last, and the actors care."
+
+
+def warm_up(predictor: Predictor, max_batch: int) -> None:
+    """A few forward calls at the batch sizes a worker meets (1, 8 and `max_batch` texts): the
+    first calls of a fresh session allocate and plan, and are slower than every call after."""
+    for size in sorted({1, min(8, max_batch), max_batch}):
+        predictor.predict([WARM_UP_TEXT] * size)
+
+
 def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 

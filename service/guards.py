@@ -200,6 +200,13 @@ class InFlightLimit:
     BentoML's own `traffic.max_concurrency` answers a bare 429 that clients would take for a
     rate limit, and it also counts the internal batching calls; this guard counts only the
     public requests it wraps.
+
+    A connection that comes back before its `Retry-After` has passed and is refused again gets
+    that refusal after `pace_s`: clients that retry at once, ignoring `Retry-After`, otherwise
+    turn the refusals themselves into the overload (seen in `make bench`: 32 clients with no
+    think time, one worker's limit cut at start-up, then thousands of refusals a second on its
+    event loop kept its admitted requests slow and its limit at the minimum, 87% of requests
+    refused at a load the instance answers in full). A first refusal is immediate.
     """
 
     def __init__(
@@ -212,8 +219,12 @@ class InFlightLimit:
         max_lag_s: float = float("inf"),
         adaptive: AdaptiveLimit | None = None,
         sampled: Sequence[str] = (),
+        pace_s: float = 0.1,
     ) -> None:
         self.app = app
+        self.pace_s = pace_s
+        self.paced = 0
+        self._refused_at: dict[Any, float] = {}  # connection (the peer's address and port) -> last refusal
         self.limit = limit
         self.paths = tuple(paths)
         self.adaptive = adaptive
@@ -234,6 +245,9 @@ class InFlightLimit:
             self.rejected += 1
             reason = "loop_lag" if lagging else "in_flight"
             metrics.OVERLOAD_REJECTIONS.labels(metrics.endpoint_label(scope["path"]), reason).inc()
+            if self._back_too_soon(scope.get("client")):
+                self.paced += 1
+                await asyncio.sleep(self.pace_s)
             await _send_json(
                 send,
                 503,
@@ -258,6 +272,18 @@ class InFlightLimit:
             if adaptive is not None:
                 adaptive.sample(time.perf_counter() - start, self.in_flight, overloaded=status == 503)
             self.in_flight -= 1
+
+    def _back_too_soon(self, client: Any) -> bool:
+        """Whether this connection was refused less than `retry_after` ago (and note this refusal)."""
+        if client is None:
+            return False
+        connection = tuple(client)
+        now = time.monotonic()
+        last = self._refused_at.get(connection)
+        if len(self._refused_at) >= 10_000:  # connections gone for good: forgotten
+            self._refused_at.clear()
+        self._refused_at[connection] = now
+        return last is not None and now - last < self.retry_after
 
 
 class RequestContext:

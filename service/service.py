@@ -91,6 +91,10 @@ class Sentiment:
             str(m.tag): runtime.load_dir(Path(m.path), str(m.tag), settings.threads_per_worker)
             for m in (self.model_a, self.model_b)
         }
+        # Before the first request: requests slowed by a fresh session's first calls would cut
+        # the adaptive limit (guards.AdaptiveLimit) at start-up, under load.
+        for predictor in self.predictors.values():
+            runtime.warm_up(predictor, settings.batch_max_texts)
         # Without Redis: one SQLite file of the instance's, shared by its workers (storage/local.py).
         local = Path(settings.spill_dir) / "embedded.sqlite"
         self.cache = make_cache(settings.redis_url, settings.cache_ttl_seconds, local)

@@ -212,3 +212,24 @@ async def test_background_texts_run_beside_interactive_ones_at_the_lowest_priori
     assert [texts for _, texts in model.calls if texts[0].startswith("job")][1:] == [[f"job {i}"] for i in range(3, 9)]
     assert batcher.shed == 0
     batcher.close()
+
+
+def test_a_worker_warms_its_models_at_the_batch_sizes_it_meets() -> None:
+    from models import runtime
+
+    class Counting:
+        runtime = "test"
+
+        def __init__(self) -> None:
+            self.sizes: list[int] = []
+
+        def predict(self, texts: list[str]) -> list:
+            self.sizes.append(len(texts))
+            return []
+
+    predictor = Counting()
+    runtime.warm_up(predictor, 32)  # type: ignore[arg-type]  # a Predictor by its one method
+    assert predictor.sizes == [1, 8, 32]
+    small = Counting()
+    runtime.warm_up(small, 4)  # type: ignore[arg-type]
+    assert small.sizes == [1, 4]

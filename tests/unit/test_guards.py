@@ -81,6 +81,26 @@ async def test_in_flight_limit_adapts_to_slow_predictions_and_refuses_the_rest_a
 
 
 @pytest.mark.anyio
+async def test_a_connection_back_before_retry_after_is_refused_after_a_pause() -> None:
+    """Clients that retry at once, ignoring Retry-After, must not turn the refusals into the
+    overload: a connection refused again within Retry-After gets its 503 after `pace_s`."""
+    guard = InFlightLimit(_app(), limit=1, paths=["/predict"], pace_s=0.2)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://t") as client:
+        held = asyncio.ensure_future(client.post("/predict", json={}))  # takes the one slot for 0.3 s
+        await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        first = await client.post("/predict", json={})
+        started = loop.time()
+        again = await client.post("/predict", json={})  # the same connection, at once
+        again_s = loop.time() - started
+        assert (await held).status_code == 200
+    assert first.status_code == again.status_code == 503
+    assert again.headers["Retry-After"] == "1"
+    assert guard.paced == 1 and guard.rejected == 2  # the first refusal was not paced
+    assert again_s >= 0.2
+
+
+@pytest.mark.anyio
 async def test_body_limit_checks_streamed_bodies_too() -> None:
     guard = BodySizeLimit(_app(), max_bytes=100)
 
