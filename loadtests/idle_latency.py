@@ -17,13 +17,15 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from typing import Any
 from urllib.parse import urlsplit
+
+from loadtests.chaos.tally import percentile
+from tests.support.serving import free_port, wait_ready
 
 
 async def floor_app(scope: dict, receive: Any, send: Any) -> None:
@@ -39,25 +41,16 @@ async def floor_app(scope: dict, receive: Any, send: Any) -> None:
 
 
 def serve_floor() -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     args = ["--port", str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "loadtests.idle_latency:floor_app", *args])
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc, url
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("the floor app did not start")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+    try:
+        wait_ready(url, "the floor app", timeout=30, proc=proc)
+    except RuntimeError:
+        proc.kill()
+        raise
+    return proc, url
 
 
 def run(url: str, gaps_ms: list[float], requests: int, text: str) -> list[dict[str, float | str]]:
@@ -93,7 +86,7 @@ def run(url: str, gaps_ms: list[float], requests: int, text: str) -> list[dict[s
                 "request": name,
                 "gap_ms": gap,
                 "p50_ms": round(statistics.median(client_ms), 2),
-                "p90_ms": round(percentile(client_ms, 0.9), 2),
+                "p90_ms": round(percentile(client_ms, 0.9) or 0.0, 2),
             }
             if server_ms:
                 row["service_p50_ms"] = round(statistics.median(server_ms), 2)
