@@ -21,7 +21,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,18 @@ def connect(path: Path | str) -> sqlite3.Connection:
             time.sleep(0.05)
     conn.execute("PRAGMA synchronous=NORMAL")
     return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[sqlite3.Connection]:
+    """One explicit transaction on an autocommit connection: committed, or rolled back on any error."""
+    conn.execute(begin)
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 class LocalPredictionCache:
@@ -129,16 +142,11 @@ class LocalPredictionCache:
             return
         try:
             with self._lock:
-                self._conn.execute("BEGIN")
-                try:
-                    self._conn.executemany(
+                with transaction(self._conn) as conn:
+                    conn.executemany(
                         "INSERT OR REPLACE INTO cache (key, value, expires) VALUES (?, ?, ?)",
                         [(k, json.dumps(v), expires) for k, (v, expires) in pending.items()],
                     )
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    self._conn.execute("ROLLBACK")
-                    raise
                 self._writes += len(pending)
                 if self._writes >= 1000:
                     self._writes = 0
@@ -187,22 +195,16 @@ class LocalLimitsStorage(Storage, MovingWindowSupport):
         if amount > limit:
             return False
         now = time.time()
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._conn.execute("DELETE FROM window_entries WHERE key = ? AND at < ?", (key, now - expiry))
-                (taken,) = self._conn.execute("SELECT count(*) FROM window_entries WHERE key = ?", (key,)).fetchone()
-                allowed = taken + amount <= limit
-                if allowed:
-                    self._conn.executemany("INSERT INTO window_entries VALUES (?, ?)", [(key, now)] * amount)
-                self._acquired += 1
-                self._longest_window = max(self._longest_window, expiry)
-                if self._acquired % 1000 == 0:  # clients gone for good: their entries go too
-                    self._conn.execute("DELETE FROM window_entries WHERE at < ?", (now - self._longest_window,))
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+        with self._lock, transaction(self._conn, "BEGIN IMMEDIATE") as conn:
+            conn.execute("DELETE FROM window_entries WHERE key = ? AND at < ?", (key, now - expiry))
+            (taken,) = conn.execute("SELECT count(*) FROM window_entries WHERE key = ?", (key,)).fetchone()
+            allowed = taken + amount <= limit
+            if allowed:
+                conn.executemany("INSERT INTO window_entries VALUES (?, ?)", [(key, now)] * amount)
+            self._acquired += 1
+            self._longest_window = max(self._longest_window, expiry)
+            if self._acquired % 1000 == 0:  # clients gone for good: their entries go too
+                conn.execute("DELETE FROM window_entries WHERE at < ?", (now - self._longest_window,))
         return allowed
 
     async def get_moving_window(self, key: str, limit: int, expiry: int) -> tuple[float, int]:
