@@ -45,6 +45,11 @@ def _validation_message(err: dict[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
+async def api_error_response(request: Request, exc: ApiError) -> JSONResponse:
+    body = {"error": exc.message, "request_id": request_id(request), **exc.extra}
+    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every failure into the contract's JSON errors."""
 
@@ -59,10 +64,7 @@ def install(app: FastAPI) -> None:
             status_code=400,
         )
 
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        body = {"error": exc.message, "request_id": request_id(request), **exc.extra}
-        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+    app.add_exception_handler(ApiError, api_error_response)  # type: ignore[arg-type]  # Starlette's handler type is wider
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

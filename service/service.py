@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 
 from models import runtime
-from service import ab, deps, errors, metrics, schemas
+from service import ab, deps, errors, fastpath, metrics, schemas
 from service.activity import Activity
 from service.config import Settings, get_settings, project_version
 from service.database import DatabaseCalls
@@ -309,6 +309,12 @@ LOOP_LAG = LoopLag()
 # Under overload a worker takes only as many requests at once as it answers within the budget
 # (guards.AdaptiveLimit): the rest are refused at the door rather than all waiting for the CPU.
 CONCURRENCY = AdaptiveLimit(settings.max_queue_delay_ms / 1000, maximum=MAX_IN_FLIGHT)
+# Innermost: a valid JSON body to the prediction endpoints skips FastAPI's router, handler and
+# response validation (service/fastpath.py); every other request goes through FastAPI.
+SHORT_PATH = fastpath.routes_of(
+    app, {"/predict": schemas.PredictRequest, "/predict/ab": schemas.ABRequest, "/batch": schemas.BatchRequest}
+)
+app.add_middleware(fastpath.ShortPath, routes=SHORT_PATH, on_error=errors.api_error_response)
 app.add_middleware(
     InFlightLimit,
     limit=MAX_IN_FLIGHT,

@@ -362,3 +362,46 @@ def test_each_worker_limits_its_requests_adaptively_and_exposes_the_limit(client
             break
         time.sleep(0.1)
     assert exposed == pytest.approx(module.CONCURRENCY.limit)
+
+
+def test_valid_predictions_take_the_short_path_and_the_rest_fastapi(
+    client: TestClient, headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A valid JSON body to /predict, /predict/ab or /batch is answered by the endpoint without
+    FastAPI's request handler (service/fastpath.py); a body that does not validate, or is not
+    `application/json`, goes through FastAPI, which writes the contract's 400 naming the field."""
+    import fastapi.routing
+
+    handled: list[str] = []
+    real = fastapi.routing.serialize_response
+
+    async def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        handled.append("fastapi")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.routing, "serialize_response", counted)
+    text = f"The short path, or FastAPI's {uuid.uuid4()}"
+    charset = {**headers, "Content-Type": "application/json; charset=utf-8"}
+    short = [
+        client.post("/predict", json={"text": text}, headers=headers),
+        client.post("/predict/ab", json={"text": text, "user_id": "u-1"}, headers=headers),
+        client.post("/batch", json={"texts": [text, "another"]}, headers=headers),
+        client.post("/predict", content=json.dumps({"text": text}), headers=charset),
+    ]
+    assert [r.status_code for r in short] == [200] * 4, [r.text for r in short]
+    assert handled == []
+    assert short[0].json()["cached"] is False and short[3].json()["cached"] is True
+    assert set(short[1].json()) == PREDICTION_FIELDS | {"variant", "experiment"}
+    assert short[2].json()["count"] == 2
+    for r in short:
+        assert r.headers["content-type"] == "application/json"
+        assert r.headers["RateLimit-Policy"] and r.headers["X-Request-ID"]
+        assert int(r.headers["content-length"]) == len(r.content)
+    bad = client.post("/predict", json={"text": "x", "extra": 1}, headers=headers)
+    assert bad.status_code == 400 and bad.json()["fields"][0]["field"] == "extra", bad.text
+    as_text = {**headers, "Content-Type": "text/plain"}
+    plain = client.post("/predict", content=json.dumps({"text": text}), headers=as_text)
+    assert plain.status_code == 400 and plain.json()["fields"], plain.text
+    vendor = {**headers, "Content-Type": "application/vnd.api+json"}  # JSON to FastAPI, not to the short path
+    assert client.post("/predict", content=json.dumps({"text": text}), headers=vendor).json()["cached"] is True
+    assert handled == ["fastapi"]

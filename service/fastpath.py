@@ -1,0 +1,115 @@
+"""The prediction endpoints' short path through the app: a valid JSON body goes from the guards
+straight to the endpoint function, and its answer straight back.
+
+A cached /predict spends most of its time in the layers around it: FastAPI's own middlewares,
+its router (BentoML's class views sit in an included router, matched twice per request), the
+request handler, dependency solving and response validation, each a few to tens of
+microseconds, each slower still on a core that was idle (docs/performance.md). Here the same
+endpoint functions are called with the same arguments FastAPI would pass, after the same
+guards (this middleware is the innermost of service.py's), and errors become the same JSON
+through errors.py's handlers. Anything else, a body that does not validate or is not
+`application/json`, is handed to FastAPI untouched, so its 400s and its OpenAPI document stay
+the single source of the contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import bentoml
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ApiError
+
+Endpoint = Callable[..., Awaitable[BaseModel]]
+ErrorRenderer = Callable[[Request, ApiError], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """A POST endpoint taking (self, body, request, response) and answering a pydantic model."""
+
+    body: type[BaseModel]
+    endpoint: Endpoint
+
+
+def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"application/json"
+    return False
+
+
+class ShortPath:
+    """POST requests to `routes` with a JSON body that validates: the endpoint called here."""
+
+    def __init__(self, app: ASGIApp, routes: dict[str, Route], on_error: ErrorRenderer) -> None:
+        self.app = app
+        self.routes = routes
+        self.on_error = on_error
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if route is None or not _is_json(scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        if messages[-1]["type"] != "http.request":
+            await self.app(scope, replay, send)
+            return
+        raw = b"".join(m.get("body", b"") for m in messages)
+        try:
+            body = route.body.model_validate_json(raw)
+        except ValidationError:
+            await self.app(scope, replay, send)  # FastAPI writes the contract's 400
+            return
+        request = Request(scope, replay)
+        carrier = Response()  # headers the endpoint sets (RateLimit), as FastAPI's sub-response
+        del carrier.headers["content-length"]
+        try:
+            result = await route.endpoint(bentoml.get_current_service(), body=body, request=request, response=carrier)
+        except ApiError as exc:
+            await (await self.on_error(request, exc))(scope, replay, send)
+            return
+        payload = result.__pydantic_serializer__.to_json(result, by_alias=True)
+        headers: list[tuple[bytes, bytes]] = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            *carrier.headers.raw,
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def routes_of(app: Any, paths: dict[str, type[BaseModel]]) -> dict[str, Route]:
+    """The app's endpoint function for each POST path, with the body model it takes."""
+    found: dict[str, Route] = {}
+
+    def walk(routes: list[Any]) -> None:
+        for route in routes:
+            included = getattr(route, "original_router", None)
+            if included is not None:
+                walk(included.routes)
+            path = getattr(route, "path", None)
+            if path in paths and "POST" in getattr(route, "methods", ()):
+                found[path] = Route(paths[path], route.endpoint)
+
+    walk(app.routes)
+    missing = set(paths) - set(found)
+    if missing:
+        raise RuntimeError(f"no POST route for {sorted(missing)}")
+    return found
