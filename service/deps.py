@@ -11,13 +11,12 @@ from typing import Any
 
 import bentoml
 from fastapi import Depends, Request, Response
-from fastapi.routing import APIRoute
 from limits import RateLimitItem
 
 from service import metrics
 from service.config import get_settings
 from service.errors import ApiError
-from service.guards import client_address, trusted_networks
+from service.guards import api_routes, client_address, trusted_networks
 from storage.ratelimit import RateLimiter
 
 
@@ -37,13 +36,8 @@ def self_on_the_loop(routes: Sequence[Any]) -> int:
     dependency tree of every dependency of every request (`get_dependant`, signature analysis
     included): 6.7% of a worker's busy time on cache hits (py-spy, docs/performance.md)."""
     rewired = 0
-    for route in routes:
-        included = getattr(route, "original_router", None)
-        if included is not None:
-            rewired += self_on_the_loop(included.routes)
-        endpoint = getattr(route, "endpoint", None)
-        if not isinstance(route, APIRoute) or endpoint is None:
-            continue
+    for route in api_routes(routes):
+        endpoint: Any = route.endpoint
         signature = inspect.signature(endpoint)
         params = list(signature.parameters.values())
         if params and getattr(params[0].default, "dependency", None) is bentoml.get_current_service:

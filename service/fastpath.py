@@ -7,14 +7,15 @@ request handler, dependency solving and response validation, each a few to tens 
 microseconds, each slower still on a core that was idle (docs/performance.md). Here the same
 endpoint functions are called with the same arguments FastAPI would pass, after the same
 guards (this middleware is the innermost of service.py's), and errors become the same JSON
-through errors.py's handlers. Anything else, a body that does not validate or is not
+through errors.py's handler. Anything else, a body that does not validate or is not
 `application/json`, is handed to FastAPI untouched, so its 400s and its OpenAPI document stay
 the single source of the contract.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import typing
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +25,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ApiError
+from service.errors import ApiError, api_error_response
+from service.guards import api_routes, replaying
 
 Endpoint = Callable[..., Awaitable[BaseModel]]
-ErrorRenderer = Callable[[Request, ApiError], Awaitable[Response]]
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,9 @@ def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
 class ShortPath:
     """POST requests to `routes` with a JSON body that validates: the endpoint called here."""
 
-    def __init__(self, app: ASGIApp, routes: dict[str, Route], on_error: ErrorRenderer) -> None:
+    def __init__(self, app: ASGIApp, routes: dict[str, Route]) -> None:
         self.app = app
         self.routes = routes
-        self.on_error = on_error
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -64,10 +64,7 @@ class ShortPath:
             messages.append(message)
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
-
-        async def replay() -> Message:
-            return messages.pop(0) if messages else await receive()
-
+        replay = replaying(messages, receive)
         if messages[-1]["type"] != "http.request":
             await self.app(scope, replay, send)
             return
@@ -83,7 +80,7 @@ class ShortPath:
         try:
             result = await route.endpoint(bentoml.get_current_service(), body=body, request=request, response=carrier)
         except ApiError as exc:
-            await (await self.on_error(request, exc))(scope, replay, send)
+            await (await api_error_response(request, exc))(scope, replay, send)
             return
         payload = result.__pydantic_serializer__.to_json(result, by_alias=True)
         headers: list[tuple[bytes, bytes]] = [
@@ -95,20 +92,13 @@ class ShortPath:
         await send({"type": "http.response.body", "body": payload})
 
 
-def routes_of(app: Any, paths: dict[str, type[BaseModel]]) -> dict[str, Route]:
-    """The app's endpoint function for each POST path, with the body model it takes."""
-    found: dict[str, Route] = {}
-
-    def walk(routes: list[Any]) -> None:
-        for route in routes:
-            included = getattr(route, "original_router", None)
-            if included is not None:
-                walk(included.routes)
-            path = getattr(route, "path", None)
-            if path in paths and "POST" in getattr(route, "methods", ()):
-                found[path] = Route(paths[path], route.endpoint)
-
-    walk(app.routes)
+def routes_of(app: Any, paths: Sequence[str]) -> dict[str, Route]:
+    """The app's endpoint function for each POST path, with the body model it is annotated with."""
+    found = {
+        route.path: Route(typing.get_type_hints(route.endpoint)["body"], route.endpoint)
+        for route in api_routes(app.routes)
+        if route.path in paths and "POST" in (route.methods or ())
+    }
     missing = set(paths) - set(found)
     if missing:
         raise RuntimeError(f"no POST route for {sorted(missing)}")

@@ -11,7 +11,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from fastapi.routing import APIRoute
@@ -68,6 +68,15 @@ async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dic
     await send({"type": "http.response.body", "body": payload})
 
 
+def replaying(messages: list[Message], receive: Receive) -> Receive:
+    """A `receive` that gives back the messages already read, then reads on."""
+
+    async def replay() -> Message:
+        return messages.pop(0) if messages else await receive()
+
+    return replay
+
+
 class BodySizeLimit:
     """413 for bodies over `max_bytes`: from Content-Length before reading anything, or, for a
     body without one (chunked), as soon as the bytes read pass the limit. Such a body is read
@@ -106,10 +115,7 @@ class BodySizeLimit:
             if not message.get("more_body", False):
                 break
 
-        async def replay() -> Message:
-            return messages.pop(0) if messages else await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(messages, receive), send)
 
 
 class LoopLag:
@@ -383,13 +389,17 @@ class ErrorCounts:
             self.sink.record_error(metrics.endpoint_label(path), status)
 
 
-def route_paths(routes: list[Any]) -> list[str]:
-    """The paths of the app's routes. BentoML moves the class's routes into a router included in
+def api_routes(routes: Sequence[Any]) -> Iterator[APIRoute]:
+    """The app's endpoints, in order. BentoML moves the class's routes into a router included in
     the app, which FastAPI keeps as one route holding that router (`original_router`)."""
-    paths = []
     for route in routes:
         if isinstance(route, APIRoute):
-            paths.append(route.path)
+            yield route
         included = getattr(route, "original_router", None)
-        paths += route_paths(included.routes) if included is not None else []
-    return paths
+        if included is not None:
+            yield from api_routes(included.routes)
+
+
+def route_paths(routes: Sequence[Any]) -> list[str]:
+    """The paths of the app's endpoints."""
+    return [route.path for route in api_routes(routes)]

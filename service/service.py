@@ -311,10 +311,8 @@ LOOP_LAG = LoopLag()
 CONCURRENCY = AdaptiveLimit(settings.max_queue_delay_ms / 1000, maximum=MAX_IN_FLIGHT)
 # Innermost: a valid JSON body to the prediction endpoints skips FastAPI's router, handler and
 # response validation (service/fastpath.py); every other request goes through FastAPI.
-SHORT_PATH = fastpath.routes_of(
-    app, {"/predict": schemas.PredictRequest, "/predict/ab": schemas.ABRequest, "/batch": schemas.BatchRequest}
-)
-app.add_middleware(fastpath.ShortPath, routes=SHORT_PATH, on_error=errors.api_error_response)
+SHORT_PATH = fastpath.routes_of(app, ("/predict", "/predict/ab", "/batch"))
+app.add_middleware(fastpath.ShortPath, routes=SHORT_PATH)
 app.add_middleware(
     InFlightLimit,
     limit=MAX_IN_FLIGHT,
