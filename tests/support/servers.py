@@ -15,8 +15,10 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+
+import psutil
 
 from tests.support.serving import ROOT, Managed, Served, free_port
 
@@ -123,6 +125,27 @@ class PostgresServer(Managed):
     def pid(self) -> int:
         """The postmaster's pid (its children are the backends)."""
         return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    @contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Every process of the server stopped with SIGSTOP (connections stay open and never
+        answer), resumed on exit. The postmaster goes first, so it forks nothing more; then its
+        children until a pass finds no new one (a backend or autovacuum worker forked while
+        the first list was read would otherwise go on answering)."""
+        postmaster = psutil.Process(self.pid())
+        postmaster.suspend()
+        stopped = [postmaster]
+        try:
+            while fresh := [c for c in postmaster.children(recursive=True) if c not in stopped]:
+                for child in fresh:
+                    with suppress(psutil.NoSuchProcess):
+                        child.suspend()
+                        stopped.append(child)
+            yield
+        finally:
+            for process in reversed(stopped):
+                with suppress(psutil.NoSuchProcess):
+                    process.resume()
 
     def stop(self, mode: str = "fast") -> None:
         """`pg_ctl stop -m <mode>`: `fast` rolls back and shuts down cleanly; `immediate`
