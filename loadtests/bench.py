@@ -170,6 +170,8 @@ def median_case(runs: list[dict]) -> dict:
         "p95_ms",
         "p99_ms",
         "cpu_ms_per_request",
+        "model_cpu_ms_per_request",
+        "locust_cores",
         "cores_busy",
         "mean_batch",
         "machine_busy",

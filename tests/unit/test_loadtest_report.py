@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from loadtests.bench import median_case
 from loadtests.figures import _failures, endpoint_names
 from loadtests.plan import PLAN, QUICK
 from loadtests.report import target_lines, violations
@@ -58,3 +59,16 @@ def test_plan_matches_the_original_and_quick_is_about_two_minutes() -> None:
 def test_endpoints_are_the_request_names_locust_recorded_in_its_order() -> None:
     stats = {name: {} for name in ("/analytics/ab", "/batch", "/predict", "Aggregated", "/new")}
     assert endpoint_names(stats) == ["/analytics/ab", "/batch", "/predict", "/new"]
+
+
+def test_bench_takes_the_median_of_each_figure_over_its_rounds() -> None:
+    rounds = [
+        {"req_per_s": r, "cpu_ms_per_request": c, "model_cpu_ms_per_request": m, "mean_batch": b, "failures": 0}
+        for r, c, m, b in [(441.8, 4.36, 3.58, 7.3), (415.4, 4.68, 3.84, 6.2), (437.6, 4.44, 3.63, 7.7)]
+    ]
+    for r in rounds:
+        r["requests"] = 100
+    median = median_case(rounds)
+    assert (median["req_per_s"], median["cpu_ms_per_request"]) == (437.6, 4.44)
+    assert (median["model_cpu_ms_per_request"], median["mean_batch"]) == (3.63, 7.3)
+    assert (median["requests"], median["rounds"]) == (300, 3)
