@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ApiError, api_error_response
-from service.guards import api_routes, replaying
+from service.guards import api_routes, replaying, send_json_bytes
 
 Endpoint = Callable[..., Awaitable[BaseModel]]
 
@@ -83,13 +83,7 @@ class ShortPath:
             await (await api_error_response(request, exc))(scope, replay, send)
             return
         payload = result.__pydantic_serializer__.to_json(result, by_alias=True)
-        headers: list[tuple[bytes, bytes]] = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-            *carrier.headers.raw,
-        ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await send_json_bytes(send, 200, payload, carrier.headers.raw)
 
 
 def routes_of(app: Any, paths: Sequence[str]) -> dict[str, Route]:

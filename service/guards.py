@@ -60,12 +60,16 @@ def client_address(peer: str | None, forwarded_for: str | None, trusted: Sequenc
     return _identity(addr)
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
-    payload = json.dumps(body).encode()
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+async def send_json_bytes(send: Send, status: int, payload: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    """A whole JSON answer, already encoded, with `headers` after its content type and length."""
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": payload})
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
+    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send_json_bytes(send, status, json.dumps(body).encode(), raw)
 
 
 def replaying(messages: list[Message], receive: Receive) -> Receive:
