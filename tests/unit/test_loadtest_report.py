@@ -63,11 +63,10 @@ def test_endpoints_are_the_request_names_locust_recorded_in_its_order() -> None:
 
 def test_bench_takes_the_median_of_each_figure_over_its_rounds() -> None:
     rounds = [
-        {"req_per_s": r, "cpu_ms_per_request": c, "model_cpu_ms_per_request": m, "mean_batch": b, "failures": 0}
+        {"req_per_s": r, "cpu_ms_per_request": c, "model_cpu_ms_per_request": m, "mean_batch": b}
+        | {"failures": 0, "requests": 100}
         for r, c, m, b in [(441.8, 4.36, 3.58, 7.3), (415.4, 4.68, 3.84, 6.2), (437.6, 4.44, 3.63, 7.7)]
     ]
-    for r in rounds:
-        r["requests"] = 100
     median = median_case(rounds)
     assert (median["req_per_s"], median["cpu_ms_per_request"]) == (437.6, 4.44)
     assert (median["model_cpu_ms_per_request"], median["mean_batch"]) == (3.63, 7.3)
