@@ -99,21 +99,27 @@ def test_ab_is_sticky_and_names_variant_and_model(client: TestClient, headers: d
 
 
 def test_batch_answers_in_order_and_counts_cached(client: TestClient, headers: dict[str, str], service_env) -> None:
-    tag = uuid.uuid4()
-    texts = [f"I love it {tag}", f"I hate it, terrible {tag}", f"Brilliant and moving {tag}"]
+    # In the texts' order: each answer is the model's own output for its text. The quick model may
+    # call a borderline text either way, so probabilities are compared, not labels; and the int8
+    # model quantizes activations per forward call, so the expected values come from the same
+    # calls the service will make: the first text alone (its /predict), the two misses together.
+    # Two positive texts can both sit near 1.0, so the texts are picked (a fresh tag each try)
+    # before any request until their three probabilities differ, or the order would not show.
+    model = runtime.load(service_env["SENTIMENT_MODEL"])
+    for _ in range(20):
+        tag = uuid.uuid4()
+        texts = [f"I love it {tag}", f"I hate it, terrible {tag}", f"Brilliant and moving {tag}"]
+        expected = [p.probabilities["positive"] for p in model.predict(texts[:1]) + model.predict(texts[1:])]
+        if min(abs(a - b) for i, a in enumerate(expected) for b in expected[i + 1 :]) > 1e-3:
+            break
+    else:
+        pytest.fail(f"no tag in 20 gave three texts with distinct probabilities; last {expected}")
     client.post("/predict", json={"text": texts[0]}, headers=headers)
     r = client.post("/batch", json={"texts": texts}, headers=headers)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["count"] == 3 and body["cached_count"] == 1
     assert [p["cached"] for p in body["predictions"]] == [True, False, False]
-    # In the texts' order: each answer is the model's own output for its text. The quick model may
-    # call a borderline text either way, so probabilities are compared, not labels; and the int8
-    # model quantizes activations per forward call, so the expected values come from the same
-    # calls the service made: the first text alone (its /predict), the two misses together.
-    model = runtime.load(service_env["SENTIMENT_MODEL"])
-    expected = [p.probabilities["positive"] for p in model.predict(texts[:1]) + model.predict(texts[1:])]
-    assert min(abs(a - b) for i, a in enumerate(expected) for b in expected[i + 1 :]) > 1e-3
     got = [p["probabilities"]["positive"] for p in body["predictions"]]
     assert got == pytest.approx(expected, abs=1e-4)
     assert r.headers["RateLimit-Policy"] == "20;w=60"
