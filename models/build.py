@@ -74,6 +74,8 @@ def build(
         log(f"[2/5] fine-tuning ({profile} profile) on {cfg.threads} threads")
         stats = train(corpus.encoder, read_jsonl(corpus.train), cfg, fp32_dir)
         runtime.write_info(fp32_dir, runtime.RUNTIME_TORCH, LABELS, cfg.max_length)
+        log("      TorchScript trace of the fine-tuned model, the form variant B is served in")
+        runtime.trace_torch(fp32_dir)
 
         log("[3/5] exporting the optimized version: ONNX graph, dynamic int8 weights")
         export_onnx_int8(fp32_dir, int8_dir)

@@ -7,9 +7,11 @@ model store keeps, so a model is evaluated before it is stored through exactly t
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,10 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 MODEL_INFO = "model.json"
 RUNTIME_TORCH = "pytorch"
 RUNTIME_ONNX = "onnxruntime"
+TORCH_WEIGHTS = "model.safetensors"
+TORCHSCRIPT = "model.torchscript"  # the fp32 classifier's trace (`trace_torch`)
+TRACE_PREFIX = "classifier"  # the traced module's attribute holding the classifier
+TRACE_INPUTS = "inputs.json"  # in the trace: the names of its positional inputs, in order
 # Texts are forwarded in groups of at most this many, sorted by token count.
 CHUNK_SIZE = 64
 # A forward call costs a fixed part plus a part per token of its padded input: on this 2-core
@@ -95,29 +101,49 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+# The model inputs a tokenizer encoding provides, by the attribute holding each.
+ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+
+
 class _Predictor:
     runtime = ""
 
     def __init__(self, model_dir: Path, name: str, threads: int) -> None:
-        from transformers import AutoTokenizer
+        from tokenizers import Tokenizer
 
-        quiet_transformers()
         info = read_info(model_dir)
+        self.model_dir = Path(model_dir)
         self.name = name
         self.labels: tuple[str, ...] = tuple(info["labels"])
         self.max_length: int = int(info["max_length"])
         self.threads = threads
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        # The Rust tokenizer behind transformers' wrapper, with truncation and padding set once:
-        # its batch call skips the wrapper's per-call Python work (docs/performance.md).
-        from tokenizers import Tokenizer
-
-        self._rust = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+        # The Rust tokenizer the folder was saved with (tokenizer.json, which transformers' fast
+        # tokenizer loads unchanged), with truncation and padding set once: its batch call skips
+        # the wrapper's per-call Python work, and a worker never imports transformers'
+        # tokenizer classes (280 modules, 36 MB with the wrapper's own copy; docs/performance.md).
+        self._rust = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
         self._rust.enable_truncation(max_length=self.max_length)
         self._rust.no_padding()
-        self._pad_id = int(self.tokenizer.pad_token_id or 0)
-        fields = (("input_ids", "ids"), ("attention_mask", "attention_mask"), ("token_type_ids", "type_ids"))
-        self._fields = [(name, attr) for name, attr in fields if name in self.tokenizer.model_input_names]
+        pad = json.loads((self.model_dir / "tokenizer_config.json").read_text()).get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        self._pad_id = int((self._rust.token_to_id(pad) if pad else None) or 0)
+        self._fields: list[tuple[str, str]] = []  # set by the runtime, from the inputs its model takes
+
+    def _take_inputs(self, names: Sequence[str]) -> None:
+        """Encode the model inputs `names`, in that order."""
+        unknown = [n for n in names if n not in ENCODING_FIELDS]
+        if unknown:
+            raise ValueError(f"{self.model_dir}: the model takes inputs a tokenizer does not give: {unknown}")
+        self._fields = [(n, ENCODING_FIELDS[n]) for n in names]
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        """transformers' tokenizer of the folder, for tools and tests that compare with it; the
+        predictor itself never loads it."""
+        from transformers import AutoTokenizer
+
+        quiet_transformers()
+        return AutoTokenizer.from_pretrained(str(self.model_dir))
 
     def _pack(self, encodings: Sequence[Any]) -> dict[str, np.ndarray]:
         """The model's inputs for `encodings`, padded to the longest of them."""
@@ -168,24 +194,107 @@ class _Predictor:
 
 
 class TorchPredictor(_Predictor):
-    """A transformers sequence classifier run by PyTorch in fp32."""
+    """A transformers sequence classifier run by PyTorch in fp32.
+
+    Served from its TorchScript trace (`TORCHSCRIPT`, written by `trace_torch` when the model is
+    built) when the folder has one: the same operations on the same weights, without importing
+    transformers' modeling code, which brings about 1,040 more modules (torch.distributed, sympy,
+    torch._dynamo) and 68 MB more memory into every worker that only runs the model; and 15-19%
+    faster per call at batches of 1 to 8 texts (less Python per layer). The trace's
+    parameters are then pointed at the safetensors weights, memory-mapped, so the workers share
+    one copy from the page cache instead of holding one each (docs/performance.md). A folder
+    without a trace (a store built before it) loads through transformers as before.
+    """
 
     runtime = RUNTIME_TORCH
 
     def __init__(self, model_dir: Path, name: str, threads: int) -> None:
         super().__init__(model_dir, name, threads)
         import torch
-        from transformers import AutoModelForSequenceClassification
 
         torch.set_num_threads(threads)
         self._torch = torch
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+        self.traced = (Path(model_dir) / TORCHSCRIPT).exists()
+        self.model: Any
+        if self.traced:
+            recorded = {TRACE_INPUTS: ""}
+            self.model = torch.jit.load(str(Path(model_dir) / TORCHSCRIPT), _extra_files=recorded).eval()
+            self._take_inputs(json.loads(recorded[TRACE_INPUTS]))
+            _map_weights(self.model, Path(model_dir) / TORCH_WEIGHTS)
+        else:
+            from transformers import AutoModelForSequenceClassification
+
+            quiet_transformers()
+            self.model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+            self._take_inputs([n for n in ENCODING_FIELDS if n in self.tokenizer.model_input_names])
 
     def _forward(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
+            if self.traced:
+                return self.model(*(torch.from_numpy(encoded[name]) for name, _ in self._fields)).float().numpy()
             inputs = {k: torch.from_numpy(v) for k, v in encoded.items()}
             return self.model(**inputs).logits.float().numpy()
+
+
+def _map_weights(traced: Any, weights: Path) -> None:
+    """Point each parameter of the `traced` module at its tensor in the safetensors file
+    `weights`, which safetensors maps into memory (read-only pages of the page cache: one copy
+    for every process). The trace's own copy is freed. A weight that differs from the trace's
+    (a trace left from other weights) stops the load."""
+    import torch
+    from safetensors.torch import load_file
+
+    mapped = load_file(str(weights))
+    for name, param in traced.named_parameters():
+        key = name.removeprefix(f"{TRACE_PREFIX}.")
+        tensor = mapped.get(key)
+        if tensor is None or not torch.equal(tensor, param.data):
+            raise ValueError(f"{weights.parent}: {TORCHSCRIPT} does not match {weights.name} at {key}")
+        param.data = tensor
+
+
+def trace_torch(model_dir: Path) -> Path:
+    """Write the TorchScript trace of the folder's classifier (its logits) beside its weights,
+    checked against the eager model on a batch of another shape than the one traced."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    quiet_transformers()
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    encoder = _Predictor(Path(model_dir), "trace", 1)
+    names = [n for n in ENCODING_FIELDS if n in encoder.tokenizer.model_input_names]
+    encoder._take_inputs(names)
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            setattr(self, TRACE_PREFIX, model)
+
+        def forward(self, *inputs: Any) -> Any:
+            return getattr(self, TRACE_PREFIX)(**dict(zip(names, inputs, strict=True))).logits
+
+    def example(texts: list[str]) -> tuple[Any, ...]:
+        encoded = encoder.encode(texts)
+        return tuple(torch.from_numpy(encoded[name]) for name in names)
+
+    # Texts of different lengths, so the batch is padded and the attention mask's path is traced.
+    traced_on = example([WARM_UP_TEXT, "Dull.", "Not bad at all, I would watch it again."])
+    # The tracer warns of the Python branches in transformers' masking code; they take the same
+    # way for every unpadded or padded batch without a cache, which the checks below confirm on
+    # shapes other than the traced one: one text alone (no padding) and a padded pair.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(Logits().eval(), traced_on)
+        for texts in (["Awful"], ["Awful", f"{WARM_UP_TEXT} {WARM_UP_TEXT}"]):
+            inputs = example(texts)
+            expected, got = model(**dict(zip(names, inputs, strict=True))).logits, traced(*inputs)
+            if not torch.allclose(expected, got, atol=1e-5):
+                gap = float((expected - got).abs().max())
+                raise ValueError(f"{model_dir}: the TorchScript trace differs from the model by {gap} on {texts}")
+    path = Path(model_dir) / TORCHSCRIPT
+    traced.save(str(path), _extra_files={TRACE_INPUTS: json.dumps(names)})
+    return path
 
 
 class OnnxPredictor(_Predictor):
@@ -207,11 +316,10 @@ class OnnxPredictor(_Predictor):
         self.session = ort.InferenceSession(
             str(Path(model_dir) / "model.onnx"), options, providers=["CPUExecutionProvider"]
         )
-        self._inputs = {i.name for i in self.session.get_inputs()}
+        self._take_inputs([i.name for i in self.session.get_inputs()])
 
     def _forward(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
-        feed = {k: np.asarray(v, dtype=np.int64) for k, v in encoded.items() if k in self._inputs}
-        return self.session.run(None, feed)[0]
+        return self.session.run(None, encoded)[0]
 
 
 RUNTIMES: dict[str, type[_Predictor]] = {

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import bentoml
@@ -14,6 +16,8 @@ from models.build import FP32_NAME, INT8_NAME, build
 from models.evaluate import main as evaluate_main
 
 pytestmark = pytest.mark.slow
+
+PROJECT = Path(__file__).resolve().parents[2]
 
 POSITIVE = [
     "I absolutely loved this movie, it was wonderful and moving.",
@@ -94,6 +98,67 @@ def test_batch_tokenizer_matches_transformers(quick_models: list[str], which: in
     for name, values in ours.items():
         assert values.tolist() == theirs[name].tolist(), name
     assert ours["input_ids"].shape[1] == predictor.max_length  # the long text was truncated
+
+
+# Run in a fresh interpreter: what loading the fp32 model imports, and where its weights live.
+LOAD_PROBE = """
+import json, sys
+from pathlib import Path
+from models import runtime
+predictor = runtime.load_dir(Path(sys.argv[1]), threads=1)
+predictor.predict(["warm"])
+maps = []
+for line in open("/proc/self/maps"):
+    fields = line.split()
+    if fields[-1].endswith(runtime.TORCH_WEIGHTS):
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        maps.append((start, end))
+params = list(predictor.model.named_parameters())
+mapped = [n for n, p in params if any(a <= p.data_ptr() < b for a, b in maps)]
+print(json.dumps({"traced": predictor.traced, "params": len(params), "mapped": len(mapped),
+                  "transformers": sorted(m for m in sys.modules if m.split(".")[0] == "transformers")}))
+"""
+
+
+def test_fp32_model_is_served_from_its_trace_on_mapped_weights(quick_models: list[str]) -> None:
+    """Variant B loads from its TorchScript trace and its tokenizer from tokenizer.json: nothing of
+    transformers is imported, and every parameter lies in the memory-mapped safetensors file,
+    shared by the workers."""
+    folder = store.path_of(quick_models[0])
+    assert (folder / runtime.TORCHSCRIPT).is_file()
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_PROBE, str(folder)], capture_output=True, text=True, check=True, cwd=PROJECT
+    )
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe["traced"] and probe["transformers"] == [], probe
+    assert probe["params"] > 50 and probe["mapped"] == probe["params"], probe
+
+
+def test_trace_gives_the_eager_models_outputs(quick_models: list[str], tmp_path: Path) -> None:
+    """The same probabilities, batched and alone, as the model loaded through transformers from
+    the same folder without its trace (how a store built before the trace loads)."""
+    folder = store.path_of(quick_models[0])
+    eager_dir = tmp_path / "eager"
+    shutil.copytree(folder, eager_dir, ignore=shutil.ignore_patterns(runtime.TORCHSCRIPT))
+    traced, eager = runtime.load_dir(folder, threads=1), runtime.load_dir(eager_dir, threads=1)
+    assert traced.traced and not eager.traced
+    texts = [*POSITIVE, *NEGATIVE, "wonderful delightful brilliant " * 400, "ok"]
+    for batch in (texts, texts[:1], texts[-1:]):
+        for a, b in zip(traced.predict(batch), eager.predict(batch), strict=True):
+            assert a.probabilities == pytest.approx(b.probabilities, abs=1e-6)
+
+
+def test_trace_of_other_weights_stops_the_load(quick_models: list[str], tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "changed"
+    shutil.copytree(store.path_of(quick_models[0]), copy)
+    weights = {k: v.clone() for k, v in load_file(str(copy / runtime.TORCH_WEIGHTS)).items()}
+    key = next(k for k in weights if k.startswith("classifier."))
+    weights[key] += 1.0
+    save_file(weights, str(copy / runtime.TORCH_WEIGHTS))
+    with pytest.raises(ValueError, match=f"does not match {runtime.TORCH_WEIGHTS} at {key}"):
+        runtime.load_dir(copy, threads=1)
 
 
 def test_store_round_trip_matches_the_built_folder(quick_models: list[str], tmp_path: Path) -> None:
