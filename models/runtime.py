@@ -121,12 +121,16 @@ class _Predictor:
         # tokenizer loads unchanged), with truncation and padding set once: its batch call skips
         # the wrapper's per-call Python work, and a worker never imports transformers'
         # tokenizer classes (280 modules, 36 MB with the wrapper's own copy; docs/performance.md).
-        self._rust = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
-        self._rust.enable_truncation(max_length=self.max_length)
-        self._rust.no_padding()
-        pad = json.loads((self.model_dir / "tokenizer_config.json").read_text()).get("pad_token")
+        tokenizer_file = self.model_dir / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ValueError(f"{self.model_dir}: no tokenizer.json (the fast tokenizer save_pretrained writes)")
+        self._rust = Tokenizer.from_file(str(tokenizer_file))
+        config = self.model_dir / "tokenizer_config.json"
+        pad = json.loads(config.read_text()).get("pad_token") if config.is_file() else None
         pad = pad.get("content") if isinstance(pad, dict) else pad
         self._pad_id = int((self._rust.token_to_id(pad) if pad else None) or 0)
+        self._rust.enable_truncation(max_length=self.max_length)
+        self._rust.no_padding()
         self._fields: list[tuple[str, str]] = []  # set by the runtime, from the inputs its model takes
 
     def _take_inputs(self, names: Sequence[str]) -> None:
@@ -138,8 +142,8 @@ class _Predictor:
 
     @functools.cached_property
     def tokenizer(self) -> Any:
-        """transformers' tokenizer of the folder, for tools and tests that compare with it; the
-        predictor itself never loads it."""
+        """transformers' tokenizer of the folder, for tools and tests that compare with it. The
+        predictor loads it only for a PyTorch model without its trace."""
         from transformers import AutoTokenizer
 
         quiet_transformers()

@@ -161,6 +161,13 @@ def test_trace_of_other_weights_stops_the_load(quick_models: list[str], tmp_path
         runtime.load_dir(copy, threads=1)
 
 
+def test_folder_without_a_fast_tokenizer_is_refused_by_name(quick_models: list[str], tmp_path: Path) -> None:
+    copy = tmp_path / "no-tokenizer"
+    shutil.copytree(store.path_of(quick_models[1]), copy, ignore=shutil.ignore_patterns("tokenizer.json"))
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        runtime.load_dir(copy, threads=1)
+
+
 def test_store_round_trip_matches_the_built_folder(quick_models: list[str], tmp_path: Path) -> None:
     folder = store.path_of(quick_models[1])
     copy = tmp_path / "copy"
