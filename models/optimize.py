@@ -13,10 +13,10 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from models.runtime import RUNTIME_ONNX, read_info, write_info
+from models.runtime import ENCODING_FIELDS, RUNTIME_ONNX, read_info, write_info
 
 ONNX_OPSET = 17
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+INPUTS = tuple(ENCODING_FIELDS)
 
 
 def export_onnx_int8(torch_dir: Path, out_dir: Path, quantize: bool = True) -> Path:

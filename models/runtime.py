@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import warnings
@@ -19,6 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
@@ -28,7 +31,7 @@ RUNTIME_TORCH = "pytorch"
 RUNTIME_ONNX = "onnxruntime"
 TORCH_WEIGHTS = "model.safetensors"
 TORCHSCRIPT = "model.torchscript"  # the fp32 classifier's trace (`trace_torch`)
-TRACE_PREFIX = "classifier"  # the traced module's attribute holding the classifier
+TRACE_PREFIX = "model"  # the traced module's attribute holding the transformers model
 TRACE_INPUTS = "inputs.json"  # in the trace: the names of its positional inputs, in order
 # Texts are forwarded in groups of at most this many, sorted by token count.
 CHUNK_SIZE = 64
@@ -128,7 +131,12 @@ class _Predictor:
         config = self.model_dir / "tokenizer_config.json"
         pad = json.loads(config.read_text()).get("pad_token") if config.is_file() else None
         pad = pad.get("content") if isinstance(pad, dict) else pad
-        self._pad_id = int((self._rust.token_to_id(pad) if pad else None) or 0)
+        pad_id = self._rust.token_to_id(pad) if pad else 0  # no pad token: 0, as transformers pads
+        if pad_id is None:
+            raise ValueError(
+                f"{self.model_dir}: the pad token {pad!r} of tokenizer_config.json is not in tokenizer.json"
+            )
+        self._pad_id = int(pad_id)
         self._rust.enable_truncation(max_length=self.max_length)
         self._rust.no_padding()
         self._fields: list[tuple[str, str]] = []  # set by the runtime, from the inputs its model takes
@@ -139,6 +147,10 @@ class _Predictor:
         if unknown:
             raise ValueError(f"{self.model_dir}: the model takes inputs a tokenizer does not give: {unknown}")
         self._fields = [(n, ENCODING_FIELDS[n]) for n in names]
+
+    def _tokenizer_inputs(self) -> list[str]:
+        """The inputs transformers' tokenizer of the folder gives its model, in our order."""
+        return [n for n in ENCODING_FIELDS if n in self.tokenizer.model_input_names]
 
     @functools.cached_property
     def tokenizer(self) -> Any:
@@ -218,19 +230,31 @@ class TorchPredictor(_Predictor):
 
         torch.set_num_threads(threads)
         self._torch = torch
-        self.traced = (Path(model_dir) / TORCHSCRIPT).exists()
+        trace = self.model_dir / TORCHSCRIPT
+        self.traced = trace.exists()
         self.model: Any
         if self.traced:
             recorded = {TRACE_INPUTS: ""}
-            self.model = torch.jit.load(str(Path(model_dir) / TORCHSCRIPT), _extra_files=recorded).eval()
+            # torch 2.13 warns that TorchScript is deprecated for torch.export, whose loader would
+            # import the 800 modules and 70 MB this avoids (docs/performance.md); torch is pinned.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.model = torch.jit.load(str(trace), _extra_files=recorded).eval()
+            if not recorded[TRACE_INPUTS]:
+                raise ValueError(f"{trace}: no {TRACE_INPUTS} (not written by runtime.trace_torch)")
             self._take_inputs(json.loads(recorded[TRACE_INPUTS]))
-            _map_weights(self.model, Path(model_dir) / TORCH_WEIGHTS)
+            _map_weights(self.model, self.model_dir / TORCH_WEIGHTS)
         else:
             from transformers import AutoModelForSequenceClassification
 
+            log.warning(
+                "%s: no %s, loading through transformers (more memory per worker; runtime.trace_torch writes it)",
+                self.model_dir,
+                TORCHSCRIPT,
+            )
             quiet_transformers()
             self.model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
-            self._take_inputs([n for n in ENCODING_FIELDS if n in self.tokenizer.model_input_names])
+            self._take_inputs(self._tokenizer_inputs())
 
     def _forward(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
         torch = self._torch
@@ -249,6 +273,8 @@ def _map_weights(traced: Any, weights: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
+    if not weights.is_file():
+        raise ValueError(f"{weights.parent}: {TORCHSCRIPT} without the weights file {weights.name}")
     mapped = load_file(str(weights))
     for name, param in traced.named_parameters():
         key = name.removeprefix(f"{TRACE_PREFIX}.")
@@ -267,8 +293,11 @@ def trace_torch(model_dir: Path) -> Path:
     quiet_transformers()
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
     encoder = _Predictor(Path(model_dir), "trace", 1)
-    names = [n for n in ENCODING_FIELDS if n in encoder.tokenizer.model_input_names]
+    names = encoder._tokenizer_inputs()
     encoder._take_inputs(names)
+
+    def logits(inputs: tuple[Any, ...]) -> Any:
+        return model(**dict(zip(names, inputs, strict=True))).logits
 
     class Logits(torch.nn.Module):
         def __init__(self) -> None:
@@ -276,7 +305,7 @@ def trace_torch(model_dir: Path) -> Path:
             setattr(self, TRACE_PREFIX, model)
 
         def forward(self, *inputs: Any) -> Any:
-            return getattr(self, TRACE_PREFIX)(**dict(zip(names, inputs, strict=True))).logits
+            return logits(inputs)
 
     def example(texts: list[str]) -> tuple[Any, ...]:
         encoded = encoder.encode(texts)
@@ -292,7 +321,7 @@ def trace_torch(model_dir: Path) -> Path:
         traced = torch.jit.trace(Logits().eval(), traced_on)
         for texts in (["Awful"], ["Awful", f"{WARM_UP_TEXT} {WARM_UP_TEXT}"]):
             inputs = example(texts)
-            expected, got = model(**dict(zip(names, inputs, strict=True))).logits, traced(*inputs)
+            expected, got = logits(inputs), traced(*inputs)
             if not torch.allclose(expected, got, atol=1e-5):
                 gap = float((expected - got).abs().max())
                 raise ValueError(f"{model_dir}: the TorchScript trace differs from the model by {gap} on {texts}")

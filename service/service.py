@@ -157,7 +157,7 @@ class Sentiment:
 
     @bentoml.on_startup
     async def _start(self) -> None:
-        # Half a million objects live from start-up on (torch, transformers, the models): one
+        # Half a million objects live from start-up on (torch, the models, the libraries): one
         # full collection of them stalled the worker for about 0.5 s, a half-second p99 on every
         # endpoint. Frozen, they are never scanned again; request garbage is collected as usual.
         gc.collect()

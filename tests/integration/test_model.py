@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -100,10 +102,12 @@ def test_batch_tokenizer_matches_transformers(quick_models: list[str], which: in
     assert ours["input_ids"].shape[1] == predictor.max_length  # the long text was truncated
 
 
-# Run in a fresh interpreter: what loading the fp32 model imports, and where its weights live.
+# Run in a fresh interpreter: what a worker's modules and the fp32 model import, and where its
+# weights live.
 LOAD_PROBE = """
 import json, sys
 from pathlib import Path
+import service.service  # everything a worker imports before it loads its models
 from models import runtime
 predictor = runtime.load_dir(Path(sys.argv[1]), threads=1)
 predictor.predict(["warm"])
@@ -120,28 +124,33 @@ print(json.dumps({"traced": predictor.traced, "params": len(params), "mapped": l
 """
 
 
-def test_fp32_model_is_served_from_its_trace_on_mapped_weights(quick_models: list[str]) -> None:
+def test_fp32_model_is_served_from_its_trace_on_mapped_weights(quick_models: list[str], tmp_path: Path) -> None:
     """Variant B loads from its TorchScript trace and its tokenizer from tokenizer.json: nothing of
-    transformers is imported, and every parameter lies in the memory-mapped safetensors file,
-    shared by the workers."""
+    transformers is imported, by the service's modules or the model, and every parameter lies in
+    the memory-mapped safetensors file, shared by the workers."""
     folder = store.path_of(quick_models[0])
     assert (folder / runtime.TORCHSCRIPT).is_file()
-    out = subprocess.run(
-        [sys.executable, "-c", LOAD_PROBE, str(folder)], capture_output=True, text=True, check=True, cwd=PROJECT
-    )
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'a.db'}", "SPILL_DIR": str(tmp_path / "spill")}
+    command = [sys.executable, "-c", LOAD_PROBE, str(folder)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=PROJECT, env=env)
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     assert probe["traced"] and probe["transformers"] == [], probe
     assert probe["params"] > 50 and probe["mapped"] == probe["params"], probe
 
 
-def test_trace_gives_the_eager_models_outputs(quick_models: list[str], tmp_path: Path) -> None:
+def test_trace_gives_the_eager_models_outputs(
+    quick_models: list[str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The same probabilities, batched and alone, as the model loaded through transformers from
     the same folder without its trace (how a store built before the trace loads)."""
     folder = store.path_of(quick_models[0])
     eager_dir = tmp_path / "eager"
     shutil.copytree(folder, eager_dir, ignore=shutil.ignore_patterns(runtime.TORCHSCRIPT))
-    traced, eager = runtime.load_dir(folder, threads=1), runtime.load_dir(eager_dir, threads=1)
+    traced = runtime.load_dir(folder, threads=1)
+    with caplog.at_level(logging.WARNING, logger="models.runtime"):
+        eager = runtime.load_dir(eager_dir, threads=1)
     assert traced.traced and not eager.traced
+    assert f"no {runtime.TORCHSCRIPT}, loading through transformers" in caplog.text
     texts = [*POSITIVE, *NEGATIVE, "wonderful delightful brilliant " * 400, "ok"]
     for batch in (texts, texts[:1], texts[-1:]):
         for a, b in zip(traced.predict(batch), eager.predict(batch), strict=True):
@@ -165,6 +174,25 @@ def test_folder_without_a_fast_tokenizer_is_refused_by_name(quick_models: list[s
     copy = tmp_path / "no-tokenizer"
     shutil.copytree(store.path_of(quick_models[1]), copy, ignore=shutil.ignore_patterns("tokenizer.json"))
     with pytest.raises(ValueError, match="no tokenizer.json"):
+        runtime.load_dir(copy, threads=1)
+
+
+def test_trace_without_its_input_names_stops_the_load(quick_models: list[str], tmp_path: Path) -> None:
+    import torch
+
+    copy = tmp_path / "bare-trace"
+    shutil.copytree(store.path_of(quick_models[0]), copy)
+    torch.jit.load(str(copy / runtime.TORCHSCRIPT)).save(str(copy / runtime.TORCHSCRIPT))
+    with pytest.raises(ValueError, match=f"no {runtime.TRACE_INPUTS}"):
+        runtime.load_dir(copy, threads=1)
+
+
+def test_pad_token_missing_from_the_vocabulary_stops_the_load(quick_models: list[str], tmp_path: Path) -> None:
+    copy = tmp_path / "bad-pad"
+    shutil.copytree(store.path_of(quick_models[1]), copy)
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "[NO-SUCH-TOKEN]"}))
+    with pytest.raises(ValueError, match=r"pad token '\[NO-SUCH-TOKEN\]'"):
         runtime.load_dir(copy, threads=1)
 
 
