@@ -154,10 +154,11 @@ def run_job(served: Served, backends: list[int], texts: list[str], poll_s: float
     ).raise_for_status()
     submitted = time.perf_counter() - started
     job_id = r.json()["job_id"]
+    auth = {"Authorization": f"Bearer {r.json()['token']}"}
     # (seconds, texts done, CPU seconds of the instance and its backends, busy CPU seconds of the machine)
     timeline: list[tuple[float, int, float, float]] = []
     while True:
-        progress = httpx.get(f"{served.url}/jobs/{job_id}", timeout=60).raise_for_status().json()
+        progress = httpx.get(f"{served.url}/jobs/{job_id}", headers=auth, timeout=60).raise_for_status().json()
         ours = cpu_seconds(served.proc.pid, *backends) - cpu0 - db0
         t = round(time.perf_counter() - started, 2)
         timeline.append((t, progress["done"], round(ours, 2), round(busy_seconds() - busy0, 2)))

@@ -58,6 +58,7 @@ class Jobs:
     def __init__(self, url: str, size: int, count: int, base: list[str]) -> None:
         self.url, self.size, self.count, self.base = url, size, count, base
         self.ids: list[str] = []
+        self.tokens: dict[str, str] = {}  # job id -> its token
         self.timeline: list[tuple[float, int]] = []  # (wall time, texts done over all the jobs)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="jobs", daemon=True)
@@ -69,13 +70,14 @@ class Jobs:
             r = httpx.post(f"{self.url}/jobs", json={"texts": texts}, timeout=600)
             r.raise_for_status()
             self.ids.append(r.json()["job_id"])
+            self.tokens[self.ids[-1]] = r.json()["token"]
             log(f"  job {n + 1}/{self.count} submitted: {self.ids[-1]}")
         self._thread.start()
 
     def done(self) -> tuple[int, list[str]]:
         total, states = 0, []
         for job_id in self.ids:
-            status = httpx.get(f"{self.url}/jobs/{job_id}", timeout=60).json()
+            status = httpx.get(f"{self.url}/jobs/{job_id}", headers=self._auth(job_id), timeout=60).json()
             total += status["done"]
             states.append(status["status"])
         return total, states
@@ -95,8 +97,11 @@ class Jobs:
         self.timeline.append((time.time(), total))
         for job_id, state in zip(self.ids, states, strict=True):
             if state in ("queued", "running"):
-                httpx.delete(f"{self.url}/jobs/{job_id}", timeout=60)
+                httpx.delete(f"{self.url}/jobs/{job_id}", headers=self._auth(job_id), timeout=60)
         return states
+
+    def _auth(self, job_id: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[job_id]}"}
 
     def rate(self, start: float, end: float) -> float:
         """Texts per second done between two wall times (the nearest polls inside them)."""
@@ -176,6 +181,10 @@ def main() -> int:
         "SENTIMENT_MODEL": MODEL,
         "AB_MODEL_B": REFERENCE,
         "RATE_LIMIT_JOBS": "0",
+        "RATE_LIMIT_JOB_READS": "0",
+        "MAX_ACTIVE_JOBS_PER_CLIENT": "1000",
+        "MAX_QUEUED_TEXTS_PER_CLIENT": "100000000",
+        "MAX_QUEUED_TEXTS": "100000000",
         "MAX_JOB_TEXTS": str(max(args.texts, 100_000)),
         "JOB_RESULT_TTL_SECONDS": "600",
     }

@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     rate_limit_predict: str = "100/minute"
     rate_limit_batch: str = "20/minute"
     rate_limit_jobs: str = "10/minute"
+    # GET /jobs/{id}, its results and DELETE, per client: a poll every second fits.
+    rate_limit_job_reads: str = "120/minute"
     trusted_proxies: Annotated[list[str], NoDecode] = []
     admin_api_key: SecretStr | None = None
     # The key of the request ids /feedback accepts (service/request_ids.py). Unset: derived from
@@ -65,6 +67,24 @@ class Settings(BaseSettings):
     max_job_texts: int = Field(100_000, gt=0)
     max_job_body_bytes: int = Field(64 * 1_048_576, gt=0)
     job_result_ttl_seconds: int = Field(604_800, gt=0)
+    # Queued work: per client (429 over it) and for every client together (503), so the texts
+    # waiting in the database are bounded (README, Limits).
+    max_active_jobs_per_client: int = Field(5, gt=0)
+    max_queued_texts_per_client: int = Field(200_000, gt=0)
+    max_queued_texts: int = Field(1_000_000, gt=0)
+    # A chunk whose scoring fails (or whose worker dies) this many times fails its job.
+    job_max_attempts: int = Field(3, gt=0)
+    # A job whose model no worker of this instance serves, and that no worker advanced for this
+    # long, fails (replicas still serving its model during an upgrade take it meanwhile).
+    job_unserved_seconds: float = Field(600.0, gt=0)
+    # A job body must arrive within this long (408 otherwise): a trickled upload holds a slot.
+    job_upload_timeout_seconds: float = Field(120.0, gt=0)
+    # A results reader that takes no bytes for this long is cut off, freeing its slot.
+    job_send_timeout_seconds: float = Field(30.0, gt=0)
+    # /jobs requests a worker serves at once, apart from the prediction endpoints' limit, and
+    # of those at most JOB_REQUESTS_PER_CLIENT from one client (429 beyond).
+    max_job_requests_in_flight: int = Field(32, gt=0)
+    job_requests_per_client: int = Field(4, gt=0)
     # A leased chunk (256 texts, about half a second of an idle worker) whose worker has not
     # finished it in this time is taken by another: a dead worker's chunk waits at most this long.
     job_lease_seconds: float = Field(30.0, gt=0)

@@ -89,6 +89,12 @@ class ClientLimits:
         return functools.partial(self.check, request, response, scope)
 
 
+def is_admin_key(given: str) -> bool:
+    """Whether `given` is ADMIN_API_KEY (never, when none is set)."""
+    key = get_settings().admin_api_key
+    return bool(given) and key is not None and hmac.compare_digest(given.encode(), key.get_secret_value().encode())
+
+
 async def require_admin(request: Request) -> None:
     """401 unless the request carries `Authorization: Bearer <ADMIN_API_KEY>` (when one is set)."""
     key = get_settings().admin_api_key

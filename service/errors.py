@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import MutableMapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,6 +34,19 @@ def request_id(request: Request) -> str:
     return rid
 
 
+def scope_request_id(scope: MutableMapping[str, Any]) -> str:
+    """The request's id, as RequestContext set it in the ASGI scope (a new one outside it)."""
+    state = scope.setdefault("state", {})
+    if "request_id" not in state:
+        state["request_id"] = random_uuid()
+    return str(state["request_id"])
+
+
+def error_body(message: str, rid: str, **extra: Any) -> dict[str, Any]:
+    """The contract's error body, the one shape every error answer of the service has."""
+    return {"error": message, "request_id": rid, **extra}
+
+
 def _field(loc: tuple[Any, ...]) -> str:
     parts = [str(p) for p in loc if p != "body"]
     return ".".join(parts) or "body"
@@ -46,8 +60,7 @@ def _validation_message(err: dict[str, Any]) -> str:
 
 
 async def api_error_response(request: Request, exc: ApiError) -> JSONResponse:
-    body = {"error": exc.message, "request_id": request_id(request), **exc.extra}
-    return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+    return JSONResponse(error_body(exc.message, request_id(request), **exc.extra), exc.status, exc.headers)
 
 
 def install(app: FastAPI) -> None:
@@ -59,25 +72,43 @@ def install(app: FastAPI) -> None:
         if any(e.get("type") == "json_invalid" for e in exc.errors()):
             errors = [{"field": "body", "message": "request body is not valid JSON"}]
         summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        return JSONResponse(
-            {"error": f"invalid request: {summary}", "fields": errors, "request_id": request_id(request)},
-            status_code=400,
-        )
+        return JSONResponse(error_body(f"invalid request: {summary}", request_id(request), fields=errors), 400)
 
     app.add_exception_handler(ApiError, api_error_response)  # type: ignore[arg-type]  # Starlette's handler type is wider
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            {"error": str(exc.detail), "request_id": request_id(request)},
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette's Allow names the methods of the first route whose path matched only
+            # (GET for /jobs/{id}, which DELETE shares with another route): every route's here.
+            headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
+        return JSONResponse(error_body(str(exc.detail), request_id(request)), exc.status_code, headers)
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        # json.loads of a body nested thousands deep (FastAPI parses /predict's this way when
+        # the short path refused it): the client's error, not the service's.
+        return JSONResponse(error_body("invalid request: body: nested too deeply", request_id(request)), 400)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         rid = request_id(request)
         log.error("unhandled error on %s %s (request %s)", request.method, request.url.path, rid, exc_info=exc)
-        return JSONResponse(
-            {"error": "internal server error", "request_id": rid}, status_code=500, headers={"X-Request-ID": rid}
-        )
+        return JSONResponse(error_body("internal server error", rid), 500, {"X-Request-ID": rid})
+
+
+def allowed_methods(app: Any, scope: MutableMapping[str, Any]) -> list[str]:
+    """Every method some route of `app` takes at the request's path (OPTIONS and HEAD included
+    where Starlette adds them)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    stack = list(app.routes)
+    while stack:
+        route = stack.pop()
+        stack.extend(getattr(getattr(route, "original_router", None), "routes", []))
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches({**scope, "method": next(iter(route_methods))})[0] == Match.FULL:
+            methods |= set(route_methods)
+    return sorted(methods)

@@ -18,6 +18,7 @@ from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.errors import error_body, scope_request_id
 from service.request_ids import random_uuid
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -67,9 +68,12 @@ async def send_json_bytes(send: Send, status: int, payload: bytes, headers: list
     await send({"type": "http.response.body", "body": payload})
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any], headers: dict[str, str]) -> None:
-    raw = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
-    await send_json_bytes(send, status, json.dumps(body).encode(), raw)
+async def send_error(scope: Scope, send: Send, status: int, message: str, headers: dict[str, str]) -> None:
+    """An error answer written before the app: the contract's body (errors.error_body), with
+    the request's id, as the app's handlers write theirs."""
+    rid = scope_request_id(scope)
+    raw = [(k.lower().encode(), v.encode()) for k, v in {**headers, "X-Request-ID": rid}.items()]
+    await send_json_bytes(send, status, json.dumps(error_body(message, rid)).encode(), raw)
 
 
 def replaying(messages: list[Message], receive: Receive) -> Receive:
@@ -84,24 +88,33 @@ def replaying(messages: list[Message], receive: Receive) -> Receive:
 class BodySizeLimit:
     """413 for bodies over `max_bytes`: from Content-Length before reading anything, or, for a
     body without one (chunked), as soon as the bytes read pass the limit. Such a body is read
-    here before the app sees it: FastAPI would turn an error raised mid-read into a 400."""
+    here before the app sees it: FastAPI would turn an error raised mid-read into a 400. The
+    `streamed` paths (POST /jobs) count their bodies themselves as they parse them, so here they
+    are refused by Content-Length only, never buffered."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, larger: dict[str, tuple[int, str]] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int,
+        larger: dict[str, tuple[int, str]] | None = None,
+        streamed: Sequence[str] = (),
+    ) -> None:
         """`larger`: paths with a limit of their own, {path: (bytes, the setting's name)}."""
         self.app = app
         self.max_bytes = max_bytes
         self.larger = larger or {}
+        self.streamed = frozenset(streamed)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         max_bytes, setting = self.larger.get(scope["path"], (self.max_bytes, "MAX_BODY_BYTES"))
-        error = {"error": f"request body exceeds {max_bytes} bytes ({setting})"}
+        error = f"request body exceeds {max_bytes} bytes ({setting})"
         length = next((v for k, v in scope.get("headers", []) if k == b"content-length"), None)
-        if length is not None:
-            if length.isdigit() and int(length) > max_bytes:
-                await _send_json(send, 413, error, {"Connection": "close"})
+        if length is not None or scope["path"] in self.streamed:
+            if length is not None and length.isdigit() and int(length) > max_bytes:
+                await send_error(scope, send, 413, error, {"Connection": "close"})
                 return
             await self.app(scope, receive, send)
             return
@@ -114,7 +127,7 @@ class BodySizeLimit:
                 break
             size += len(message.get("body", b""))
             if size > max_bytes:
-                await _send_json(send, 413, error, {"Connection": "close"})
+                await send_error(scope, send, 413, error, {"Connection": "close"})
                 return
             if not message.get("more_body", False):
                 break
@@ -230,8 +243,17 @@ class InFlightLimit:
         adaptive: AdaptiveLimit | None = None,
         sampled: Sequence[str] = (),
         pace_s: float = 0.1,
+        per_client: int = 0,
+        per_client_setting: str = "",
+        trusted: Sequence[Network] = (),
     ) -> None:
+        """`per_client`: with it, at most that many of a client's requests at once (429 beyond):
+        the client as the rate limits count it (`trusted` proxies)."""
         self.app = app
+        self.per_client = per_client
+        self.per_client_setting = per_client_setting
+        self.trusted = tuple(trusted)
+        self._by_client: dict[str, int] = {}
         self.pace_s = pace_s
         self.paced = 0
         self._refused_at: dict[Any, float] = {}  # connection (the peer's address and port) -> last refusal
@@ -258,12 +280,16 @@ class InFlightLimit:
             if self._back_too_soon(scope.get("client")):
                 self.paced += 1
                 await asyncio.sleep(self.pace_s)
-            await _send_json(
-                send,
-                503,
-                {"error": "service overloaded, retry later"},
-                {"Retry-After": str(self.retry_after)},
+            retry = {"Retry-After": str(self.retry_after)}
+            await send_error(scope, send, 503, "service overloaded, retry later", retry)
+            return
+        client = self.per_client and self._client(scope)
+        if client and self._by_client.get(client, 0) >= self.per_client:
+            metrics.OVERLOAD_REJECTIONS.labels(metrics.endpoint_label(scope["path"]), "client_in_flight").inc()
+            message = (
+                f"too many requests in flight from this client, at most {self.per_client} ({self.per_client_setting})"
             )
+            await send_error(scope, send, 429, message, {"Retry-After": str(self.retry_after)})
             return
         adaptive = self.adaptive if scope["path"].startswith(self.sampled) else None
         status = 0
@@ -275,6 +301,8 @@ class InFlightLimit:
             await send(message)
 
         self.in_flight += 1
+        if client:
+            self._by_client[client] = self._by_client.get(client, 0) + 1
         start = time.perf_counter()
         try:
             await self.app(scope, receive, send if adaptive is None else send_status)
@@ -282,6 +310,15 @@ class InFlightLimit:
             if adaptive is not None:
                 adaptive.sample(time.perf_counter() - start, self.in_flight, overloaded=status == 503)
             self.in_flight -= 1
+            if client:
+                self._by_client[client] -= 1
+                if not self._by_client[client]:
+                    del self._by_client[client]
+
+    def _client(self, scope: Scope) -> str:
+        peer = scope.get("client")
+        forwarded = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-forwarded-for"), None)
+        return client_address(peer[0] if peer else None, forwarded, self.trusted)
 
     def _back_too_soon(self, client: Any) -> bool:
         """Whether this connection was refused less than `retry_after` ago (and note this refusal)."""
@@ -369,9 +406,7 @@ class JsonNotFound:
                 return  # sent with the body below, once its length is known
             if message.get("more_body"):
                 return
-            rid = random_uuid()
-            error = {"error": f"not found: {scope['method']} {scope['path']}", "request_id": rid}
-            await _send_json(send, 404, error, {"X-Request-ID": rid})
+            await send_error(scope, send, 404, f"not found: {scope['method']} {scope['path']}", {})
 
         await self.app(scope, receive, send_json)
 

@@ -10,14 +10,20 @@ scored is an analytics row under the endpoint `/jobs`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
+import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any
+
+import ijson
+from starlette.requests import Request
+from starlette.responses import Response
 
 from service import metrics
 from service.errors import ApiError
@@ -39,42 +45,208 @@ SMALL_SUB_BATCH = 8
 DbCall = Callable[..., Awaitable[Any]]
 
 
-def parse_texts(body: bytes, content_type: str, max_texts: int) -> list[str]:
-    """A job's texts from `{"texts": [...]}` or NDJSON (`{"text": ...}` a line); ApiError 400
-    naming the problem (the item's index or line number)."""
-    if content_type.split(";")[0].strip() in ("application/x-ndjson", "application/jsonl"):
-        texts = []
-        for n, line in enumerate(body.splitlines(), 1):
-            if not line.strip():
-                continue
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl")
+# Bytes handed to the parser at once, on a worker thread: a hop per quarter MiB of body.
+FEED_BYTES = 256 * 1024
+# Bytes the JSON parser may take per step without completing a value; past a text's most
+# (MAX_TEXT_CHARS characters of \\uXXXX escapes, surrogate pairs at 12 bytes) plus a step, the
+# body holds an oversized text or padding, and is refused before the parser buffers more of it.
+STEP_BYTES = 16 * 1024
+
+
+class JobBody:
+    """A job's texts, parsed as its body arrives: `{"texts": [str, ...]}` through ijson's
+    event parser, or NDJSON (`{"text": str}` a line) a line at a time. Each text is checked as
+    it comes, and the body is refused (ApiError 400/413, naming the limit) at the first text
+    past `max_texts`, at a text or line longer than a text may be, at a value that is not what
+    the schema allows (nesting included: the schema's depth is two), or past `max_bytes`. So the
+    memory of a request is its texts so far, never more than its limits allow. Not thread-safe:
+    `feed` and `close` are called one at a time (on a worker thread, off the event loop)."""
+
+    def __init__(self, content_type: str, max_texts: int, max_text_chars: int, max_bytes: int) -> None:
+        self.ndjson = content_type.split(";")[0].strip().lower() in NDJSON_TYPES
+        self.max_texts = max_texts
+        self.max_bytes = max_bytes
+        self.max_value_bytes = 12 * max_text_chars + 1024
+        self.texts: list[str] = []
+        self.size = 0
+        self._pending = b""  # NDJSON: the line not yet ended
+        self._lines = 0
+        self._events = ijson.sendable_list()
+        self._parser = None if self.ndjson else ijson.parse_coro(self._events)
+        self._state = "start"  # start -> object -> key -> array -> end
+        self._quiet = 0  # JSON bytes fed since the parser last completed a value
+
+    def feed(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.max_bytes:
+            raise ApiError(413, f"request body exceeds {self.max_bytes} bytes (MAX_JOB_BODY_BYTES)")
+        if self.ndjson:
+            self._feed_lines(data)
+            return
+        for at in range(0, len(data), STEP_BYTES):
+            step = data[at : at + STEP_BYTES]
+            self._send(step)
+            if self._events:
+                self._quiet = 0
+                self._take_events()
+            else:
+                self._quiet += len(step)
+                if self._quiet > self.max_value_bytes:
+                    raise _invalid(f"texts: a value runs past {self.max_value_bytes} bytes (MAX_TEXT_CHARS)")
+
+    def close(self) -> list[str]:
+        """The texts, once the whole body is in."""
+        if self.ndjson:
+            if self._pending.strip():
+                self._line(self._pending)
+        else:
+            assert self._parser is not None
             try:
-                item = json.loads(line)
-            except ValueError:
-                raise ApiError(400, f"invalid request: line {n}: not valid JSON") from None
-            if not isinstance(item, dict) or not isinstance(item.get("text"), str) or set(item) != {"text"}:
-                raise ApiError(400, f'invalid request: line {n}: expected {{"text": str}}')
-            texts.append(item["text"])
-    else:
+                self._parser.close()
+            except ijson.JSONError:
+                raise ApiError(400, "invalid request: body: request body is not valid JSON") from None
+            self._take_events()
+            if self._state != "end":
+                raise _invalid(_SHAPE)
+        if not self.texts:
+            raise _invalid(f"texts: must hold 1 to {self.max_texts} texts (MAX_JOB_TEXTS), got 0")
+        return self.texts
+
+    def _send(self, data: bytes) -> None:
+        assert self._parser is not None
         try:
-            data = json.loads(body)
-        except ValueError:
+            self._parser.send(data)
+        except ijson.JSONError:
             raise ApiError(400, "invalid request: body: request body is not valid JSON") from None
-        if not isinstance(data, dict) or set(data) != {"texts"} or not isinstance(data["texts"], list):
-            raise ApiError(400, 'invalid request: texts: expected {"texts": [str, ...]}')
-        texts = data["texts"]
-    if not 1 <= len(texts) <= max_texts:
-        raise ApiError(
-            400, f"invalid request: texts: must hold 1 to {max_texts} texts (MAX_JOB_TEXTS), got {len(texts)}"
-        )
-    out = []
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise ApiError(400, f"invalid request: texts: item {i}: must be a string")
+
+    def _take_events(self) -> None:
+        for _prefix, event, value in self._events:
+            if self._state == "array" and event == "string":
+                self._add(value, f"item {len(self.texts)}")
+            elif self._state == "array" and event == "end_array":
+                self._state = "end_object"
+            elif self._state == "array":
+                raise _invalid(f"texts: item {len(self.texts)}: must be a string")
+            elif (self._state, event) == ("start", "start_map"):
+                self._state = "object"
+            elif (self._state, event, value) == ("object", "map_key", "texts"):
+                self._state = "key"
+            elif (self._state, event) == ("key", "start_array"):
+                self._state = "array"
+            elif (self._state, event) == ("end_object", "end_map"):
+                self._state = "end"
+            else:
+                raise _invalid(_SHAPE)
+        del self._events[:]
+
+    def _feed_lines(self, data: bytes) -> None:
+        lines = (self._pending + data).split(b"\n")
+        self._pending = lines.pop()
+        if len(self._pending) > self.max_value_bytes:
+            raise _invalid(f"line {self._lines + 1}: longer than {self.max_value_bytes} bytes (MAX_TEXT_CHARS)")
+        for line in lines:
+            self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        self._lines += 1
+        if self._lines > 2 * self.max_texts + 1:  # blank lines are skipped, not free
+            raise _invalid(f"more than {2 * self.max_texts + 1} lines")
+        if len(line) > self.max_value_bytes:
+            raise _invalid(f"line {self._lines}: longer than {self.max_value_bytes} bytes (MAX_TEXT_CHARS)")
+        if not line.strip():
+            return
         try:
-            out.append(check_text(text))
+            item = json.loads(line)
+        except (ValueError, RecursionError):
+            raise _invalid(f"line {self._lines}: not valid JSON") from None
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str) or set(item) != {"text"}:
+            raise _invalid(f'line {self._lines}: expected {{"text": str}}')
+        self._add(item["text"], f"line {self._lines}")
+
+    def _add(self, text: str, where: str) -> None:
+        if len(self.texts) >= self.max_texts:
+            raise _invalid(f"texts: must hold 1 to {self.max_texts} texts (MAX_JOB_TEXTS), got more")
+        try:
+            self.texts.append(check_text(text))
         except ValueError as exc:
-            raise ApiError(400, f"invalid request: texts: item {i}: {exc}") from None
-    return out
+            raise _invalid(f"texts: {where}: {exc}") from None
+
+
+_SHAPE = 'texts: expected {"texts": [str, ...]}'
+
+
+def _invalid(message: str) -> ApiError:
+    return ApiError(400, f"invalid request: {message}")
+
+
+async def read_job_body(request: Request, body: JobBody, timeout_s: float) -> list[str]:
+    """Feed `body` the request's bytes as they arrive, a quarter MiB at a time on a worker
+    thread; 408 if the whole body has not arrived within `timeout_s`."""
+    pending = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for data in request.stream():
+                pending += data
+                if len(pending) >= FEED_BYTES or body.size + len(pending) > body.max_bytes:
+                    chunk, pending = bytes(pending), bytearray()
+                    await asyncio.to_thread(body.feed, chunk)
+    except TimeoutError:
+        raise ApiError(
+            408,
+            f"request body not received within {timeout_s:g} s (JOB_UPLOAD_TIMEOUT_SECONDS)",
+            {"Connection": "close"},
+        ) from None
+    return await asyncio.to_thread(_finish, body, bytes(pending))
+
+
+def _finish(body: JobBody, rest: bytes) -> list[str]:
+    body.feed(rest)
+    return body.close()
+
+
+def new_token() -> tuple[str, str]:
+    """A job's bearer token (256 random bits) and the SHA-256 the database keeps of it."""
+    token = secrets.token_urlsafe(32)
+    return token, token_hash(token)
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ResultsStream(Response):
+    """A job's results as NDJSON, read a page at a time through `page` (the database threads),
+    each page sent before the next is read. A reader that takes no bytes for `send_timeout_s`
+    (the socket's buffers full) is cut off: the request ends and frees its slot."""
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, page: Callable[[int], Awaitable[list[dict[str, Any]]]], size: int, send_timeout_s: float):
+        super().__init__(media_type=self.media_type)
+        del self.headers["content-length"]  # streamed; FastAPI adds the endpoint's headers (RateLimit)
+        self.page = page
+        self.size = size
+        self.send_timeout_s = send_timeout_s
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        after = -1
+        while True:
+            rows = await self.page(after)
+            body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows).encode()
+            last = len(rows) < self.size
+            try:
+                await asyncio.wait_for(
+                    send({"type": "http.response.body", "body": body, "more_body": not last}), self.send_timeout_s
+                )
+            except TimeoutError:
+                metrics.JOB_READERS_CUT.inc()
+                log.warning("a results reader took nothing for %g s: cut off", self.send_timeout_s)
+                return  # the server closes the unfinished response
+            if last:
+                return
+            after = rows[-1]["index"]
 
 
 class JobRunner:
@@ -86,14 +258,21 @@ class JobRunner:
         db: DbCall,
         predictions: Predictions,
         sub_batch: int,
+        models: Sequence[str],
         lease: timedelta = timedelta(seconds=120),
         poll_s: float = 1.0,
         quiet_s: float = 0.05,
+        max_attempts: int = 3,
+        unserved: timedelta = timedelta(minutes=10),
     ) -> None:
+        """`models`: the tags this worker serves; it takes only chunks of jobs queued under one."""
         self.queue = queue
         self.db = db
         self.predictions = predictions
         self.sub_batch = sub_batch
+        self.models = tuple(models)
+        self.max_attempts = max_attempts
+        self.unserved = unserved
         self.lease = lease
         self.poll_s = poll_s
         self.quiet_s = quiet_s
@@ -133,6 +312,9 @@ class JobRunner:
         if now - self._expired_at >= 60:
             self._expired_at = now
             await self.db(self.queue.expire)
+            for job_id in await self.db(self.queue.fail_unserved, self.models, self.unserved):
+                log.warning("job %s failed: its model is not served here and no worker advanced it", job_id)
+                metrics.JOB_CHUNK_FAILURES.labels("job_failed").inc()
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -140,7 +322,11 @@ class JobRunner:
                 await self._upkeep()
                 # a chunk is leased while no interactive text waits; each sub-batch of it waits for a quiet moment
                 idle = self.predictions.batcher.queued_texts() == 0
-                chunk = await self.db(self.queue.claim, self.worker, self.lease) if idle else None
+                chunk = (
+                    await self.db(self.queue.claim, self.worker, self.lease, self.models, self.max_attempts)
+                    if idle
+                    else None
+                )
             except Exception as exc:  # the database is down: try again later
                 log.debug("no job chunk claimed: %s", exc)
                 chunk = None
@@ -151,8 +337,26 @@ class JobRunner:
                 await self.score(chunk)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # the lease runs out and another worker takes the chunk
-                log.exception("job %s chunk %s failed; left for its lease to run out", chunk.job_id, chunk.chunk)
+            except Exception as exc:
+                await self._failed(chunk, exc)
+
+    async def _failed(self, chunk: Chunk, exc: Exception) -> None:
+        """A chunk's attempt failed: queued again, or its job failed after JOB_MAX_ATTEMPTS. One
+        traceback per chunk (its first attempt here), then a line per attempt."""
+        reason = f"{type(exc).__name__}: {exc}"
+        try:
+            job_failed = await self.db(self.queue.fail, chunk, reason, self.max_attempts)
+        except Exception as db_exc:  # the lease runs out and the attempt is counted at the next claim
+            log.warning("job %s chunk %s failed (%s); not recorded: %s", chunk.job_id, chunk.chunk, reason, db_exc)
+            return
+        metrics.JOB_CHUNK_FAILURES.labels("job_failed" if job_failed else "retried").inc()
+        attempts = f"attempt {chunk.attempt} of {self.max_attempts}"
+        if job_failed:
+            log.error("job %s failed: chunk %s failed on its last %s: %s", chunk.job_id, chunk.chunk, attempts, reason)
+        elif chunk.attempt == 1:
+            log.error("job %s chunk %s failed (%s); queued again", chunk.job_id, chunk.chunk, attempts, exc_info=exc)
+        else:
+            log.warning("job %s chunk %s failed (%s): %s; queued again", chunk.job_id, chunk.chunk, attempts, reason)
 
     def _wait_s(self) -> float:
         """0 when a job's sub-batch may start now, else how long at least until it may."""

@@ -119,6 +119,17 @@ JOB_TEXTS = Counter(
     "sentiment_job_texts_total",
     "Texts of bulk jobs scored (by this instance's workers).",
 )
+JOB_CHUNK_FAILURES = Counter(
+    "sentiment_job_chunk_failures_total",
+    "Attempts at a bulk job's chunk that failed, by outcome: retried, or the job failed (JOB_MAX_ATTEMPTS).",
+    ["outcome"],
+)
+for _outcome in ("retried", "job_failed"):
+    JOB_CHUNK_FAILURES.labels(_outcome)
+JOB_READERS_CUT = Counter(
+    "sentiment_job_readers_cut_total",
+    "Job results readers cut off for taking no bytes for JOB_SEND_TIMEOUT_SECONDS.",
+)
 JOBS = Gauge(
     "sentiment_jobs",
     "Bulk jobs in the database by status (every replica reads the same table: take the max).",

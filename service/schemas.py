@@ -149,10 +149,13 @@ class ErrorBody(BaseModel):
 _MEANINGS = {
     400: "invalid body or query, naming the field",
     401: "analytics need Authorization: Bearer <ADMIN_API_KEY>",
-    404: "unknown request_id (feedback takes only ids this service issued), or unknown job",
-    413: "request body over MAX_BODY_BYTES",
+    404: "unknown request_id (feedback takes only ids this service issued), or unknown job"
+    " (or its token missing or not its own: Authorization: Bearer <token>)",
+    408: "the job body did not arrive within JOB_UPLOAD_TIMEOUT_SECONDS",
+    413: "request body over MAX_BODY_BYTES (MAX_JOB_BODY_BYTES for /jobs)",
     409: "the job is not done (the body has its progress), or already finished (DELETE)",
-    429: "over the client's rate limit (Retry-After, RateLimit and RateLimit-Policy headers)",
+    429: "over the client's rate limit (Retry-After, RateLimit and RateLimit-Policy headers),"
+    " or its job quota (Retry-After)",
     503: "overloaded, or the analytics database unavailable: retry after Retry-After seconds",
 }
 
@@ -172,6 +175,8 @@ class JobSubmitted(BaseModel):
     job_id: str
     status: JobStatus
     total: int
+    # Given once: send it as `Authorization: Bearer <token>` to read or cancel the job.
+    token: str
 
 
 class JobProgress(BaseModel):
@@ -183,6 +188,8 @@ class JobProgress(BaseModel):
     finished_at: str | None
     eta_seconds: float | None
     model: str
+    # Why a failed job failed (JOB_MAX_ATTEMPTS, or its model no longer served); else null.
+    error: str | None = None
 
 
 # POST /jobs reads its body itself (two media types, up to MAX_JOB_BODY_BYTES): its OpenAPI

@@ -10,8 +10,8 @@ event loop, then one analytics row per answer (storage/analytics).
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
-import json
 import logging
 import uuid
 from datetime import timedelta
@@ -21,7 +21,6 @@ from typing import Annotated
 import bentoml
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import iterate_in_threadpool
 
 from models import runtime
 from service import ab, deps, errors, fastpath, metrics, schemas
@@ -38,15 +37,16 @@ from service.guards import (
     LoopLag,
     RequestContext,
     route_paths,
+    trusted_networks,
 )
-from service.jobs import JobRunner, parse_texts
+from service.jobs import JobBody, JobRunner, ResultsStream, new_token, read_job_body, token_hash
 from service.predictions import Predictions, make_batcher
 from service.request_ids import RequestIds, load_key
 from storage import migrate
 from storage.analytics import AnalyticsStore, SqlAnalyticsStore
 from storage.cache import make_cache
 from storage.db import make_engine
-from storage.jobs import JobQueue
+from storage.jobs import JobQueue, QuotaExceeded, Quotas
 from storage.ratelimit import make_limiter, parse_limit
 
 log = logging.getLogger("sentiment")
@@ -55,6 +55,10 @@ VERSION = project_version()
 # Per worker. Beyond this many public requests in flight a worker answers 503 at once
 # rather than queueing work it cannot finish in time.
 MAX_IN_FLIGHT = 512
+# Job results sent per database read; a refused submission's Retry-After (a job's chunks take
+# seconds to minutes, a retry sooner would find the same queue).
+RESULTS_PAGE = 1_000
+JOB_RETRY_AFTER_S = 30
 
 app = FastAPI(title="sentiment", docs_url=None, redoc_url=None, openapi_url=None)
 errors.install(app)
@@ -107,6 +111,7 @@ class Sentiment:
                 "feedback": predict_limit,
                 "batch": parse_limit(settings.rate_limit_batch),
                 "jobs": parse_limit(settings.rate_limit_jobs),
+                "job_reads": parse_limit(settings.rate_limit_job_reads),
             },
             settings.trusted_proxies,
         )
@@ -134,13 +139,19 @@ class Sentiment:
             concurrency_limit=lambda: CONCURRENCY.limit,
         )
         self.jobs = JobQueue(make_engine(settings.database_url), timedelta(seconds=settings.job_result_ttl_seconds))
+        self.job_quotas = Quotas(
+            settings.max_active_jobs_per_client, settings.max_queued_texts_per_client, settings.max_queued_texts
+        )
         self.job_runner = JobRunner(
             self.jobs,
             self.database.run,
             self.predictions,
             settings.batch_max_texts,
+            models=list(self.predictors),
             lease=timedelta(seconds=settings.job_lease_seconds),
             quiet_s=settings.job_quiet_ms / 1000,
+            max_attempts=settings.job_max_attempts,
+            unserved=timedelta(seconds=settings.job_unserved_seconds),
         )
         if admin_key is None:
             log.warning("ADMIN_API_KEY is unset: /analytics/* answer every client that reaches the service")
@@ -227,49 +238,78 @@ class Sentiment:
         "/jobs",
         status_code=202,
         response_model=schemas.JobSubmitted,
-        responses=schemas.error_responses(400, 413, 429, 503),
+        responses=schemas.error_responses(400, 408, 413, 429, 503),
         openapi_extra=schemas.JOB_BODY,
     )
     async def submit_job(self, request: Request, response: Response) -> schemas.JobSubmitted:
-        """Texts too many for one request: scored by every worker's idle capacity (docs/api.md)."""
+        """Texts too many for one request: scored by every worker's idle capacity (docs/api.md).
+        The answer holds the job's token, given this once: status, results and cancel need it."""
         await self.client_limits.check(request, response, "jobs")
-        texts = parse_texts(await request.body(), request.headers.get("content-type", ""), settings.max_job_texts)
+        body = JobBody(
+            request.headers.get("content-type", ""),
+            settings.max_job_texts,
+            settings.max_text_chars,
+            settings.max_job_body_bytes,
+        )
+        texts = await read_job_body(request, body, settings.job_upload_timeout_seconds)
         client = self.client_limits.identity(request)
-        job_id = await self.database.run(self.jobs.submit, texts, self.tag_a, client, timeout_s=120)
+        token, digest = new_token()
+        try:
+            job_id = await self.database.run(
+                self.jobs.submit, texts, self.tag_a, client, digest, self.job_quotas, timeout_s=120
+            )
+        except QuotaExceeded as exc:
+            status = 429 if exc.per_client else 503
+            raise ApiError(status, f"job refused: {exc}", {"Retry-After": str(JOB_RETRY_AFTER_S)}) from None
         response.headers["Location"] = f"/jobs/{job_id}"
-        return schemas.JobSubmitted(job_id=job_id, status="queued", total=len(texts))
+        return schemas.JobSubmitted(job_id=job_id, status="queued", total=len(texts), token=token)
 
-    @app.get("/jobs/{job_id}", response_model=schemas.JobProgress, responses=schemas.error_responses(400, 404, 503))
-    async def job_status(self, job_id: uuid.UUID) -> schemas.JobProgress:
-        return schemas.JobProgress(**await self._job(str(job_id)))
+    @app.get(
+        "/jobs/{job_id}", response_model=schemas.JobProgress, responses=schemas.error_responses(400, 404, 429, 503)
+    )
+    async def job_status(self, job_id: uuid.UUID, request: Request, response: Response) -> schemas.JobProgress:
+        """The job's progress, for its token's holder (or the admin); 404 for anyone else."""
+        return schemas.JobProgress(**await self._job(str(job_id), request, response))
 
     @app.get(
         "/jobs/{job_id}/results",
         response_class=StreamingResponse,
-        responses={200: schemas.NDJSON_RESULTS, **schemas.error_responses(400, 404, 409, 503)},
+        responses={200: schemas.NDJSON_RESULTS, **schemas.error_responses(400, 404, 409, 429, 503)},
     )
-    async def job_results(self, job_id: uuid.UUID) -> StreamingResponse:
+    async def job_results(self, job_id: uuid.UUID, request: Request, response: Response) -> ResultsStream:
         """One {"index", "label", "score", "probabilities"} a line, in input order."""
-        progress = await self._job(str(job_id))
+        progress = await self._job(str(job_id), request, response)
         if progress["status"] != "done":
             raise ApiError(409, f"job {job_id} is {progress['status']}: results once it is done", progress=progress)
-        lines = (json.dumps(r, separators=(",", ":")) + "\n" for r in self.jobs.results(str(job_id)))
-        return StreamingResponse(iterate_in_threadpool(lines), media_type="application/x-ndjson")
+        page = functools.partial(self.database.run, self.jobs.results_page, str(job_id))
+        return ResultsStream(lambda after: page(after, RESULTS_PAGE), RESULTS_PAGE, settings.job_send_timeout_seconds)
 
-    @app.delete("/jobs/{job_id}", responses=schemas.error_responses(400, 404, 409, 503))
-    async def cancel_job(self, job_id: uuid.UUID) -> dict:
-        status, cancelled = await self.database.run(self.jobs.cancel, str(job_id))
+    @app.delete("/jobs/{job_id}", responses=schemas.error_responses(400, 404, 409, 429, 503))
+    async def cancel_job(self, job_id: uuid.UUID, request: Request, response: Response) -> dict:
+        await self.client_limits.check(request, response, "job_reads")
+        status, cancelled = await self.database.run(self.jobs.cancel, str(job_id), self._job_token(request))
         if status is None:
             raise ApiError(404, f"unknown job {job_id}")
         if not cancelled:
             raise ApiError(409, f"job {job_id} is already {status}")
         return {"job_id": job_id, "status": status}
 
-    async def _job(self, job_id: str) -> dict:
-        progress = await self.database.run(self.jobs.status, job_id)
+    async def _job(self, job_id: str, request: Request, response: Response) -> dict:
+        await self.client_limits.check(request, response, "job_reads")
+        progress = await self.database.run(self.jobs.status, job_id, self._job_token(request))
         if progress is None:
             raise ApiError(404, f"unknown job {job_id}")
         return dict(progress)
+
+    @staticmethod
+    def _job_token(request: Request) -> str | None:
+        """The hash of the job token the request carries (`Authorization: Bearer`); None for
+        the admin key, which reaches every job. No token: a hash no job has."""
+        given = request.headers.get("authorization", "")
+        token = given[7:].strip() if given[:7].lower() == "bearer " else ""
+        if deps.is_admin_key(token):
+            return None
+        return token_hash(token)
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -313,10 +353,22 @@ CONCURRENCY = AdaptiveLimit(settings.max_queue_delay_ms / 1000, maximum=MAX_IN_F
 # response validation (service/fastpath.py); every other request goes through FastAPI.
 SHORT_PATH = fastpath.routes_of(app, ("/predict", "/predict/ab", "/batch"))
 app.add_middleware(fastpath.ShortPath, routes=SHORT_PATH)
+# /jobs requests have a budget of their own, and at most a few per client: a slow upload or a
+# results reader that stops reading holds its slot for up to its timeout, and must not take
+# the prediction endpoints' (docs/api.md, Limits).
+JOB_PATHS = tuple(p for p in PUBLIC_PATHS if p.startswith("/jobs"))
+app.add_middleware(
+    InFlightLimit,
+    limit=settings.max_job_requests_in_flight,
+    paths=("/jobs",),
+    per_client=settings.job_requests_per_client,
+    per_client_setting="JOB_REQUESTS_PER_CLIENT",
+    trusted=trusted_networks(settings.trusted_proxies),
+)
 app.add_middleware(
     InFlightLimit,
     limit=MAX_IN_FLIGHT,
-    paths=PUBLIC_PATHS,
+    paths=tuple(p for p in PUBLIC_PATHS if p not in JOB_PATHS),
     lag=LOOP_LAG,
     max_lag_s=settings.max_queue_delay_ms / 4000,
     adaptive=CONCURRENCY,
@@ -326,6 +378,7 @@ app.add_middleware(
     BodySizeLimit,
     max_bytes=settings.max_body_bytes,
     larger={"/jobs": (settings.max_job_body_bytes, "MAX_JOB_BODY_BYTES")},
+    streamed=("/jobs",),
 )
 app.add_middleware(RequestContext, public=PUBLIC_PATHS, on_error=ERRORS)
 # On BentoML's outer app: unknown paths never reach the FastAPI app above.

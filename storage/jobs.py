@@ -1,12 +1,14 @@
 """The bulk-job queue in the analytics database: submit, lease a chunk, complete it, follow it.
 
 The standard PostgreSQL queue pattern: a job's texts are cut into chunks, and a worker leases
-the oldest claimable chunk with `FOR UPDATE SKIP LOCKED` (concurrent workers never wait on each
+a claimable chunk with `FOR UPDATE SKIP LOCKED` (concurrent workers never wait on each
 other or take the same chunk; under SQLite one UPDATE statement holds the database's write lock,
-which gives the same guarantee). A lease that runs out (its worker died) makes the chunk
-claimable again. Results are written with ON CONFLICT DO NOTHING by (job, index), and a chunk is
-counted into the job's progress only by the UPDATE that marks it done, so a chunk scored twice
-is stored and counted once. Chosen over RQ or Celery: those add a broker process and a second
+which gives the same guarantee): the oldest chunk of the client served least recently, so one
+client's large job does not hold back another client's small one. A lease that runs out (its
+worker died) makes the chunk claimable again; a chunk tried `max_attempts` times fails its
+job. Results are written with ON CONFLICT DO NOTHING by (job, index), and a chunk is counted
+into the job's progress only by the UPDATE that marks it done, so a chunk scored twice is
+stored and counted once. Chosen over RQ or Celery: those add a broker process and a second
 copy of the model outside the service's batcher (README, Bulk jobs).
 """
 
@@ -28,6 +30,27 @@ from storage.tables import job_chunks, job_results, job_texts, jobs
 CHUNK_TEXTS = 256
 INSERT_ROWS = 5_000  # rows per INSERT statement when a job's texts are stored
 ACTIVE = ("queued", "running")
+# Taken (transaction-scoped) by every submission on PostgreSQL, so two replicas cannot both pass
+# a quota with the other's job uncommitted. Under SQLite the job's INSERT, made before the
+# counts are read, holds the database's write lock instead.
+SUBMIT_LOCK = 0x6A6F6273  # "jobs"
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """How much queued work one client, and all clients, may have in the queue."""
+
+    active_jobs_per_client: int
+    texts_per_client: int
+    texts: int
+
+
+class QuotaExceeded(Exception):
+    """A submission over a quota; `per_client` tells which kind (the client's, or everyone's)."""
+
+    def __init__(self, message: str, per_client: bool) -> None:
+        super().__init__(message)
+        self.per_client = per_client
 
 
 @dataclass(frozen=True)
@@ -39,6 +62,7 @@ class Chunk:
     first: int
     texts: list[str]
     model: str
+    attempt: int = 1
 
 
 @dataclass(frozen=True)
@@ -57,11 +81,23 @@ class JobQueue:
 
     # --- clients ---------------------------------------------------------------------------
 
-    def submit(self, texts: Sequence[str], model: str, client: str, chunk_texts: int = CHUNK_TEXTS) -> str:
-        """Store a job and its chunks in one transaction; returns its id."""
+    def submit(
+        self,
+        texts: Sequence[str],
+        model: str,
+        client: str,
+        token_sha256: str,
+        quotas: Quotas | None = None,
+        chunk_texts: int = CHUNK_TEXTS,
+    ) -> str:
+        """Store a job and its chunks in one transaction; returns its id. QuotaExceeded (and
+        nothing stored) when it would take its client, or everyone, over `quotas`."""
         job_id = str(uuid.uuid4())
         now = utcnow()
+        client = client[:64]
         with self.engine.begin() as conn:
+            if self.postgres:
+                conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SUBMIT_LOCK)))
             conn.execute(
                 jobs.insert().values(
                     job_id=job_id,
@@ -69,10 +105,13 @@ class JobQueue:
                     total=len(texts),
                     done=0,
                     model=model,
-                    client=client[:64],
+                    client=client,
                     created_at=now,
+                    token_sha256=token_sha256,
                 )
             )
+            if quotas is not None:
+                self._check_quotas(conn, client, quotas)  # counts the job just inserted
             for start in range(0, len(texts), INSERT_ROWS):
                 rows = [
                     {"job_id": job_id, "idx": start + i, "text": t}
@@ -94,9 +133,42 @@ class JobQueue:
             conn.execute(job_chunks.insert(), chunks)
         return job_id
 
-    def status(self, job_id: str) -> dict[str, Any] | None:
+    @staticmethod
+    def _check_quotas(conn: sa.Connection, client: str, quotas: Quotas) -> None:
+        waiting = sa.func.coalesce(sa.func.sum(jobs.c.total - jobs.c.done), 0)
+        active = jobs.c.status.in_(ACTIVE)
+        n_jobs, n_texts = conn.execute(sa.select(sa.func.count(), waiting).where(active, jobs.c.client == client)).one()
+        if n_jobs > quotas.active_jobs_per_client:
+            raise QuotaExceeded(
+                f"client has {n_jobs - 1} queued or running jobs, at most {quotas.active_jobs_per_client}"
+                " (MAX_ACTIVE_JOBS_PER_CLIENT)",
+                per_client=True,
+            )
+        if n_texts > quotas.texts_per_client:
+            raise QuotaExceeded(
+                f"client would have {n_texts} texts queued, at most {quotas.texts_per_client}"
+                " (MAX_QUEUED_TEXTS_PER_CLIENT)",
+                per_client=True,
+            )
+        everyone = conn.execute(sa.select(waiting).where(active)).scalar_one()
+        if everyone > quotas.texts:
+            raise QuotaExceeded(
+                f"the service has too many texts queued ({everyone} with this job, at most {quotas.texts},"
+                " MAX_QUEUED_TEXTS)",
+                per_client=False,
+            )
+
+    @staticmethod
+    def _owned(job_id: str, token_sha256: str | None) -> sa.ColumnElement[bool]:
+        """The job, if `token_sha256` is its token's hash; None stands for the admin (any job)."""
+        if token_sha256 is None:
+            return jobs.c.job_id == job_id
+        return sa.and_(jobs.c.job_id == job_id, jobs.c.token_sha256 == token_sha256)
+
+    def status(self, job_id: str, token_sha256: str | None) -> dict[str, Any] | None:
+        """The job's progress; None if there is no such job or the token is not its own."""
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(jobs).where(jobs.c.job_id == job_id)).mappings().first()
+            row = conn.execute(sa.select(jobs).where(self._owned(job_id, token_sha256))).mappings().first()
         if row is None:
             return None
         return {
@@ -108,93 +180,169 @@ class JobQueue:
             "finished_at": _iso(row["finished_at"]),
             "eta_seconds": _eta(row),
             "model": row["model"],
+            "error": row["error"],
         }
+
+    def results_page(self, job_id: str, after: int, page: int) -> list[dict[str, Any]]:
+        """Up to `page` of the job's results after index `after`, in input order."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(job_results)
+                .where(job_results.c.job_id == job_id, job_results.c.idx > after)
+                .order_by(job_results.c.idx)
+                .limit(page)
+            ).all()
+        return [
+            {
+                "index": r.idx,
+                "label": r.label,
+                "score": r.score,
+                "probabilities": {"negative": r.p_negative, "positive": r.p_positive},
+            }
+            for r in rows
+        ]
 
     def results(self, job_id: str, page: int = 5_000) -> Iterator[dict[str, Any]]:
         """The job's results in input order, read a page at a time."""
         last = -1
-        while True:
-            with self.engine.connect() as conn:
-                rows = conn.execute(
-                    sa.select(job_results)
-                    .where(job_results.c.job_id == job_id, job_results.c.idx > last)
-                    .order_by(job_results.c.idx)
-                    .limit(page)
-                ).all()
-            for r in rows:
-                yield {
-                    "index": r.idx,
-                    "label": r.label,
-                    "score": r.score,
-                    "probabilities": {"negative": r.p_negative, "positive": r.p_positive},
-                }
+        while rows := self.results_page(job_id, last, page):
+            yield from rows
             if len(rows) < page:
                 return
-            last = rows[-1].idx
+            last = rows[-1]["index"]
 
-    def cancel(self, job_id: str) -> tuple[str | None, bool]:
+    def cancel(self, job_id: str, token_sha256: str | None) -> tuple[str | None, bool]:
         """Cancel a queued or running job (its texts and unclaimed chunks go at once; a leased
-        chunk's worker stops at its next sub-batch). Returns its status now (None if unknown)
-        and whether this call cancelled it."""
-        now = utcnow()
+        chunk's worker stops at its next sub-batch). Returns its status now (None if unknown,
+        or the token is not its own) and whether this call cancelled it."""
         with self.engine.begin() as conn:
-            updated = conn.execute(
-                jobs.update()
-                .where(jobs.c.job_id == job_id, jobs.c.status.in_(ACTIVE))
-                .values(status="cancelled", finished_at=now, expires_at=now + self.result_ttl)
-            ).rowcount
-            if updated:
-                conn.execute(job_texts.delete().where(job_texts.c.job_id == job_id))
-                conn.execute(job_chunks.delete().where(job_chunks.c.job_id == job_id))
-            status = conn.execute(sa.select(jobs.c.status).where(jobs.c.job_id == job_id)).scalar()
-        return status, bool(updated)
+            status = conn.execute(sa.select(jobs.c.status).where(self._owned(job_id, token_sha256))).scalar()
+            if status not in ACTIVE:
+                return status, False
+            self._finish(conn, job_id, "cancelled")
+        return "cancelled", True
+
+    def _finish(self, conn: sa.Connection, job_id: str, status: str, error: str | None = None) -> bool:
+        """End an active job as `status`: its texts and chunks go, its results stay until it expires."""
+        now = utcnow()
+        ended = conn.execute(
+            jobs.update()
+            .where(jobs.c.job_id == job_id, jobs.c.status.in_(ACTIVE))
+            .values(status=status, finished_at=now, expires_at=now + self.result_ttl, error=error)
+        ).rowcount
+        if ended:
+            conn.execute(job_texts.delete().where(job_texts.c.job_id == job_id))
+            conn.execute(job_chunks.delete().where(job_chunks.c.job_id == job_id))
+        return bool(ended)
 
     # --- workers ---------------------------------------------------------------------------
 
-    def claim(self, worker: str, lease: timedelta) -> Chunk | None:
-        """Lease the oldest claimable chunk (queued, or leased with its lease run out)."""
+    def claim(self, worker: str, lease: timedelta, models: Sequence[str], max_attempts: int) -> Chunk | None:
+        """Lease a claimable chunk (queued, or leased with its lease run out) of a job whose
+        model is one of `models`: the oldest chunk of the client whose jobs were claimed least
+        recently (never first), so clients take turns chunk by chunk. A chunk whose lease ran
+        out on its last allowed attempt fails its job instead (its status says why), and the
+        next chunk is looked at."""
         now = utcnow()
         claimable = sa.or_(
             job_chunks.c.state == "queued", sa.and_(job_chunks.c.state == "leased", job_chunks.c.lease_until < now)
         )
+        served = (
+            sa.select(jobs.c.client, sa.func.max(jobs.c.claimed_at).label("last"))
+            .where(jobs.c.status.in_(ACTIVE))
+            .group_by(jobs.c.client)
+            .subquery()
+        )
         pick = (
             sa.select(job_chunks.c.job_id, job_chunks.c.chunk)
-            .where(claimable)
-            .order_by(job_chunks.c.queued_at, job_chunks.c.job_id, job_chunks.c.chunk)
+            .join(jobs, jobs.c.job_id == job_chunks.c.job_id)
+            .join(served, served.c.client == jobs.c.client)
+            .where(claimable, jobs.c.status.in_(ACTIVE), jobs.c.model.in_(list(models)))
+            .order_by(
+                served.c.last.asc().nulls_first(), job_chunks.c.queued_at, job_chunks.c.job_id, job_chunks.c.chunk
+            )
             .limit(1)
         )
         if self.postgres:
-            pick = pick.with_for_update(skip_locked=True)
+            pick = pick.with_for_update(skip_locked=True, of=job_chunks)
         picked = pick.subquery()
         stmt = (
             job_chunks.update()
             .where(job_chunks.c.job_id == picked.c.job_id, job_chunks.c.chunk == picked.c.chunk, claimable)
             .values(state="leased", lease_until=now + lease, worker=worker[:64], attempts=job_chunks.c.attempts + 1)
-            .returning(job_chunks.c.job_id, job_chunks.c.chunk, job_chunks.c.first, job_chunks.c.size)
+            .returning(
+                job_chunks.c.job_id, job_chunks.c.chunk, job_chunks.c.first, job_chunks.c.size, job_chunks.c.attempts
+            )
         )
-        with self.engine.begin() as conn:
-            row = conn.execute(stmt).first()
-            if row is None:
-                return None
-            conn.execute(
-                jobs.update()
-                .where(jobs.c.job_id == row.job_id, jobs.c.status == "queued")
-                .values(status="running", started_at=now, progressed_at=now)
-            )
-            model = conn.execute(sa.select(jobs.c.model).where(jobs.c.job_id == row.job_id)).scalar_one()
-            texts = (
+        for _ in range(8):  # past chunks that have used up their attempts
+            with self.engine.begin() as conn:
+                row = conn.execute(stmt).first()
+                if row is None:
+                    return None
+                if row.attempts > max_attempts:
+                    error = _attempts_error(row.chunk, max_attempts, "its lease ran out")
+                    self._finish(conn, row.job_id, "failed", error)
+                    continue
+                conn.execute(jobs.update().where(jobs.c.job_id == row.job_id).values(claimed_at=now))
                 conn.execute(
-                    sa.select(job_texts.c.text)
-                    .where(job_texts.c.job_id == row.job_id, job_texts.c.idx >= row.first)
-                    .where(job_texts.c.idx < row.first + row.size)
-                    .order_by(job_texts.c.idx)
+                    jobs.update()
+                    .where(jobs.c.job_id == row.job_id, jobs.c.status == "queued")
+                    .values(status="running", started_at=now, progressed_at=now)
                 )
-                .scalars()
-                .all()
+                model = conn.execute(sa.select(jobs.c.model).where(jobs.c.job_id == row.job_id)).scalar_one()
+                texts = (
+                    conn.execute(
+                        sa.select(job_texts.c.text)
+                        .where(job_texts.c.job_id == row.job_id, job_texts.c.idx >= row.first)
+                        .where(job_texts.c.idx < row.first + row.size)
+                        .order_by(job_texts.c.idx)
+                    )
+                    .scalars()
+                    .all()
+                )
+            if len(texts) < row.size:  # cancelled meanwhile: its texts are gone
+                return None
+            return Chunk(row.job_id, row.chunk, row.first, list(texts), model, row.attempts)
+        return None
+
+    def fail(self, chunk: Chunk, reason: str, max_attempts: int) -> bool:
+        """A chunk's attempt failed: back in the queue for another try, or, on its last allowed
+        attempt, its job failed with `reason`. True when the job failed."""
+        with self.engine.begin() as conn:
+            if chunk.attempt >= max_attempts:
+                return self._finish(conn, chunk.job_id, "failed", _attempts_error(chunk.chunk, max_attempts, reason))
+            conn.execute(
+                job_chunks.update()
+                .where(job_chunks.c.job_id == chunk.job_id, job_chunks.c.chunk == chunk.chunk)
+                .where(job_chunks.c.state == "leased")
+                .values(state="queued", lease_until=None)
             )
-        if len(texts) < row.size:  # cancelled meanwhile: its texts are gone
-            return None
-        return Chunk(row.job_id, row.chunk, row.first, list(texts), model)
+        return False
+
+    def fail_unserved(self, models: Sequence[str], idle: timedelta) -> list[str]:
+        """Fail the active jobs whose model is not among `models` and that have not advanced
+        for `idle`: no worker serving their model is left to take them. Their ids."""
+        cutoff = utcnow() - idle
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                sa.select(jobs.c.job_id, jobs.c.model).where(
+                    jobs.c.status.in_(ACTIVE),
+                    jobs.c.model.not_in(list(models)),
+                    sa.func.coalesce(jobs.c.progressed_at, jobs.c.created_at) < cutoff,
+                )
+            ).all()
+            failed = [
+                r.job_id
+                for r in rows
+                if self._finish(
+                    conn,
+                    r.job_id,
+                    "failed",
+                    f"model {r.model} is not served: no worker scored this job for {idle.total_seconds():.0f} s;"
+                    " submit it again",
+                )
+            ]
+        return failed
 
     def release(self, worker: str) -> int:
         """Give a stopping worker's leased chunks back to the queue, in their place, so a restart
@@ -271,11 +419,12 @@ class JobQueue:
 
     # --- upkeep ----------------------------------------------------------------------------
 
-    def expire(self) -> int:
-        """Remove finished jobs past their time to live, with their results; returns how many."""
+    def expire(self, limit: int = 100) -> int:
+        """Remove up to `limit` finished jobs past their time to live, with their results;
+        returns how many (each worker calls it every minute: a bounded delete each time)."""
         now = utcnow()
         with self.engine.begin() as conn:
-            gone = conn.execute(sa.select(jobs.c.job_id).where(jobs.c.expires_at < now)).scalars().all()
+            gone = conn.execute(sa.select(jobs.c.job_id).where(jobs.c.expires_at < now).limit(limit)).scalars().all()
             for table in (job_results, job_texts, job_chunks, jobs):
                 conn.execute(table.delete().where(table.c.job_id.in_(gone)))
         return len(gone)
@@ -298,6 +447,10 @@ class JobQueue:
             "oldest_queued_seconds": _age(oldest, now),
             "least_recent_progress_seconds": _age(stalled, now),
         }
+
+
+def _attempts_error(chunk: int, attempts: int, reason: str) -> str:
+    return f"chunk {chunk} failed {attempts} times (JOB_MAX_ATTEMPTS), last: {reason[:500]}"
 
 
 def _aware(value: datetime) -> datetime:

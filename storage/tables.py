@@ -101,9 +101,17 @@ jobs = Table(
     Column("finished_at", DateTime(timezone=True), nullable=True),
     Column("expires_at", DateTime(timezone=True), nullable=True),
     Column("error", Text, nullable=True),
+    # SHA-256 of the job's bearer token (given to its submitter once): status, results and
+    # cancel need the token. NULL for jobs submitted before tokens, reachable by the admin only.
+    Column("token_sha256", String(64), nullable=True),
+    # When a worker last leased a chunk of this job: chunks are claimed round robin between
+    # clients, the least recently served client first (JobQueue.claim).
+    Column("claimed_at", DateTime(timezone=True), nullable=True),
 )
 Index("ix_jobs_status_created_at", jobs.c.status, jobs.c.created_at)
 Index("ix_jobs_expires_at", jobs.c.expires_at)
+# The quotas count a client's queued and running jobs at every submission.
+Index("ix_jobs_client_status", jobs.c.client, jobs.c.status)
 
 # A job's texts in chunks of up to CHUNK_TEXTS: the unit a worker claims, under a lease.
 job_chunks = Table(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -83,11 +83,14 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Job:
-    """A job the service accepted (202)."""
+    """A job the service accepted (202). `token` is the job's bearer token, given once: status,
+    results and cancel need it (this client remembers the tokens of the jobs it submitted; keep
+    it, as a password, to follow the job from elsewhere)."""
 
     job_id: str
     status: str
     total: int
+    token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class JobStatus:
     finished_at: datetime | None
     eta_seconds: float | None
     model: str
+    error: str | None = None  # why a failed job failed
 
     @property
     def finished(self) -> bool:
@@ -121,6 +125,7 @@ class JobStatus:
             finished_at=None if finished_at is None else _timestamp(finished_at),
             eta_seconds=None if eta is None else float(eta),
             model=data["model"],
+            error=data.get("error"),
         )
 
 
@@ -232,6 +237,7 @@ class SentimentClient:
         self.timeout = timeout
         self.retries = retries
         self.max_retry_after = max_retry_after
+        self._tokens: dict[str, str] = {}  # job id -> token, for the jobs submitted here
         self._http = httpx.Client(
             base_url=self.url,
             timeout=timeout,
@@ -286,11 +292,13 @@ class SentimentClient:
                 timeout=timeout,
             )
         body = response.json()
-        return Job(job_id=body["job_id"], status=body["status"], total=int(body["total"]))
+        self._tokens[body["job_id"]] = body["token"]
+        return Job(job_id=body["job_id"], status=body["status"], total=int(body["total"]), token=body["token"])
 
-    def status(self, job_id: str) -> JobStatus:
-        """A job's progress; SentimentError 404 for a job the service does not know."""
-        return JobStatus.from_json(self._call("GET", f"/jobs/{quote(job_id, safe='')}").json())
+    def status(self, job_id: str, token: str | None = None) -> JobStatus:
+        """A job's progress; SentimentError 404 for a job the service does not know, or whose
+        token is not `token` (by default the one this client got when it submitted the job)."""
+        return JobStatus.from_json(self._call("GET", self._job_path(job_id), headers=self._auth(job_id, token)).json())
 
     def wait(
         self,
@@ -298,13 +306,14 @@ class SentimentClient:
         progress: Callable[[JobStatus], object] | None = None,
         poll: float = 1.0,
         timeout: float | None = None,
+        token: str | None = None,
     ) -> JobStatus:
         """Poll a job every `poll` seconds until it is done, failed or cancelled, and return that
         status; `progress(status)` is called with each status fetched. TimeoutError after
         `timeout` seconds (the job keeps running)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            status = self.status(job_id)
+            status = self.status(job_id, token)
             if progress is not None:
                 progress(status)
             if status.finished:
@@ -313,17 +322,26 @@ class SentimentClient:
                 raise TimeoutError(f"job {job_id} is still {status.status} after {timeout:g} s")
             time.sleep(poll)
 
-    def results(self, job_id: str) -> Iterator[Result]:
+    def results(self, job_id: str, token: str | None = None) -> Iterator[Result]:
         """A done job's results in input order, read from the stream as they are iterated.
         SentimentError 409 (with `body["progress"]`) while the job is not done; the request is
         made by this call, not at the first iteration."""
-        response = self._call("GET", f"/jobs/{quote(job_id, safe='')}/results", stream=True)
+        headers = self._auth(job_id, token)
+        response = self._call("GET", self._job_path(job_id) + "/results", stream=True, headers=headers)
         return self._lines(job_id, response)
 
-    def cancel(self, job_id: str) -> str:
+    def cancel(self, job_id: str, token: str | None = None) -> str:
         """Cancel a queued or running job and return its status ("cancelled"); SentimentError 409
         when it has already finished, 404 when unknown."""
-        return str(self._call("DELETE", f"/jobs/{quote(job_id, safe='')}").json()["status"])
+        return str(self._call("DELETE", self._job_path(job_id), headers=self._auth(job_id, token)).json()["status"])
+
+    @staticmethod
+    def _job_path(job_id: str) -> str:
+        return f"/jobs/{quote(job_id, safe='')}"
+
+    def _auth(self, job_id: str, token: str | None) -> dict[str, str]:
+        token = token or self._tokens.get(job_id)
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     # --- transport --------------------------------------------------------------------------
 

@@ -85,17 +85,19 @@ def fingerprint(texts: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def write_atomically(path: Path, write: Callable[[IO[str]], None]) -> None:
-    """`write` into a file beside `path` that replaces it only once complete and on disk."""
+def write_atomically(path: Path, write: Callable[[IO[str]], None], secret: bool = False) -> None:
+    """`write` into a file beside `path` that replaces it only once complete and on disk;
+    `secret`: readable by this user only (0600), as a file holding a job's token."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for secrets, not for results
+        if not secret:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 is for secrets, not for results
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -103,7 +105,7 @@ def write_atomically(path: Path, write: Callable[[IO[str]], None]) -> None:
 
 
 def state_file(out: Path) -> Path:
-    """Where `score` keeps the id of the job it submitted, until the results are written."""
+    """Where `score` keeps the id and token of the job it submitted, until the results are written."""
     return out.with_name(out.name + ".job")
 
 
@@ -128,7 +130,7 @@ def progress_label(status: JobStatus) -> str:
     return status.status if status.finished else f"{status.status}, eta {eta(status)}"
 
 
-def follow(client: SentimentClient, first: JobStatus, poll: float, quiet: bool) -> JobStatus:
+def follow(client: SentimentClient, first: JobStatus, poll: float, quiet: bool, token: str | None) -> JobStatus:
     """Poll the job until it finishes, with a progress bar of texts done and the service's ETA."""
     with tqdm(
         total=first.total,
@@ -148,16 +150,16 @@ def follow(client: SentimentClient, first: JobStatus, poll: float, quiet: bool) 
             bar.refresh()
 
         time.sleep(poll)
-        return client.wait(first.job_id, progress=show, poll=poll)
+        return client.wait(first.job_id, progress=show, poll=poll, token=token)
 
 
-def download(client: SentimentClient, job_id: str, out: Path, total: int) -> int:
+def download(client: SentimentClient, job_id: str, out: Path, total: int, token: str | None) -> int:
     """The job's results into `out`, a JSON line each in input order, written atomically."""
     count = 0
 
     def write(handle: IO[str]) -> None:
         nonlocal count
-        for result in client.results(job_id):
+        for result in client.results(job_id, token):
             if result.index != count:
                 raise SentimentError(None, f"job {job_id}: result {count} expected, index {result.index} came")
             handle.write(json.dumps(asdict(result), separators=(",", ":")) + "\n")
@@ -181,7 +183,9 @@ def resume_hint(args: argparse.Namespace, job_id: str) -> str:
         "To resume, run the same command again:\n"
         f"  {shlex.join(again)}\n"
         f"or follow the job by its id: {shlex.join(by_id)}\n"
-        f"To stop it: {shlex.join([PROG, 'cancel', job_id, '--url', args.url])}"
+        f"To stop it: {shlex.join([PROG, 'cancel', job_id, '--url', args.url])}\n"
+        f"(both need the job's token, --token or $SENTIMENT_JOB_TOKEN: {state_file(Path(args.out))} holds the"
+        " token of a job this command submitted)"
     )
 
 
@@ -192,10 +196,12 @@ def run_score(client: SentimentClient, args: argparse.Namespace) -> int:
         raise InputError(f"{out.parent}: no folder this user can write the results into")
     texts = read_texts(Path(args.input), args.plain) if args.input else None
     job_id: str | None = args.job_id
+    token: str | None = args.token
     saved: dict[str, Any] = {}
     if job_id is None and state.exists():
         saved = read_state(state)
         job_id = saved["job_id"]
+        token = saved.get("token") or token
         if texts is not None and saved.get("texts_sha256") not in (None, fingerprint(texts)):
             raise InputError(f"{state} is the job of another input than {args.input}: delete it to submit this one")
         note(f"resuming job {job_id} (its id is in {state})")
@@ -205,13 +211,16 @@ def run_score(client: SentimentClient, args: argparse.Namespace) -> int:
         if job_id is None:
             assert texts is not None
             job = client.submit(texts)
-            job_id = job.job_id
-            record = {"job_id": job_id, "url": args.url, "input": args.input, "total": job.total}
+            job_id, token = job.job_id, job.token
+            record = {"job_id": job_id, "token": token, "url": args.url, "input": args.input, "total": job.total}
             record["texts_sha256"] = fingerprint(texts)
-            write_atomically(state, lambda handle: json.dump(record, handle))
-            note(f"submitted job {job_id}: {job.total} texts (its id is kept in {state} until the results are written)")
+            write_atomically(state, lambda handle: json.dump(record, handle), secret=True)
+            note(
+                f"submitted job {job_id}: {job.total} texts (its id and token are kept in {state}, mode 0600,"
+                " until the results are written)"
+            )
         try:
-            first = client.status(job_id)
+            first = client.status(job_id, token)
         except SentimentError as exc:
             if exc.status == 404 and saved:
                 raise SentimentError(
@@ -222,7 +231,7 @@ def run_score(client: SentimentClient, args: argparse.Namespace) -> int:
             raise
         if texts is not None and first.total != len(texts):
             raise InputError(f"job {job_id} holds {first.total} texts, {args.input} {len(texts)}: not its input")
-        final = follow(client, first, args.poll, args.quiet)
+        final = follow(client, first, args.poll, args.quiet, token)
         if final.status != "done":
             again = ""
             if state.exists() and not args.job_id:
@@ -230,7 +239,7 @@ def run_score(client: SentimentClient, args: argparse.Namespace) -> int:
                 again = f"; {state} deleted, run again to submit the input anew"
             note(f"job {job_id} {final.status} after {final.done} of {final.total} texts: no results written{again}")
             return EXIT_FAILED
-        count = download(client, job_id, out, final.total)
+        count = download(client, job_id, out, final.total, token)
     except KeyboardInterrupt:
         if job_id is None:
             note("interrupted while submitting: no job id came back (the service may have created the job anyway)")
@@ -250,7 +259,7 @@ def run_score(client: SentimentClient, args: argparse.Namespace) -> int:
 
 
 def run_status(client: SentimentClient, args: argparse.Namespace) -> int:
-    s = client.status(args.job_id)
+    s = client.status(args.job_id, args.token)
     share = 100 * s.done / s.total if s.total else 100.0
     finished = "-" if s.finished_at is None else s.finished_at.isoformat(timespec="seconds")
     print(
@@ -261,7 +270,7 @@ def run_status(client: SentimentClient, args: argparse.Namespace) -> int:
 
 
 def run_cancel(client: SentimentClient, args: argparse.Namespace) -> int:
-    print(f"job {args.job_id} {client.cancel(args.job_id)}")
+    print(f"job {args.job_id} {client.cancel(args.job_id, args.token)}")
     return 0
 
 
@@ -286,6 +295,12 @@ def parser() -> argparse.ArgumentParser:
         help=f"the service (default: $SENTIMENT_URL or {DEFAULT_URL})",
     )
     common.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for an answer (default 30)")
+    common.add_argument(
+        "--token",
+        default=os.environ.get("SENTIMENT_JOB_TOKEN"),
+        help="a job's token, for --job-id, status and cancel (default: $SENTIMENT_JOB_TOKEN; score reads its"
+        " own job's from OUT.job; the admin key reaches every job)",
+    )
     common.add_argument(
         "--retries", type=int, default=4, help="times a refusal with Retry-After is waited out and retried (default 4)"
     )

@@ -32,6 +32,9 @@ SUBJECTS = ["The battery", "Customer support", "The delivery", "This blender", "
 VERDICTS = ["was wonderful", "broke after two days", "exceeded my hopes", "was a waste of money", "is fine"]
 
 
+ADMIN_KEY = "client-tests-" + "0123456789abcdef" * 2
+
+
 @dataclass
 class Service:
     url: str
@@ -49,7 +52,14 @@ def service(
 ) -> Iterator[Service]:
     workdir = tmp_path_factory.mktemp("serve")
     # a jobs window short enough for a test to watch the client wait out a 429 and get through
-    env = embedded_env(bentoml_home, model_env, workdir, TRUSTED_PROXIES="127.0.0.1", RATE_LIMIT_JOBS="3/10 seconds")
+    env = embedded_env(
+        bentoml_home,
+        model_env,
+        workdir,
+        TRUSTED_PROXIES="127.0.0.1",
+        RATE_LIMIT_JOBS="3/10 seconds",
+        ADMIN_API_KEY=ADMIN_KEY,
+    )
     with Served(env, workdir / "serve.log", workers=2) as server:
         yield Service(server.url, workdir / "analytics.db")
 
@@ -189,7 +199,10 @@ def test_cli_scores_a_file(service: Service, cli: Path, tmp_path: Path) -> None:
     submitted = re.search(r"submitted job ([0-9a-f-]{36})", done.stderr)
     assert submitted, done.stderr
     job_id = submitted.group(1)
-    status = run(cli, "status", job_id, "--url", service.url, cwd=tmp_path)
+    # the token went with the state file: without it the job is unknown, the admin key reaches it
+    unknown = run(cli, "status", job_id, "--url", service.url, cwd=tmp_path)
+    assert unknown.returncode == 1 and f"unknown job {job_id}" in unknown.stderr, unknown
+    status = run(cli, "status", job_id, "--url", service.url, "--token", ADMIN_KEY, cwd=tmp_path)
     assert status.returncode == 0 and "done  2000/2000 texts (100%)" in status.stdout, status
 
 
@@ -205,7 +218,9 @@ def test_cli_resumes_after_ctrl_c(service: Service, cli: Path, tmp_path: Path) -
         while not state.exists():
             assert first.poll() is None, f"exited with {first.returncode} before submitting"
             time.sleep(0.05)
-        job_id = json.loads(state.read_text())["job_id"]
+        saved = json.loads(state.read_text())
+        job_id, token = saved["job_id"], saved["token"]
+        assert state.stat().st_mode & 0o777 == 0o600  # it holds the job's token
         first.send_signal(signal.SIGINT)
         _, stderr = first.communicate(timeout=60)
     finally:
@@ -213,10 +228,10 @@ def test_cli_resumes_after_ctrl_c(service: Service, cli: Path, tmp_path: Path) -
             first.kill()
             first.wait()
     assert first.returncode == 130, stderr
-    assert f"job {job_id} keeps running" in stderr and "Traceback" not in stderr
+    assert f"job {job_id} keeps running" in stderr and "Traceback" not in stderr and token not in stderr
     assert not (tmp_path / "results.jsonl").exists() and state.exists()
     with SentimentClient(service.url) as client:
-        assert client.status(job_id).status in ("queued", "running", "done")
+        assert client.status(job_id, token).status in ("queued", "running", "done")
 
     again = run(cli, *args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
@@ -224,14 +239,25 @@ def test_cli_resumes_after_ctrl_c(service: Service, cli: Path, tmp_path: Path) -
     results = read_results(tmp_path / "results.jsonl")
     assert [r["index"] for r in results] == list(range(5000)) and not state.exists()
     assert service.job_ids() - before == {job_id}, "the input was submitted twice"
+    assert token not in again.stderr
     with SentimentClient(service.url) as client:
-        final = client.status(job_id)
+        final = client.status(job_id, token)
     assert final.status == "done" and final.done == final.total == 5000
 
-    by_id = run(cli, "score", "--job-id", job_id, "--url", service.url, "--out", "copy.jsonl", cwd=tmp_path)
+    follow = ("score", "--job-id", job_id, "--url", service.url, "--out", "copy.jsonl")
+    refused = run(cli, *follow, cwd=tmp_path)  # no token
+    assert refused.returncode == 1 and "unknown job" in refused.stderr
+    by_id = subprocess.run(
+        command(cli, *follow),
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(cli), "SENTIMENT_JOB_TOKEN": token},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert by_id.returncode == 0, by_id.stderr
     assert (tmp_path / "copy.jsonl").read_bytes() == (tmp_path / "results.jsonl").read_bytes()
-    cancel = run(cli, "cancel", job_id, "--url", service.url, cwd=tmp_path)
+    cancel = run(cli, "cancel", job_id, "--url", service.url, "--token", token, cwd=tmp_path)
     assert cancel.returncode == 1 and "already done" in cancel.stderr and "Traceback" not in cancel.stderr
     assert service.job_ids() - before == {job_id}
 

@@ -72,6 +72,8 @@ def jobs_env(model_env: dict[str, str], bentoml_home: Path, redis_server: RedisS
         "DATABASE_URL": jobs_db,
         "TRUSTED_PROXIES": "127.0.0.1",
         "JOB_LEASE_SECONDS": str(LEASE_SECONDS),
+        # the tests poll a job every 50 ms: far past the default read limit, which is not tested here
+        "RATE_LIMIT_JOB_READS": "0",
     }
 
 
@@ -96,15 +98,24 @@ def _texts(n: int) -> list[str]:
     return [f"{PHRASES[i % len(PHRASES)]} (review {i}, run {tag})" for i in range(n)]
 
 
+# The token of each job submitted here, by job id (any replica answers it).
+TOKENS: dict[str, str] = {}
+
+
 def _submit(url: str, texts: list[str], client: str) -> str:
     r = post_retrying_sheds(f"{url}/jobs", {"texts": texts}, {"X-Forwarded-For": client})
     assert r.status_code == 202, r.text
     assert r.json()["total"] == len(texts)
+    TOKENS[r.json()["job_id"]] = r.json()["token"]
     return str(r.json()["job_id"])
 
 
+def _auth(job_id: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {TOKENS[job_id]}"}
+
+
 def _progress(url: str, job_id: str) -> dict:
-    r = httpx.get(f"{url}/jobs/{job_id}", timeout=30)
+    r = httpx.get(f"{url}/jobs/{job_id}", timeout=30, headers=_auth(job_id))
     assert r.status_code == 200, r.text
     return dict(r.json())
 
@@ -129,7 +140,7 @@ def _mid_job(p: dict) -> bool:
 
 
 def _results(url: str, job_id: str) -> list[dict]:
-    r = httpx.get(f"{url}/jobs/{job_id}/results", timeout=120)
+    r = httpx.get(f"{url}/jobs/{job_id}/results", timeout=120, headers=_auth(job_id))
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("application/x-ndjson")
     return [json.loads(line) for line in r.text.splitlines()]

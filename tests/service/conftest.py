@@ -30,6 +30,8 @@ def service_env(model_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
         # small job limits, so the bad-input tests stay small
         "MAX_JOB_TEXTS": "300",
         "MAX_JOB_BODY_BYTES": "65536",
+        # room for the rate limit test's ten jobs from one client (the quota test fills it itself)
+        "MAX_ACTIVE_JOBS_PER_CLIENT": "12",
     }
     os.environ.update(env)
     IN_PROCESS_ONLY.update(env)  # not for the instances other tests serve

@@ -411,3 +411,62 @@ def test_valid_predictions_take_the_short_path_and_the_rest_fastapi(
     vendor = {**headers, "Content-Type": "application/vnd.api+json"}  # JSON to FastAPI, not to the short path
     assert client.post("/predict", content=json.dumps({"text": text}), headers=vendor).json()["cached"] is True
     assert handled == ["fastapi"]
+
+
+def test_every_error_status_carries_a_request_id(
+    client: TestClient, headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One error shape for each status the service writes, whichever layer writes it."""
+    from pydantic import SecretStr
+
+    from service import service as module
+
+    json_type = {**headers, "Content-Type": "application/json"}
+    job = client.post("/jobs", json={"texts": ["an error shape test"]}, headers=headers).json()
+    auth = {**headers, "Authorization": f"Bearer {job['token']}"}
+    assert client.delete(f"/jobs/{job['job_id']}", headers=auth).status_code == 200
+
+    answers = {
+        "400": lambda: client.post("/predict", json={"text": ""}, headers=headers),
+        "404 path": lambda: client.get("/no/such/path", headers=headers),
+        "404 job": lambda: client.get(f"/jobs/{uuid.uuid4()}", headers=headers),
+        "404 feedback": lambda: client.post(
+            "/feedback", json={"request_id": str(uuid.uuid4()), "label": "positive"}, headers=headers
+        ),
+        "405": lambda: client.request("OPTIONS", f"/jobs/{job['job_id']}", headers=headers),
+        "409": lambda: client.delete(f"/jobs/{job['job_id']}", headers=auth),
+        "413 length": lambda: client.post("/predict", content=b"x" * 1_100_000, headers=json_type),
+        "413 chunked": lambda: client.post("/predict", content=(b"x" * 65_536 for _ in range(20)), headers=json_type),
+    }
+    got = {name: call() for name, call in answers.items()}
+    # (the 408 of a trickled upload needs a real socket: tests/integration/test_abuse.py)
+    monkeypatch.setattr(module.settings, "admin_api_key", SecretStr("k" * 40))
+    got["401"] = client.get("/analytics/summary", headers=headers)
+    monkeypatch.setattr(module.CONCURRENCY, "limit", 0)  # the door refuses every prediction
+    got["503 door"] = client.post("/predict", json={"text": "refused at the door"}, headers=headers)
+    for name, r in got.items():
+        assert r.status_code == int(name[:3]), (name, r.status_code, r.text)
+        body = r.json()
+        assert isinstance(body["error"], str) and body["error"], (name, body)
+        uuid.UUID(body["request_id"])
+        assert r.headers["X-Request-ID"] == body["request_id"], name
+    assert got["405"].headers["Allow"] == "DELETE, GET"
+    assert "Retry-After" in got["503 door"].headers
+
+
+def test_the_admin_key_reaches_every_job(
+    client: TestClient, headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pydantic import SecretStr
+
+    from service import service as module
+
+    job = client.post("/jobs", json={"texts": ["the admin may look"]}, headers=headers).json()
+    monkeypatch.setattr(module.settings, "admin_api_key", SecretStr("k" * 40))
+    admin = {**headers, "Authorization": "Bearer " + "k" * 40}
+    assert client.get(f"/jobs/{job['job_id']}", headers=admin).status_code == 200
+    assert (
+        client.get(f"/jobs/{job['job_id']}", headers={**headers, "Authorization": "Bearer " + "k" * 39}).status_code
+        == 404
+    )
+    assert client.delete(f"/jobs/{job['job_id']}", headers=admin).status_code in (200, 409)

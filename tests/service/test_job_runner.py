@@ -85,18 +85,20 @@ async def test_job_sub_batches_wait_for_a_quiet_instance_and_grow_after_a_long_q
     batcher = Batcher(model, max_batch=32)
     activity = Activity(tmp_path / "spill")
     predictions = Predictions(MemoryPredictionCache(60), batcher, rows, activity=activity)  # type: ignore[arg-type]
-    runner = JobRunner(queue, database.run, predictions, 32, timedelta(seconds=30), poll_s=0.05, quiet_s=QUIET_S)
+    runner = JobRunner(
+        queue, database.run, predictions, 32, [MODEL], timedelta(seconds=30), poll_s=0.05, quiet_s=QUIET_S
+    )
     busy_until = time.monotonic() + 1.0
     runner.start()
     try:
         # interactive traffic: another worker of the instance marks a request every 20 ms for 1 s
         other_worker = Activity(tmp_path / "spill")
-        job = queue.submit([f"text {i}" for i in range(80)], MODEL, "c", chunk_texts=80)
+        job = queue.submit([f"text {i}" for i in range(80)], MODEL, "c", "t" * 64, chunk_texts=80)
         while time.monotonic() < busy_until:
             other_worker.mark()
             await asyncio.sleep(0.02)
         quiet_from = time.monotonic()
-        await _until(lambda: (queue.status(job) or {}).get("status") == "done")
+        await _until(lambda: (queue.status(job, None) or {}).get("status") == "done")
         first = [(t, texts, name) for t, texts, name in model.calls]
         assert first and all(t >= quiet_from + QUIET_S - 0.05 for t, _, _ in first)  # none before the quiet
         assert all(name == "inference-background" for _, _, name in first)
@@ -106,11 +108,56 @@ async def test_job_sub_batches_wait_for_a_quiet_instance_and_grow_after_a_long_q
 
         model.calls.clear()
         await asyncio.sleep(job_module.LONG_QUIET_S + 0.2)
-        later = queue.submit([f"later {i}" for i in range(64)], MODEL, "c", chunk_texts=64)
-        await _until(lambda: (queue.status(later) or {}).get("status") == "done")
+        later = queue.submit([f"later {i}" for i in range(64)], MODEL, "c", "t" * 64, chunk_texts=64)
+        await _until(lambda: (queue.status(later, None) or {}).get("status") == "done")
         assert [len(texts) for _, texts, _ in model.calls] == [32, 32]  # after a long quiet: full sub-batches
     finally:
         await runner.stop()
         batcher.close()
         database.close()
         activity.close()
+
+
+class Broken(Model):
+    """A model whose every forward call raises."""
+
+    def __call__(self, tag: str, texts: list[str]) -> list[Prediction]:
+        super().__call__(tag, texts)
+        raise RuntimeError("the model broke")
+
+
+@pytest.mark.anyio
+async def test_a_chunk_that_always_fails_ends_its_job_after_its_attempts(
+    queue: JobQueue, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service import metrics
+    from service.jobs import JobRunner
+    from service.predictions import Predictions
+
+    model, database = Broken(), DatabaseCalls()
+    batcher = Batcher(model, max_batch=32)
+    activity = Activity(tmp_path / "spill")
+    predictions = Predictions(MemoryPredictionCache(60), batcher, Rows(), activity=activity)  # type: ignore[arg-type]
+    runner = JobRunner(
+        queue, database.run, predictions, 32, [MODEL], timedelta(seconds=30), poll_s=0.05, quiet_s=0, max_attempts=3
+    )
+    failures = metrics.JOB_CHUNK_FAILURES
+    before = {o: failures.labels(o)._value.get() for o in ("retried", "job_failed")}
+    runner.start()
+    try:
+        job = queue.submit(["a text the model cannot score"], MODEL, "c", "t" * 64)
+        await _until(lambda: (queue.status(job, None) or {}).get("status") == "failed")
+        status = queue.status(job, None)
+        assert status is not None and "failed 3 times" in status["error"] and "the model broke" in status["error"]
+        calls = len(model.calls)
+        await asyncio.sleep(0.5)  # no endless retry: the model is not called again
+        assert calls == len(model.calls) == 3
+    finally:
+        await runner.stop()
+        batcher.close()
+        database.close()
+        activity.close()
+    assert failures.labels("retried")._value.get() - before["retried"] == 2
+    assert failures.labels("job_failed")._value.get() - before["job_failed"] == 1
+    tracebacks = [r for r in caplog.records if r.exc_info and "job" in r.getMessage()]
+    assert len(tracebacks) == 1, [r.getMessage() for r in caplog.records]  # one traceback, on the first attempt
