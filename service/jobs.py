@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import os
 import secrets
+import struct
+import tempfile
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -54,6 +57,38 @@ FEED_BYTES = 256 * 1024
 STEP_BYTES = 16 * 1024
 
 
+class SpooledTexts:
+    """A job's texts as they are parsed, in a temporary file past its first MiB (length-prefixed
+    UTF-8), so a legitimate 64 MiB body costs a worker a MiB of memory, not 64: the texts are read
+    back a batch at a time as they are stored."""
+
+    def __init__(self, memory_bytes: int = 1 << 20) -> None:
+        # held across the request and closed by the endpoint (close), not a with block
+        self._file = tempfile.SpooledTemporaryFile(max_size=memory_bytes)  # noqa: SIM115
+        self._count = 0
+
+    def append(self, text: str) -> None:
+        data = text.encode()
+        self._file.write(LENGTH.pack(len(data)) + data)
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[str]:
+        self._file.seek(0)
+        for _ in range(self._count):
+            (size,) = LENGTH.unpack(self._file.read(LENGTH.size))
+            yield self._file.read(size).decode()
+        self._file.seek(0, io.SEEK_END)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+LENGTH = struct.Struct("<I")
+
+
 class JobBody:
     """A job's texts, parsed as its body arrives: `{"texts": [str, ...]}` through ijson's
     event parser, or NDJSON (`{"text": str}` a line) a line at a time. Each text is checked as
@@ -68,7 +103,7 @@ class JobBody:
         self.max_texts = max_texts
         self.max_bytes = max_bytes
         self.max_value_bytes = 12 * max_text_chars + 1024
-        self.texts: list[str] = []
+        self.texts = SpooledTexts()
         self.size = 0
         self._pending = b""  # NDJSON: the line not yet ended
         self._lines = 0
@@ -95,7 +130,7 @@ class JobBody:
                 if self._quiet > self.max_value_bytes:
                     raise _invalid(f"texts: a value runs past {self.max_value_bytes} bytes (MAX_TEXT_CHARS)")
 
-    def close(self) -> list[str]:
+    def close(self) -> SpooledTexts:
         """The texts, once the whole body is in."""
         if self.ndjson:
             if self._pending.strip():
@@ -180,7 +215,7 @@ def _invalid(message: str) -> ApiError:
     return ApiError(400, f"invalid request: {message}")
 
 
-async def read_job_body(request: Request, body: JobBody, timeout_s: float) -> list[str]:
+async def read_job_body(request: Request, body: JobBody, timeout_s: float) -> SpooledTexts:
     """Feed `body` the request's bytes as they arrive, a quarter MiB at a time on a worker
     thread; 408 if the whole body has not arrived within `timeout_s`."""
     pending = bytearray()
@@ -200,7 +235,7 @@ async def read_job_body(request: Request, body: JobBody, timeout_s: float) -> li
     return await asyncio.to_thread(_finish, body, bytes(pending))
 
 
-def _finish(body: JobBody, rest: bytes) -> list[str]:
+def _finish(body: JobBody, rest: bytes) -> SpooledTexts:
     body.feed(rest)
     return body.close()
 

@@ -251,16 +251,18 @@ class Sentiment:
             settings.max_text_chars,
             settings.max_job_body_bytes,
         )
-        texts = await read_job_body(request, body, settings.job_upload_timeout_seconds)
         client = self.client_limits.identity(request)
         token, digest = new_token()
         try:
+            texts = await read_job_body(request, body, settings.job_upload_timeout_seconds)
             job_id = await self.database.run(
                 self.jobs.submit, texts, self.tag_a, client, digest, self.job_quotas, timeout_s=120
             )
         except QuotaExceeded as exc:
             status = 429 if exc.per_client else 503
             raise ApiError(status, f"job refused: {exc}", {"Retry-After": str(JOB_RETRY_AFTER_S)}) from None
+        finally:
+            body.texts.close()
         response.headers["Location"] = f"/jobs/{job_id}"
         return schemas.JobSubmitted(job_id=job_id, status="queued", total=len(texts), token=token)
 

@@ -14,11 +14,12 @@ copy of the model outside the service's batcher (README, Bulk jobs).
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy import Engine
@@ -28,12 +29,22 @@ from storage.analytics.writer import upsert
 from storage.tables import job_chunks, job_results, job_texts, jobs
 
 CHUNK_TEXTS = 256
-INSERT_ROWS = 5_000  # rows per INSERT statement when a job's texts are stored
+# Rows per INSERT statement when a job's texts are stored: read a batch at a time from the
+# submission's texts (a file past its first MiB), so storing holds one batch in memory.
+INSERT_ROWS = 2_000
 ACTIVE = ("queued", "running")
 # Taken (transaction-scoped) by every submission on PostgreSQL, so two replicas cannot both pass
 # a quota with the other's job uncommitted. Under SQLite the job's INSERT, made before the
 # counts are read, holds the database's write lock instead.
 SUBMIT_LOCK = 0x6A6F6273  # "jobs"
+
+
+class Texts(Protocol):
+    """A job's texts: counted, then read once in order (a list, or the service's spooled file)."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[str]: ...
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,7 @@ class JobQueue:
 
     def submit(
         self,
-        texts: Sequence[str],
+        texts: Texts,
         model: str,
         client: str,
         token_sha256: str,
@@ -112,10 +123,11 @@ class JobQueue:
             )
             if quotas is not None:
                 self._check_quotas(conn, client, quotas)  # counts the job just inserted
+            items = iter(texts)
             for start in range(0, len(texts), INSERT_ROWS):
                 rows = [
                     {"job_id": job_id, "idx": start + i, "text": t}
-                    for i, t in enumerate(texts[start : start + INSERT_ROWS])
+                    for i, t in enumerate(itertools.islice(items, INSERT_ROWS))
                 ]
                 conn.execute(job_texts.insert(), rows)
             chunks = [
