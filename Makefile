@@ -22,7 +22,7 @@ PROFILE ?= full
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install lock audit model eval serve migrate bento test lint bench bench-analytics loadtest chaos prometheus image up down test-containers
+.PHONY: install lock audit model eval serve migrate bento test lint bench bench-analytics loadtest chaos abuse prometheus image up down test-containers
 
 $(STAMP): pyproject.toml $(LOCK_DEV)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -99,6 +99,9 @@ CHAOS_HOME = $(if $(filter quick,$(PROFILE)),BENTOML_HOME=$(CURDIR)/var/bentoml-
 chaos: $(if $(filter quick,$(PROFILE)),install,model)  ## faults under load (Redis, PostgreSQL, a worker, a restart): every answer stored once? PROFILE=full|quick [OUT=]
 	$(if $(CHAOS_HOME),$(CHAOS_HOME) $(PY) -m models.build --profile quick,)
 	$(CHAOS_HOME) $(PY) -m loadtests.chaos --profile $(PROFILE) $(if $(OUT),--out $(OUT),)
+
+abuse: install  ## hostile clients against an instance on Redis and PostgreSQL: what each sent and got, worker memory, /predict p95 beside [ABUSE_ARGS=--before DIR --out DIR]
+	$(PY) -m loadtests.abuse $(ABUSE_ARGS)
 
 prometheus: install  ## Prometheus on 127.0.0.1:9090 scraping the API on :3000 with the alert rules
 	prometheus --config.file=prometheus/prometheus.yml --storage.tsdb.path=var/prometheus \

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
 
     redis_url: str | None = None
     database_url: str = db.DEFAULT_URL
+    # PostgreSQL connections each of a worker's two engines (analytics, jobs) keeps, and may open
+    # beyond them: a replica holds up to workers x 2 x (size + overflow) (deploy/k8s/configmap.yaml).
+    database_pool_size: int = Field(5, gt=0)
+    database_max_overflow: int = Field(5, ge=0)
     # The ONNX Runtime int8 export serves by default; the PyTorch fp32 model it was exported
     # from is variant B, the reference the A/B test measures it against.
     sentiment_model: str = "sentiment-minilm-int8:latest"

@@ -3,9 +3,11 @@ dependencies, and the per-client rate limits. Imports config, guards, metrics an
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import inspect
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -62,10 +64,21 @@ class ClientLimits:
     hand `gate(...)` to the prediction path, which runs it beside the cache lookup, both being
     round trips to Redis (docs/performance.md)."""
 
-    def __init__(self, limiter: RateLimiter, limits: dict[str, RateLimitItem | None], trusted: Sequence[str]) -> None:
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        limits: dict[str, RateLimitItem | None],
+        trusted: Sequence[str],
+        pace_s: float = 0.1,
+    ) -> None:
+        """`pace_s`: a connection refused again before its Retry-After gets the 429 after this
+        long, as guards.InFlightLimit paces its 503s: a client polling back to back at its limit
+        otherwise spends the worker's event loop on refusals (make abuse, status poll flood)."""
         self.limiter = limiter
         self.limits = limits
         self.trusted = trusted_networks(trusted)
+        self.pace_s = pace_s
+        self._refused_until: dict[tuple[Any, ...], float] = {}  # connection -> its Retry-After's end
 
     def identity(self, request: Request) -> str:
         """The client a limit counts (guards.client_address)."""
@@ -81,8 +94,22 @@ class ClientLimits:
         decision = await self.limiter.hit(scope, client, limit)
         if not decision.allowed:
             metrics.RATE_LIMITED.labels(metrics.endpoint_label(request.url.path)).inc()
-            raise ApiError(429, f"rate limit exceeded: {limit} per client", decision.headers())
+            headers = decision.headers()
+            await self._pace(request, float(headers.get("Retry-After", 1)))
+            raise ApiError(429, f"rate limit exceeded: {limit} per client", headers)
         response.headers.update(decision.headers())
+
+    async def _pace(self, request: Request, retry_after: float) -> None:
+        connection = tuple(request.scope.get("client") or ())
+        if not connection:
+            return
+        now = time.monotonic()
+        if len(self._refused_until) >= 10_000:  # connections gone for good: forgotten
+            self._refused_until.clear()
+        back_too_soon = now < self._refused_until.get(connection, 0.0)
+        self._refused_until[connection] = now + retry_after
+        if back_too_soon:
+            await asyncio.sleep(self.pace_s)
 
     def gate(self, request: Request, response: Response, scope: str) -> Gate:
         """The check for this request, to run when the prediction path is ready for it."""

@@ -285,7 +285,7 @@ class InFlightLimit:
             return
         client = self.per_client and self._client(scope)
         if client and self._by_client.get(client, 0) >= self.per_client:
-            metrics.OVERLOAD_REJECTIONS.labels(metrics.endpoint_label(scope["path"]), "client_in_flight").inc()
+            metrics.RATE_LIMITED.labels(metrics.endpoint_label(scope["path"])).inc()  # a 429, not a shed
             message = (
                 f"too many requests in flight from this client, at most {self.per_client} ({self.per_client_setting})"
             )

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import IO, Any
 
 import ijson
 from starlette.requests import Request
@@ -51,52 +51,76 @@ DbCall = Callable[..., Awaitable[Any]]
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl")
 # Bytes handed to the parser at once, on a worker thread: a hop per quarter MiB of body.
 FEED_BYTES = 256 * 1024
-# Bytes the JSON parser may take per step without completing a value; past a text's most
-# (MAX_TEXT_CHARS characters of \\uXXXX escapes, surrogate pairs at 12 bytes) plus a step, the
-# body holds an oversized text or padding, and is refused before the parser buffers more of it.
-STEP_BYTES = 16 * 1024
+# The parser takes a body a step at a time and lets the GIL go between steps (YIELD_S): the
+# event loop, waiting for it, runs then instead of after the interpreter's 5 ms switch interval
+# (make abuse: interactive p95 with eight 64 MiB bodies parsing). A step of tiny texts is about
+# a millisecond of CPU; the yields add about a second to the largest body, 64 MiB.
+# A value may run for at most a text's most bytes (MAX_TEXT_CHARS characters of \\uXXXX escapes,
+# surrogate pairs at 12 bytes) plus a step: past that the body holds an oversized text or
+# padding, and is refused before the parser buffers more of it.
+STEP_BYTES = 4 * 1024
+YIELD_S = 0.00005
 
 
 class SpooledTexts:
-    """A job's texts as they are parsed, in a temporary file past its first MiB (length-prefixed
+    """A job's texts as they are parsed, in a temporary file past their first MiB (length-prefixed
     UTF-8), so a legitimate 64 MiB body costs a worker a MiB of memory, not 64: the texts are read
     back a batch at a time as they are stored."""
 
     def __init__(self, memory_bytes: int = 1 << 20) -> None:
-        # held across the request and closed by the endpoint (close), not a with block
-        self._file = tempfile.SpooledTemporaryFile(max_size=memory_bytes)  # noqa: SIM115
+        self.memory_bytes = memory_bytes
+        self._buffer = bytearray()
+        self._file: IO[bytes] | None = None
         self._count = 0
 
     def append(self, text: str) -> None:
         data = text.encode()
-        self._file.write(LENGTH.pack(len(data)) + data)
+        self._buffer += LENGTH.pack(len(data))
+        self._buffer += data
         self._count += 1
+        if len(self._buffer) > self.memory_bytes:
+            if self._file is None:
+                # held across the request and closed by the endpoint (close), not a with block
+                self._file = tempfile.TemporaryFile()  # noqa: SIM115
+            self._file.write(self._buffer)
+            self._buffer.clear()
 
     def __len__(self) -> int:
         return self._count
 
     def __iter__(self) -> Iterator[str]:
-        self._file.seek(0)
-        for _ in range(self._count):
-            (size,) = LENGTH.unpack(self._file.read(LENGTH.size))
-            yield self._file.read(size).decode()
-        self._file.seek(0, io.SEEK_END)
+        parts: list[IO[bytes]] = [io.BytesIO(self._buffer)]
+        if self._file is not None:
+            self._file.seek(0)
+            parts.insert(0, self._file)
+        for part in parts:
+            while header := part.read(LENGTH.size):
+                (size,) = LENGTH.unpack(header)
+                yield part.read(size).decode()
+        if self._file is not None:
+            self._file.seek(0, io.SEEK_END)
+
+    @property
+    def on_disk(self) -> bool:
+        return self._file is not None
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
 
 LENGTH = struct.Struct("<I")
 
 
 class JobBody:
-    """A job's texts, parsed as its body arrives: `{"texts": [str, ...]}` through ijson's
-    event parser, or NDJSON (`{"text": str}` a line) a line at a time. Each text is checked as
-    it comes, and the body is refused (ApiError 400/413, naming the limit) at the first text
-    past `max_texts`, at a text or line longer than a text may be, at a value that is not what
-    the schema allows (nesting included: the schema's depth is two), or past `max_bytes`. So the
-    memory of a request is its texts so far, never more than its limits allow. Not thread-safe:
-    `feed` and `close` are called one at a time (on a worker thread, off the event loop)."""
+    """A job's texts, parsed as its body arrives by ijson's C event parser (yajl, without the
+    event prefixes, whose length grows with the nesting: a body of `[[[[...` built gigabytes of
+    them): `{"texts": [str, ...]}`, or NDJSON, a `{"text": str}` value a line. Each text is checked
+    as it comes, and the body is refused (ApiError 400/413, naming the limit) at the first text
+    past `max_texts`, at a value that runs longer than a text may be, at a value the schema does
+    not allow (nesting included: the schema's depth is two), or past `max_bytes`. Its texts go to
+    a file past their first MiB (SpooledTexts), so a request's memory stays small whatever it
+    sends. Not thread-safe: `feed` and `close` are called one at a time (on a worker thread)."""
 
     def __init__(self, content_type: str, max_texts: int, max_text_chars: int, max_bytes: int) -> None:
         self.ndjson = content_type.split(";")[0].strip().lower() in NDJSON_TYPES
@@ -105,109 +129,133 @@ class JobBody:
         self.max_value_bytes = 12 * max_text_chars + 1024
         self.texts = SpooledTexts()
         self.size = 0
-        self._pending = b""  # NDJSON: the line not yet ended
-        self._lines = 0
         self._events = ijson.sendable_list()
-        self._parser = None if self.ndjson else ijson.parse_coro(self._events)
-        self._state = "start"  # start -> object -> key -> array -> end
-        self._quiet = 0  # JSON bytes fed since the parser last completed a value
+        self._parser = ijson.basic_parse_coro(self._events, multiple_values=self.ndjson)
+        # JSON: start -> object -> key -> array -> end_object -> end.
+        # NDJSON, per line: start -> object -> key -> value -> start.
+        self._state = "start"
+        self._quiet = 0  # bytes fed since the parser last completed a value
+        self._lines = 0  # NDJSON values complete (blank lines are not counted)
+        self._last_step = b""
+
+    @property
+    def _where(self) -> str:
+        return f"line {self._lines + 1}" if self.ndjson else f"texts: item {len(self.texts)}"
 
     def feed(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self.max_bytes:
             raise ApiError(413, f"request body exceeds {self.max_bytes} bytes (MAX_JOB_BODY_BYTES)")
-        if self.ndjson:
-            self._feed_lines(data)
-            return
         for at in range(0, len(data), STEP_BYTES):
             step = data[at : at + STEP_BYTES]
+            if at:
+                time.sleep(YIELD_S)
             self._send(step)
+            self._last_step = step
             if self._events:
                 self._quiet = 0
                 self._take_events()
             else:
                 self._quiet += len(step)
                 if self._quiet > self.max_value_bytes:
-                    raise _invalid(f"texts: a value runs past {self.max_value_bytes} bytes (MAX_TEXT_CHARS)")
+                    raise _invalid(f"{self._where}: a value runs past {self.max_value_bytes} bytes (MAX_TEXT_CHARS)")
 
     def close(self) -> SpooledTexts:
         """The texts, once the whole body is in."""
-        if self.ndjson:
-            if self._pending.strip():
-                self._line(self._pending)
-        else:
-            assert self._parser is not None
-            try:
-                self._parser.close()
-            except ijson.JSONError:
-                raise ApiError(400, "invalid request: body: request body is not valid JSON") from None
-            self._take_events()
-            if self._state != "end":
-                raise _invalid(_SHAPE)
+        try:
+            self._parser.close()
+        except ijson.JSONError:
+            self._take_events()  # the values before the error first: their error, or its place
+            # yajl's end of a stream of values with nothing after the last one but whitespace
+            # (or nothing at all): NDJSON that ended where it should
+            tail = self._last_step.rstrip()
+            if not (self.ndjson and self._state == "start" and (not tail or tail.endswith(b"}"))):
+                raise self._not_json() from None
+        self._take_events()
+        if self._state != ("start" if self.ndjson else "end"):
+            raise _invalid(_LINE if self.ndjson else _SHAPE)
         if not self.texts:
             raise _invalid(f"texts: must hold 1 to {self.max_texts} texts (MAX_JOB_TEXTS), got 0")
         return self.texts
 
     def _send(self, data: bytes) -> None:
-        assert self._parser is not None
         try:
             self._parser.send(data)
         except ijson.JSONError:
-            raise ApiError(400, "invalid request: body: request body is not valid JSON") from None
+            self._take_events()
+            raise self._not_json() from None
+
+    def _not_json(self) -> ApiError:
+        return _invalid(f"{self._where}: not valid JSON" if self.ndjson else "body: request body is not valid JSON")
 
     def _take_events(self) -> None:
-        for _prefix, event, value in self._events:
-            if self._state == "array" and event == "string":
-                self._add(value, f"item {len(self.texts)}")
-            elif self._state == "array" and event == "end_array":
-                self._state = "end_object"
-            elif self._state == "array":
-                raise _invalid(f"texts: item {len(self.texts)}: must be a string")
-            elif (self._state, event) == ("start", "start_map"):
-                self._state = "object"
-            elif (self._state, event, value) == ("object", "map_key", "texts"):
-                self._state = "key"
-            elif (self._state, event) == ("key", "start_array"):
-                self._state = "array"
-            elif (self._state, event) == ("end_object", "end_map"):
-                self._state = "end"
-            else:
-                raise _invalid(_SHAPE)
-        del self._events[:]
+        """The parser's events so far: the common ones (a text of the array, a whole
+        `{"text": str}` line) in a tight loop, the rest one at a time through the state machine
+        (a 64 MiB body of tiny texts costs about half the CPU this way)."""
+        events, i, n = self._events, 0, len(self._events)
+        step = self._line_event if self.ndjson else self._json_event
+        add = self._add
+        while i < n:
+            if self.ndjson and self._state == "start" and i + 3 < n:
+                a, b, c, d = events[i], events[i + 1], events[i + 2], events[i + 3]
+                if a == _START_MAP and b == _TEXT_KEY and c[0] == "string" and d == _END_MAP:
+                    add(c[1])
+                    self._lines += 1
+                    i += 4
+                    continue
+            elif not self.ndjson and self._state == "array" and events[i][0] == "string":
+                add(events[i][1])
+                i += 1
+                continue
+            step(*events[i])
+            i += 1
+        del events[:]
 
-    def _feed_lines(self, data: bytes) -> None:
-        lines = (self._pending + data).split(b"\n")
-        self._pending = lines.pop()
-        if len(self._pending) > self.max_value_bytes:
-            raise _invalid(f"line {self._lines + 1}: longer than {self.max_value_bytes} bytes (MAX_TEXT_CHARS)")
-        for line in lines:
-            self._line(line)
+    def _json_event(self, event: str, value: Any) -> None:
+        state = self._state
+        if state == "array" and event == "string":
+            self._add(value)
+        elif state == "array" and event == "end_array":
+            self._state = "end_object"
+        elif state == "array":
+            raise _invalid(f"{self._where}: must be a string")
+        elif (state, event) == ("start", "start_map"):
+            self._state = "object"
+        elif (state, event, value) == ("object", "map_key", "texts"):
+            self._state = "key"
+        elif (state, event) == ("key", "start_array"):
+            self._state = "array"
+        elif (state, event) == ("end_object", "end_map"):
+            self._state = "end"
+        else:
+            raise _invalid(_SHAPE)
 
-    def _line(self, line: bytes) -> None:
-        self._lines += 1
-        if self._lines > 2 * self.max_texts + 1:  # blank lines are skipped, not free
-            raise _invalid(f"more than {2 * self.max_texts + 1} lines")
-        if len(line) > self.max_value_bytes:
-            raise _invalid(f"line {self._lines}: longer than {self.max_value_bytes} bytes (MAX_TEXT_CHARS)")
-        if not line.strip():
-            return
-        try:
-            item = json.loads(line)
-        except (ValueError, RecursionError):
-            raise _invalid(f"line {self._lines}: not valid JSON") from None
-        if not isinstance(item, dict) or not isinstance(item.get("text"), str) or set(item) != {"text"}:
-            raise _invalid(f'line {self._lines}: expected {{"text": str}}')
-        self._add(item["text"], f"line {self._lines}")
+    def _line_event(self, event: str, value: Any) -> None:
+        state = self._state
+        if (state, event) == ("key", "string"):
+            self._add(value)
+            self._state = "value"
+        elif (state, event) == ("start", "start_map"):
+            self._state = "object"
+        elif (state, event, value) == ("object", "map_key", "text"):
+            self._state = "key"
+        elif (state, event) == ("value", "end_map"):
+            self._state = "start"
+            self._lines += 1
+        else:
+            raise _invalid(f"{self._where}: {_LINE}")
 
-    def _add(self, text: str, where: str) -> None:
+    def _add(self, text: str) -> None:
         if len(self.texts) >= self.max_texts:
             raise _invalid(f"texts: must hold 1 to {self.max_texts} texts (MAX_JOB_TEXTS), got more")
         try:
             self.texts.append(check_text(text))
         except ValueError as exc:
-            raise _invalid(f"texts: {where}: {exc}") from None
+            raise _invalid(f"{self._where}: {exc}") from None
 
 
+_LINE = 'expected {"text": str}'
+_START_MAP, _END_MAP, _TEXT_KEY = ("start_map", None), ("end_map", None), ("map_key", "text")
 _SHAPE = 'texts: expected {"texts": [str, ...]}'
 
 
@@ -215,9 +263,21 @@ def _invalid(message: str) -> ApiError:
     return ApiError(400, f"invalid request: {message}")
 
 
+# One body parsed at a time per worker: its thread holds the GIL while it parses, and more than
+# one such thread per worker kept the event loop from interactive requests (make abuse: eight
+# 64 MiB bodies at once). A body waiting here is not read meanwhile, so it costs no memory.
+_PARSING: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+
+
+async def _feed(body: JobBody, data: bytes) -> None:
+    parsing = _PARSING.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(1))
+    async with parsing:
+        await asyncio.to_thread(body.feed, data)
+
+
 async def read_job_body(request: Request, body: JobBody, timeout_s: float) -> SpooledTexts:
     """Feed `body` the request's bytes as they arrive, a quarter MiB at a time on a worker
-    thread; 408 if the whole body has not arrived within `timeout_s`."""
+    thread, one body's at a time; 408 if the whole body has not arrived within `timeout_s`."""
     pending = bytearray()
     try:
         async with asyncio.timeout(timeout_s):
@@ -225,18 +285,14 @@ async def read_job_body(request: Request, body: JobBody, timeout_s: float) -> Sp
                 pending += data
                 if len(pending) >= FEED_BYTES or body.size + len(pending) > body.max_bytes:
                     chunk, pending = bytes(pending), bytearray()
-                    await asyncio.to_thread(body.feed, chunk)
+                    await _feed(body, chunk)
+            await _feed(body, bytes(pending))
     except TimeoutError:
         raise ApiError(
             408,
             f"request body not received within {timeout_s:g} s (JOB_UPLOAD_TIMEOUT_SECONDS)",
             {"Connection": "close"},
         ) from None
-    return await asyncio.to_thread(_finish, body, bytes(pending))
-
-
-def _finish(body: JobBody, rest: bytes) -> SpooledTexts:
-    body.feed(rest)
     return body.close()
 
 
@@ -250,14 +306,29 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def results_ndjson(queue: JobQueue, job_id: str, after: int, size: int) -> tuple[bytes, int, int]:
+    """Up to `size` of a job's results after index `after` as NDJSON lines: (the lines, the last
+    index, how many). Run on a database thread, the encoding too: encoded on the event loop, the
+    pages of 34 readers at once held it for seconds (make abuse, readers that stop reading)."""
+    rows = queue.results_page(job_id, after, size)
+    lines = "".join(
+        f'{{"index":{r["index"]},"label":{json.dumps(r["label"])},"score":{r["score"]!r},"probabilities":'
+        f'{{"negative":{r["probabilities"]["negative"]!r},"positive":{r["probabilities"]["positive"]!r}}}}}\n'
+        for r in rows
+    )
+    return lines.encode(), (rows[-1]["index"] if rows else after), len(rows)
+
+
 class ResultsStream(Response):
-    """A job's results as NDJSON, read a page at a time through `page` (the database threads),
-    each page sent before the next is read. A reader that takes no bytes for `send_timeout_s`
-    (the socket's buffers full) is cut off: the request ends and frees its slot."""
+    """A job's results as NDJSON, read and encoded a page at a time through `page` (on the
+    database threads), each page sent before the next is read. A reader that takes no bytes for
+    `send_timeout_s` (the socket's buffers full) is cut off: the request ends, freeing its slot."""
 
     media_type = "application/x-ndjson"
 
-    def __init__(self, page: Callable[[int], Awaitable[list[dict[str, Any]]]], size: int, send_timeout_s: float):
+    def __init__(
+        self, page: Callable[[int], Awaitable[tuple[bytes, int, int]]], size: int, send_timeout_s: float
+    ) -> None:
         super().__init__(media_type=self.media_type)
         del self.headers["content-length"]  # streamed; FastAPI adds the endpoint's headers (RateLimit)
         self.page = page
@@ -268,9 +339,12 @@ class ResultsStream(Response):
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         after = -1
         while True:
-            rows = await self.page(after)
-            body = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows).encode()
-            last = len(rows) < self.size
+            page = await self._read(after)
+            if page is None:
+                log.warning("job results cut off: the database did not answer for %g s", self.send_timeout_s)
+                return  # the server closes the unfinished response; the client reads again later
+            body, after, count = page
+            last = count < self.size
             try:
                 await asyncio.wait_for(
                     send({"type": "http.response.body", "body": body, "more_body": not last}), self.send_timeout_s
@@ -281,7 +355,18 @@ class ResultsStream(Response):
                 return  # the server closes the unfinished response
             if last:
                 return
-            after = rows[-1]["index"]
+
+    async def _read(self, after: int) -> tuple[bytes, int, int] | None:
+        """The next page; its read tried again while the database threads refuse it (busy, 503)
+        for up to the send timeout, since the answer has begun and cannot become a 503 now."""
+        deadline = time.monotonic() + self.send_timeout_s
+        while True:
+            try:
+                return await self.page(after)
+            except ApiError:
+                if time.monotonic() >= deadline:
+                    return None
+                await asyncio.sleep(0.2)
 
 
 class JobRunner:

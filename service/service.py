@@ -39,7 +39,7 @@ from service.guards import (
     route_paths,
     trusted_networks,
 )
-from service.jobs import JobBody, JobRunner, ResultsStream, new_token, read_job_body, token_hash
+from service.jobs import JobBody, JobRunner, ResultsStream, new_token, read_job_body, results_ndjson, token_hash
 from service.predictions import Predictions, make_batcher
 from service.request_ids import RequestIds, load_key
 from storage import migrate
@@ -120,6 +120,7 @@ class Sentiment:
             store_text=settings.store_text,
             spill_dir=settings.spill_dir,
             spill_max_bytes=settings.spill_max_bytes,
+            pool=(settings.database_pool_size, settings.database_max_overflow),
         )
         self.analytics.start()
         ERRORS.sink = self.analytics
@@ -138,7 +139,10 @@ class Sentiment:
             self.database,
             concurrency_limit=lambda: CONCURRENCY.limit,
         )
-        self.jobs = JobQueue(make_engine(settings.database_url), timedelta(seconds=settings.job_result_ttl_seconds))
+        self.jobs = JobQueue(
+            make_engine(settings.database_url, settings.database_pool_size, settings.database_max_overflow),
+            timedelta(seconds=settings.job_result_ttl_seconds),
+        )
         self.job_quotas = Quotas(
             settings.max_active_jobs_per_client, settings.max_queued_texts_per_client, settings.max_queued_texts
         )
@@ -254,6 +258,7 @@ class Sentiment:
         client = self.client_limits.identity(request)
         token, digest = new_token()
         try:
+            await self.database.run(self.jobs.check_quotas, client, self.job_quotas)  # before the body
             texts = await read_job_body(request, body, settings.job_upload_timeout_seconds)
             job_id = await self.database.run(
                 self.jobs.submit, texts, self.tag_a, client, digest, self.job_quotas, timeout_s=120
@@ -283,7 +288,7 @@ class Sentiment:
         progress = await self._job(str(job_id), request, response)
         if progress["status"] != "done":
             raise ApiError(409, f"job {job_id} is {progress['status']}: results once it is done", progress=progress)
-        page = functools.partial(self.database.run, self.jobs.results_page, str(job_id))
+        page = functools.partial(self.database.run, results_ndjson, self.jobs, str(job_id))
         return ResultsStream(lambda after: page(after, RESULTS_PAGE), RESULTS_PAGE, settings.job_send_timeout_seconds)
 
     @app.delete("/jobs/{job_id}", responses=schemas.error_responses(400, 404, 409, 429, 503))

@@ -37,8 +37,9 @@ def ensure_sqlite_folder(url: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite gets WAL and a busy timeout so several workers can share it."""
+def make_engine(url: str, pool_size: int = 5, max_overflow: int = 5) -> Engine:
+    """An engine for `url`; SQLite gets WAL and a busy timeout so several workers can share it.
+    `pool_size` and `max_overflow`: PostgreSQL connections it holds and may open beyond them."""
     url = anchored(url)
     if make_url(url).get_backend_name() == "sqlite":
         ensure_sqlite_folder(url)
@@ -56,8 +57,8 @@ def make_engine(url: str) -> Engine:
     return create_engine(
         url,
         pool_pre_ping=True,
-        pool_size=5,
-        max_overflow=5,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
         pool_timeout=2,
         connect_args={
             "connect_timeout": 3,

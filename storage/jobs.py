@@ -122,7 +122,7 @@ class JobQueue:
                 )
             )
             if quotas is not None:
-                self._check_quotas(conn, client, quotas)  # counts the job just inserted
+                self._check_quotas(conn, client, quotas)  # the job just inserted counted in
             items = iter(texts)
             for start in range(0, len(texts), INSERT_ROWS):
                 rows = [
@@ -145,11 +145,21 @@ class JobQueue:
             conn.execute(job_chunks.insert(), chunks)
         return job_id
 
+    def check_quotas(self, client: str, quotas: Quotas) -> None:
+        """QuotaExceeded if `client` may not submit even a one-text job now: checked before a
+        body is read, so a client at its quota is refused without sending it (submit checks
+        again, with the job's texts counted)."""
+        with self.engine.connect() as conn:
+            self._check_quotas(conn, client[:64], quotas, extra_jobs=1, extra_texts=1)
+
     @staticmethod
-    def _check_quotas(conn: sa.Connection, client: str, quotas: Quotas) -> None:
+    def _check_quotas(
+        conn: sa.Connection, client: str, quotas: Quotas, extra_jobs: int = 0, extra_texts: int = 0
+    ) -> None:
         waiting = sa.func.coalesce(sa.func.sum(jobs.c.total - jobs.c.done), 0)
         active = jobs.c.status.in_(ACTIVE)
-        n_jobs, n_texts = conn.execute(sa.select(sa.func.count(), waiting).where(active, jobs.c.client == client)).one()
+        mine = conn.execute(sa.select(sa.func.count(), waiting).where(active, jobs.c.client == client)).one()
+        n_jobs, n_texts = mine[0] + extra_jobs, mine[1] + extra_texts
         if n_jobs > quotas.active_jobs_per_client:
             raise QuotaExceeded(
                 f"client has {n_jobs - 1} queued or running jobs, at most {quotas.active_jobs_per_client}"
@@ -162,7 +172,7 @@ class JobQueue:
                 " (MAX_QUEUED_TEXTS_PER_CLIENT)",
                 per_client=True,
             )
-        everyone = conn.execute(sa.select(waiting).where(active)).scalar_one()
+        everyone = conn.execute(sa.select(waiting).where(active)).scalar_one() + extra_texts
         if everyone > quotas.texts:
             raise QuotaExceeded(
                 f"the service has too many texts queued ({everyone} with this job, at most {quotas.texts},"

@@ -35,9 +35,11 @@ class SqlAnalyticsStore:
         buffer_limit: int = 10_000,
         spill_dir: Path | str = Path("var/spill"),
         spill_max_bytes: int = 1 << 30,
+        pool: tuple[int, int] = (5, 5),
     ) -> None:
+        """`pool`: the engine's pool size and overflow (storage.db.make_engine)."""
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, *pool)
         self.spill = SpillLog(spill_dir, spill_max_bytes)
         self.writer = AnalyticsWriter(self.engine, self.spill, store_text, flush_interval, batch_size, buffer_limit)
         self.reports = Reports(self.engine)

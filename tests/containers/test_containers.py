@@ -244,6 +244,19 @@ def test_stack_nginx_refuses_the_internal_paths(stack: dict[str, str]) -> None:
     )
 
 
+def test_stack_listens_on_loopback_only(stack: dict[str, str]) -> None:
+    """On the host network, every service of the stack binds 127.0.0.1: nothing reaches the
+    replicas (their /metrics and /docs included), Redis or PostgreSQL around nginx."""
+    import psutil
+
+    ports = {8080: "nginx", 3101: "api-1", 3102: "api-2", 6390: "redis", 5440: "postgres", 9091: "prometheus"}
+    listening = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+    bound = {(ports[c.laddr.port], c.laddr.ip) for c in listening if c.laddr.port in ports}
+    assert {name for name, _ in bound} == set(ports.values()), bound
+    assert all(ip in ("127.0.0.1", "::1") for _, ip in bound), bound
+    record("listening addresses", ", ".join(sorted(f"{name} {ip}" for name, ip in bound)))
+
+
 def test_stack_has_one_cache_and_stores_both_replicas_rows(stack: dict[str, str]) -> None:
     import sqlalchemy as sa
 

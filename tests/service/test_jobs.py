@@ -158,11 +158,10 @@ def test_pathological_bodies_are_refused_as_they_arrive(client: TestClient, head
         ("[" * 60_000, headers, 400, 'expected {"texts": [str, ...]}'),
         ('{"texts": ["a"], "texts": ["b"]}', headers, 400, 'expected {"texts": [str, ...]}'),
         ('{"texts": ["a"]} trailing', headers, 400, "not valid JSON"),
-        ("[" * 40_000 + "\n", ndjson, 400, "line 1: not valid JSON"),
-        ('{"text": "' + "x" * 62_000 + '"}\n', ndjson, 400, "line 1: longer than"),
+        ("[" * 40_000 + "\n", ndjson, 400, 'line 1: expected {"text": str}'),
+        ('{"text": "' + "x" * 62_000 + '"}\n', ndjson, 400, "line 1: must be at most 5000 characters"),
         ('{"texts": ["' + "x" * 6000 + '"]}', headers, 400, "item 0: must be at most 5000 characters"),
         ("\n" * 100, ndjson, 400, "got 0"),
-        ("\n" * 700, ndjson, 400, "more than 601 lines"),
     ]
     for n, (body, sent_headers, status, named) in enumerate(cases):
         # a client of its own for each body, past the submissions' rate limit

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from service.guards import AdaptiveLimit, BodySizeLimit, InFlightLimit, client_address, trusted_networks
@@ -235,3 +235,32 @@ def test_a_client_behind_a_proxy_cannot_pick_its_identity() -> None:
     """Whatever a client prepends, the limit identity through an appending proxy is the same."""
     seen = {client_address("10.0.0.2", f"{spoof}, 203.0.113.5", PROXIES) for spoof in ("1.1.1.1", "10.0.0.3", "::1")}
     assert seen == {"203.0.113.5"}
+
+
+@pytest.mark.anyio
+async def test_a_connection_back_before_its_429s_retry_after_is_refused_after_a_pause() -> None:
+    """A client polling back to back at its rate limit: its second refusal on the same
+    connection waits `pace_s`, so refusals cannot take the event loop (the first is at once)."""
+    from fastapi import FastAPI
+
+    from service import errors
+    from service.deps import ClientLimits
+    from storage.ratelimit import make_limiter, parse_limit
+
+    limits = ClientLimits(make_limiter(None), {"reads": parse_limit("1/minute")}, [], pace_s=0.2)
+    app = FastAPI()
+    errors.install(app)
+
+    @app.get("/poll")
+    async def poll(request: Request, response: Response) -> dict:
+        await limits.check(request, response, "reads")
+        return {}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        loop = asyncio.get_running_loop()
+        times = []
+        for _ in range(3):
+            started = loop.time()
+            times.append(((await client.get("/poll")).status_code, loop.time() - started))
+    assert [status for status, _ in times] == [200, 429, 429]
+    assert times[1][1] < 0.2 <= times[2][1]  # the first refusal at once, the second paced

@@ -33,7 +33,7 @@ def test_spooled_texts_leave_memory_past_their_first_mib() -> None:
     texts = SpooledTexts(memory_bytes=1000)
     for i in range(500):
         texts.append(f"text number {i} with a new\nline")
-    assert texts._file._rolled  # type: ignore[attr-defined]  # on disk now
+    assert texts.on_disk
     assert len(texts) == 500 and list(texts)[499] == "text number 499 with a new\nline"
     assert list(texts) == list(texts)  # read again from the start
     texts.close()
@@ -50,8 +50,15 @@ def test_spooled_texts_leave_memory_past_their_first_mib() -> None:
         (b'{"texts": "a"}', "application/json", 400, 'expected {"texts"'),
         (b'{"other": ["a"]}', "application/json", 400, 'expected {"texts"'),
         (b'{"texts": ["a"]', "application/json", 400, "not valid JSON"),
-        (b'{"text": "' + b"y" * 2000 + b'"}\n', "application/x-ndjson", 400, "line 1: longer than"),
-        (b'{"text": "a"}\n{"text": ' + b"[" * 1500 + b"\n", "application/x-ndjson", 400, "line 2: not valid JSON"),
+        (b'{"text": "' + b"y" * 4000 + b'"}\n', "application/x-ndjson", 400, "line 1: a value runs past"),
+        (
+            b'{"text": "a"}\n{"text": ' + b"[" * 1500 + b"\n",
+            "application/x-ndjson",
+            400,
+            'line 2: expected {"text": str}',
+        ),
+        (b'{"text": "a"}\n{"text": "b"\n', "application/x-ndjson", 400, "line 2: not valid JSON"),
+        (b'{"text": "a"}\n{"text": "b", "x": 1}\n', "application/x-ndjson", 400, "line 2: expected"),
         (b'{"text": "a"}\n' * 101, "application/x-ndjson", 400, "MAX_JOB_TEXTS"),
     ],
 )
