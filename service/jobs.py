@@ -10,6 +10,7 @@ scored is an analytics row under the endpoint `/jobs`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -25,7 +26,8 @@ from datetime import timedelta
 from typing import IO, Any
 
 import ijson
-from starlette.requests import Request
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from service import metrics
@@ -267,32 +269,49 @@ def _invalid(message: str) -> ApiError:
 # one such thread per worker kept the event loop from interactive requests (make abuse: eight
 # 64 MiB bodies at once). A body waiting here is not read meanwhile, so it costs no memory.
 _PARSING: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
+# Likewise one page of job results read and encoded at a time per worker (ResultsStream).
+_READING: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
 
 async def _feed(body: JobBody, data: bytes) -> None:
     parsing = _PARSING.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(1))
     async with parsing:
-        await asyncio.to_thread(body.feed, data)
+        fed = asyncio.ensure_future(asyncio.to_thread(body.feed, data))
+        try:
+            await asyncio.shield(fed)
+        except asyncio.CancelledError:
+            # a thread cannot be stopped: the next body waits until this one's step is done,
+            # and the endpoint closes the texts' file only after it
+            await asyncio.wait({fed})
+            raise
 
 
 async def read_job_body(request: Request, body: JobBody, timeout_s: float) -> SpooledTexts:
     """Feed `body` the request's bytes as they arrive, a quarter MiB at a time on a worker
-    thread, one body's at a time; 408 if the whole body has not arrived within `timeout_s`."""
+    thread, one body's at a time; 408 if the bytes have not all arrived within `timeout_s`
+    (counted while waiting for them, not for the parser), 400 if the client went away."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    stream = request.stream().__aiter__()
     pending = bytearray()
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for data in request.stream():
-                pending += data
-                if len(pending) >= FEED_BYTES or body.size + len(pending) > body.max_bytes:
-                    chunk, pending = bytes(pending), bytearray()
-                    await _feed(body, chunk)
-            await _feed(body, bytes(pending))
-    except TimeoutError:
-        raise ApiError(
-            408,
-            f"request body not received within {timeout_s:g} s (JOB_UPLOAD_TIMEOUT_SECONDS)",
-            {"Connection": "close"},
-        ) from None
+    while True:
+        try:
+            data = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - loop.time()))
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise ApiError(
+                408,
+                f"request body not received within {timeout_s:g} s (JOB_UPLOAD_TIMEOUT_SECONDS)",
+                {"Connection": "close"},
+            ) from None
+        except ClientDisconnect:
+            raise ApiError(400, "invalid request: body: the client went away before sending all of it") from None
+        pending += data
+        if len(pending) >= FEED_BYTES or body.size + len(pending) > body.max_bytes:
+            chunk, pending = bytes(pending), bytearray()
+            await _feed(body, chunk)
+    await _feed(body, bytes(pending))
     return body.close()
 
 
@@ -336,9 +355,33 @@ class ResultsStream(Response):
         self.send_timeout_s = send_timeout_s
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Pages until the last; the response ends early when the client goes away (no page is
+        read for nobody), takes no bytes for the send timeout, or has taken ten send timeouts in
+        all (a reader that takes a few bytes now and then would otherwise hold its slot for hours)."""
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            gone.set()
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self._stream(send, gone, asyncio.get_running_loop().time() + 10 * self.send_timeout_s)
+        finally:
+            watcher.cancel()
+
+    async def _stream(self, send: Any, gone: asyncio.Event, deadline: float) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         after = -1
+        loop = asyncio.get_running_loop()
         while True:
+            if gone.is_set():
+                return
+            if loop.time() > deadline:
+                metrics.JOB_READERS_CUT.inc()
+                log.warning("a results reader cut off after %g s in all", 10 * self.send_timeout_s)
+                return
             page = await self._read(after)
             if page is None:
                 log.warning("job results cut off: the database did not answer for %g s", self.send_timeout_s)
@@ -357,12 +400,15 @@ class ResultsStream(Response):
                 return
 
     async def _read(self, after: int) -> tuple[bytes, int, int] | None:
-        """The next page; its read tried again while the database threads refuse it (busy, 503)
+        """The next page, one stream's at a time per worker (its read and encoding hold the GIL,
+        as a body's parsing does); tried again while the database threads refuse it (busy, 503)
         for up to the send timeout, since the answer has begun and cannot become a 503 now."""
         deadline = time.monotonic() + self.send_timeout_s
+        reading = _READING.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(1))
         while True:
             try:
-                return await self.page(after)
+                async with reading:
+                    return await self.page(after)
             except ApiError:
                 if time.monotonic() >= deadline:
                     return None
@@ -457,6 +503,10 @@ class JobRunner:
                 await self.score(chunk)
             except asyncio.CancelledError:
                 raise
+            except (ApiError, SQLAlchemyError) as exc:  # the database unavailable: not the chunk's fault
+                log.warning("job %s chunk %s given back (%s)", chunk.job_id, chunk.chunk, exc)
+                with contextlib.suppress(Exception):  # else its lease runs out
+                    await self.db(self.queue.give_back, chunk, self.worker)
             except Exception as exc:
                 await self._failed(chunk, exc)
 
@@ -465,7 +515,7 @@ class JobRunner:
         traceback per chunk (its first attempt here), then a line per attempt."""
         reason = f"{type(exc).__name__}: {exc}"
         try:
-            job_failed = await self.db(self.queue.fail, chunk, reason, self.max_attempts)
+            job_failed = await self.db(self.queue.fail, chunk, self.worker, reason, self.max_attempts)
         except Exception as db_exc:  # the lease runs out and the attempt is counted at the next claim
             log.warning("job %s chunk %s failed (%s); not recorded: %s", chunk.job_id, chunk.chunk, reason, db_exc)
             return
@@ -498,7 +548,9 @@ class JobRunner:
         try:
             start = 0
             while start < len(chunk.texts):
-                if not await self.db(self.queue.active, chunk.job_id):
+                # the lease renewed before each sub-batch: a chunk slowed by interactive traffic
+                # is not taken from its worker (nor counted an attempt) while it is being scored
+                if not await self.db(self.queue.renew, chunk, self.worker, self.lease):
                     return False
                 while (wait := self._wait_s()) > 0:  # interactive requests go first
                     await asyncio.sleep(max(wait, 0.002))

@@ -106,6 +106,9 @@ class JobQueue:
         job_id = str(uuid.uuid4())
         now = utcnow()
         client = client[:64]
+        # First the job alone, under the lock, checked against the quotas and committed: from
+        # then on it counts in every quota, and the lock is not held while its texts are stored
+        # (up to MAX_JOB_TEXTS of them). Without chunks yet, no worker takes it.
         with self.engine.begin() as conn:
             if self.postgres:
                 conn.execute(sa.select(sa.func.pg_advisory_xact_lock(SUBMIT_LOCK)))
@@ -123,26 +126,32 @@ class JobQueue:
             )
             if quotas is not None:
                 self._check_quotas(conn, client, quotas)  # the job just inserted counted in
-            items = iter(texts)
-            for start in range(0, len(texts), INSERT_ROWS):
-                rows = [
-                    {"job_id": job_id, "idx": start + i, "text": t}
-                    for i, t in enumerate(itertools.islice(items, INSERT_ROWS))
+        try:
+            with self.engine.begin() as conn:
+                items = iter(texts)
+                for start in range(0, len(texts), INSERT_ROWS):
+                    rows = [
+                        {"job_id": job_id, "idx": start + i, "text": t}
+                        for i, t in enumerate(itertools.islice(items, INSERT_ROWS))
+                    ]
+                    conn.execute(job_texts.insert(), rows)
+                chunks = [
+                    {
+                        "job_id": job_id,
+                        "chunk": n,
+                        "first": first,
+                        "size": min(chunk_texts, len(texts) - first),
+                        "queued_at": now,
+                        "state": "queued",
+                        "attempts": 0,
+                    }
+                    for n, first in enumerate(range(0, len(texts), chunk_texts))
                 ]
-                conn.execute(job_texts.insert(), rows)
-            chunks = [
-                {
-                    "job_id": job_id,
-                    "chunk": n,
-                    "first": first,
-                    "size": min(chunk_texts, len(texts) - first),
-                    "queued_at": now,
-                    "state": "queued",
-                    "attempts": 0,
-                }
-                for n, first in enumerate(range(0, len(texts), chunk_texts))
-            ]
-            conn.execute(job_chunks.insert(), chunks)
+                conn.execute(job_chunks.insert(), chunks)
+        except BaseException:
+            with self.engine.begin() as conn:  # the job was not stored after all
+                conn.execute(jobs.delete().where(jobs.c.job_id == job_id))
+            raise
         return job_id
 
     def check_quotas(self, client: str, quotas: Quotas) -> None:
@@ -241,12 +250,17 @@ class JobQueue:
             status = conn.execute(sa.select(jobs.c.status).where(self._owned(job_id, token_sha256))).scalar()
             if status not in ACTIVE:
                 return status, False
-            self._finish(conn, job_id, "cancelled")
+            if not self._finish(conn, job_id, "cancelled"):  # finished meanwhile
+                return conn.execute(sa.select(jobs.c.status).where(jobs.c.job_id == job_id)).scalar(), False
         return "cancelled", True
 
     def _finish(self, conn: sa.Connection, job_id: str, status: str, error: str | None = None) -> bool:
-        """End an active job as `status`: its texts and chunks go, its results stay until it expires."""
+        """End an active job as `status`: its texts and chunks go, its results stay until it expires.
+        Its chunk rows are locked first, in the order claim and complete lock them (chunk, then
+        job), so ending a job never deadlocks with a worker claiming or completing its chunk."""
         now = utcnow()
+        if self.postgres:
+            conn.execute(sa.select(job_chunks.c.chunk).where(job_chunks.c.job_id == job_id).with_for_update())
         ended = conn.execute(
             jobs.update()
             .where(jobs.c.job_id == job_id, jobs.c.status.in_(ACTIVE))
@@ -327,19 +341,46 @@ class JobQueue:
             return Chunk(row.job_id, row.chunk, row.first, list(texts), model, row.attempts)
         return None
 
-    def fail(self, chunk: Chunk, reason: str, max_attempts: int) -> bool:
-        """A chunk's attempt failed: back in the queue for another try, or, on its last allowed
-        attempt, its job failed with `reason`. True when the job failed."""
+    def fail(self, chunk: Chunk, worker: str, reason: str, max_attempts: int) -> bool:
+        """`worker`'s attempt at a chunk failed: back in the queue for another try, or, on its last
+        allowed attempt, its job failed with `reason`. True when the job failed. Nothing happens
+        when the chunk is no longer this attempt's (its lease ran out and another worker has it)."""
         with self.engine.begin() as conn:
-            if chunk.attempt >= max_attempts:
+            mine = conn.execute(
+                job_chunks.update()
+                .where(job_chunks.c.job_id == chunk.job_id, job_chunks.c.chunk == chunk.chunk)
+                .where(job_chunks.c.state == "leased", job_chunks.c.worker == worker[:64])
+                .where(job_chunks.c.attempts == chunk.attempt)
+                .values(state="queued", lease_until=None)
+            ).rowcount
+            if mine and chunk.attempt >= max_attempts:
                 return self._finish(conn, chunk.job_id, "failed", _attempts_error(chunk.chunk, max_attempts, reason))
+        return False
+
+    def renew(self, chunk: Chunk, worker: str, lease: timedelta) -> bool:
+        """Extend `worker`'s lease of a chunk it is scoring; False once the job is no longer
+        active or the chunk no longer this attempt's (its worker then stops)."""
+        with self.engine.begin() as conn:
+            renewed = conn.execute(
+                job_chunks.update()
+                .where(job_chunks.c.job_id == chunk.job_id, job_chunks.c.chunk == chunk.chunk)
+                .where(job_chunks.c.state == "leased", job_chunks.c.worker == worker[:64])
+                .where(job_chunks.c.attempts == chunk.attempt)
+                .values(lease_until=utcnow() + lease)
+            ).rowcount
+            return bool(renewed) and self.active_in(conn, chunk.job_id)
+
+    def give_back(self, chunk: Chunk, worker: str) -> None:
+        """Queue a chunk again without counting the attempt: its worker could not finish it for
+        a reason of its own (the database unavailable), not the chunk's."""
+        with self.engine.begin() as conn:
             conn.execute(
                 job_chunks.update()
                 .where(job_chunks.c.job_id == chunk.job_id, job_chunks.c.chunk == chunk.chunk)
-                .where(job_chunks.c.state == "leased")
-                .values(state="queued", lease_until=None)
+                .where(job_chunks.c.state == "leased", job_chunks.c.worker == worker[:64])
+                .where(job_chunks.c.attempts == chunk.attempt)
+                .values(state="queued", lease_until=None, attempts=job_chunks.c.attempts - 1)
             )
-        return False
 
     def fail_unserved(self, models: Sequence[str], idle: timedelta) -> list[str]:
         """Fail the active jobs whose model is not among `models` and that have not advanced
@@ -373,7 +414,7 @@ class JobQueue:
             return conn.execute(
                 job_chunks.update()
                 .where(job_chunks.c.worker == worker[:64], job_chunks.c.state == "leased")
-                .values(state="queued", lease_until=None)
+                .values(state="queued", lease_until=None, attempts=job_chunks.c.attempts - 1)  # not the chunk's fault
             ).rowcount
 
     def active(self, job_id: str) -> bool:

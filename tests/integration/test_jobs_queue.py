@@ -183,10 +183,10 @@ def test_a_chunk_that_keeps_failing_fails_its_job_after_its_attempts(queue: JobQ
     for attempt in (1, 2):
         chunk = _claim(queue, "w", timedelta(seconds=30))
         assert chunk is not None and chunk.attempt == attempt
-        assert not queue.fail(chunk, "RuntimeError: boom", max_attempts=3)  # queued again at once
+        assert not queue.fail(chunk, "w", "RuntimeError: boom", max_attempts=3)  # queued again at once
     chunk = _claim(queue, "w", timedelta(seconds=30))
     assert chunk is not None and chunk.attempt == 3
-    assert queue.fail(chunk, "RuntimeError: boom", max_attempts=3)
+    assert queue.fail(chunk, "w", "RuntimeError: boom", max_attempts=3)
     status = queue.status(job, TOKEN)
     assert status is not None and status["status"] == "failed" and status["finished_at"]
     assert "failed 3 times" in status["error"] and "RuntimeError: boom" in status["error"]
@@ -218,3 +218,34 @@ def test_expiry_removes_a_bounded_number_of_jobs_a_call(queue: JobQueue) -> None
         chunk = _claim(queue, "w", timedelta(seconds=30))
         assert chunk is not None and queue.complete(chunk, _score(chunk.texts))
     assert [queue.expire(limit=2), queue.expire(limit=2), queue.expire(limit=2)] == [2, 2, 1]
+
+
+def test_a_renewed_lease_keeps_a_slow_chunk_and_only_its_attempt_may_fail_it(queue: JobQueue) -> None:
+    job = _submit(queue, ["good a"])
+    slow = _claim(queue, "slow", timedelta(seconds=0.3), max_attempts=1)
+    assert slow is not None
+    for _ in range(3):  # scored for longer than its lease, renewed between sub-batches
+        time.sleep(0.2)
+        assert queue.renew(slow, "slow", timedelta(seconds=0.3))
+    assert _claim(queue, "other", timedelta(seconds=30), max_attempts=1) is None  # still its own
+    assert queue.status(job, TOKEN)["status"] == "running"  # type: ignore[index]
+    time.sleep(0.4)  # now its lease runs out, and another worker takes the chunk (attempt 2)
+    again = _claim(queue, "other", timedelta(seconds=30), max_attempts=2)
+    assert again is not None and again.attempt == 2
+    assert not queue.renew(slow, "slow", timedelta(seconds=30))  # the first worker stops
+    assert not queue.fail(slow, "slow", "late failure", max_attempts=2)  # and its failure changes nothing
+    assert queue.complete(again, _score(again.texts))
+    assert queue.status(job, TOKEN)["status"] == "done"  # type: ignore[index]
+
+
+def test_chunks_given_back_or_released_do_not_use_up_attempts(queue: JobQueue) -> None:
+    job = _submit(queue, ["good a"])
+    for _ in range(3):
+        chunk = _claim(queue, "w", timedelta(seconds=30), max_attempts=1)
+        assert chunk is not None and chunk.attempt == 1
+        queue.give_back(chunk, "w")  # the database failed the worker, not the chunk
+    assert _claim(queue, "stops", timedelta(seconds=30), max_attempts=1) is not None
+    assert queue.release("stops") == 1  # a graceful stop
+    last = _claim(queue, "w", timedelta(seconds=30), max_attempts=1)
+    assert last is not None and last.attempt == 1 and queue.complete(last, _score(last.texts))
+    assert queue.status(job, TOKEN)["status"] == "done"  # type: ignore[index]
