@@ -21,6 +21,7 @@ import json
 import random
 import select
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -653,7 +654,8 @@ def markdown(after: list[Case], before: list[Case] | None, meta: dict[str, Any])
     lines = [
         "# Hostile clients (`make abuse`)",
         "",
-        f"Measured {meta['when']} on {meta['machine']}, {meta['profile']} models, {WORKERS} workers on Redis and"
+        f"Measured {meta['when']} on {meta['machine']}, commit {meta['commit']}, {meta['profile']} models,"
+        f" {WORKERS} workers on Redis and"
         f" PostgreSQL, with `{json.dumps(SUITE_ENV)}` (short timeouts so the run stays short). Beside each case,"
         " four clients post `/predict` back to back (half repeated texts, half new ones); p95 is theirs during the"
         " case,"
@@ -696,6 +698,11 @@ def markdown(after: list[Case], before: list[Case] | None, meta: dict[str, Any])
     return "\n".join(lines) + "\n"
 
 
+def _commit(checkout: Path) -> str:
+    done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "?"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="default var/abuse/<time>")
@@ -720,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
         "when": datetime.now(UTC).strftime("%Y-%m-%d"),
         "machine": f"{psutil.cpu_count()} cores ({cpu}), {round(psutil.virtual_memory().total / 2**30)} GiB",
         "profile": model_store()[0],
-        "before": str(args.before),
+        "commit": _commit(ROOT),
+        "before": f"commit {_commit(args.before)}" if args.before else "",
     }
     report = markdown(after, before, meta)
     (out / "report.md").write_text(report)
