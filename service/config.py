@@ -11,7 +11,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from storage import db
@@ -114,16 +114,18 @@ class Settings(BaseSettings):
     # are dropped and counted (sentiment_analytics_rows_total{outcome="dropped"}, alerted on).
     spill_max_bytes: int = Field(DEFAULT_SPILL_MAX_BYTES, gt=0)
 
-    @field_validator("admin_api_key")
+    @field_validator("admin_api_key", "request_id_key")
     @classmethod
-    def _strong_admin_key(cls, value: SecretStr | None) -> SecretStr | None:
+    def _strong_key(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        """Keys anyone could guess are refused at start: the admin key, and the key that signs
+        the request ids /feedback takes (a guessed one lets anyone skew the A/B accuracy)."""
         if value is None:
             return None
-        key = value.get_secret_value()
+        name, key = str(info.field_name).upper(), value.get_secret_value()
         if len(key) < MIN_ADMIN_KEY_CHARS:
-            raise ValueError(f"ADMIN_API_KEY must be at least {MIN_ADMIN_KEY_CHARS} characters (openssl rand -hex 32)")
+            raise ValueError(f"{name} must be at least {MIN_ADMIN_KEY_CHARS} characters (openssl rand -hex 32)")
         if any(word in key.lower().replace("_", "-") for word in PLACEHOLDER_WORDS):
-            raise ValueError("ADMIN_API_KEY is a placeholder; generate one with openssl rand -hex 32")
+            raise ValueError(f"{name} is a placeholder; generate one with openssl rand -hex 32")
         return value
 
     @field_validator("database_url")

@@ -154,7 +154,10 @@ class SpillLog:
             self._owner_fd = os.open(self.folder / f"{self.owner}.lock", os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(self._owner_fd, fcntl.LOCK_EX)
         if self._fd is not None:
-            os.close(self._fd)
+            # forgotten before it is closed: if the next open fails, the next rotation must not
+            # close this descriptor a second time (by then another file may have its number)
+            fd, self._fd = self._fd, None
+            os.close(fd)
             self._seq += 1
         self._fd = os.open(self._segment(self._seq), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._size = 0

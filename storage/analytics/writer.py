@@ -12,6 +12,7 @@ connection) is set aside in a dead-letter file, so one bad row never stalls the 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -27,6 +28,9 @@ from storage.analytics.records import PredictionRecord, utcnow
 from storage.analytics.spill import Row, SpillLog, encode
 from storage.tables import prediction_counts, predictions, request_errors
 
+# The cap of one worker's dead-letter file: rows the database refused as data are rare; a
+# stream of them is a bug to fix, not rows to keep without end.
+DEAD_LETTER_MAX_BYTES = 64 << 20
 log = logging.getLogger(__name__)
 
 ANALYTICS_ROWS = Counter(
@@ -241,8 +245,16 @@ class AnalyticsWriter:
         try:
             self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
             line = encode([{**row, "error": str(exc).splitlines()[0][:500]}])
-            with self.dead_letter_path.open("ab") as f:
-                f.write(line)
+            # the rows hold hashes of users' texts (their texts with STORE_TEXT): this user's
+            # only, and capped, so a stream of rows the database refuses cannot fill the disk
+            fd = os.open(self.dead_letter_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with os.fdopen(fd, "ab") as f:
+                if f.tell() + len(line) <= DEAD_LETTER_MAX_BYTES:
+                    f.write(line)
+                else:
+                    log.error(
+                        "dead-letter file %s is full (%d bytes): row %s dropped", path, DEAD_LETTER_MAX_BYTES, rid
+                    )
         except (OSError, TypeError, ValueError, KeyError) as err:
             log.error("cannot write the dead-letter file: %s", err)
         self.dead_letters += 1

@@ -376,6 +376,7 @@ def test_a_row_refused_as_data_goes_to_the_dead_letter_file(migrated: tuple[str,
     assert store.healthy and store.writer.dead_letters == 1
     [line] = store.writer.dead_letter_path.read_text().splitlines()
     assert rows[13].request_id in line and "NUL" in line
+    assert store.writer.dead_letter_path.stat().st_mode & 0o777 == 0o600  # users' text hashes, or texts
     store.close()
 
 

@@ -103,3 +103,13 @@ def test_the_published_text_pattern_accepts_exactly_the_texts_the_service_takes(
     ]
     assert disagree == []
     assert pattern.fullmatch(" \x1f a \x85") and not pattern.fullmatch(" \x1f\t\x85\u3000")
+
+
+@pytest.mark.parametrize("name", ["ADMIN_API_KEY", "REQUEST_ID_KEY"])
+@pytest.mark.parametrize("key", ["short-key", "change-me-" + "x" * 40])
+def test_guessable_keys_are_refused_naming_the_variable(monkeypatch: pytest.MonkeyPatch, name: str, key: str) -> None:
+    from pydantic import ValidationError
+
+    monkeypatch.setenv(name, key)
+    with pytest.raises(ValidationError, match=name):
+        Settings()
