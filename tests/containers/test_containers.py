@@ -183,10 +183,21 @@ def served_image(image: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def stack(image: str) -> Iterator[dict[str, str]]:
-    """The air-gapped stack, up: the environment it was started with."""
-    step("air-gapped stack: compose.yaml + compose.airgap.yaml")
-    env = {**os.environ, **STACK_ENV, "SENTIMENT_IMAGE": image, "BASE_IMAGE": BASE_IMAGE}
+def stack(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The air-gapped stack, up, nginx terminating TLS on 127.0.0.1:8443 with a self-signed
+    certificate made here: the environment it was started with."""
+    step("air-gapped stack: compose.yaml + compose.airgap.yaml, TLS on")
+    tls = tmp_path_factory.mktemp("tls")
+    sh(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tls / "key.pem"), "-out", str(tls / "cert.pem")],
+        capture_output=True,
+    )
+    conf = (ROOT / "deploy" / "nginx" / "tls.conf.example").read_text()
+    (tls / "tls.conf").write_text(conf.replace("listen 8443 ssl;", "listen 127.0.0.1:8443 ssl;"))
+    for path in (tls, *tls.iterdir()):  # nginx runs as www-data in the air-gapped stack
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    env = {**os.environ, **STACK_ENV, "SENTIMENT_IMAGE": image, "BASE_IMAGE": BASE_IMAGE, "TLS_DIR": str(tls)}
     started = time.monotonic()
     try:
         sh([*COMPOSE, "build"], env=env)
@@ -244,12 +255,38 @@ def test_stack_nginx_refuses_the_internal_paths(stack: dict[str, str]) -> None:
     )
 
 
+def test_stack_terminates_tls_and_keeps_each_clients_limit(stack: dict[str, str]) -> None:
+    """HTTPS through nginx with the stack's certificate; a load balancer's X-Forwarded-For
+    through it still names the client, each with a rate limit of its own."""
+    cert = str(Path(stack["TLS_DIR"]) / "cert.pem")
+    text = f"Over TLS {uuid.uuid4().hex[:6]}"
+    remaining = {}
+    with httpx.Client(base_url="https://127.0.0.1:8443", verify=cert, timeout=30) as https:
+        for client in ("198.18.201.1", "198.18.201.1", "198.18.201.2"):
+            r = https.post("/predict", json={"text": text}, headers={"X-Forwarded-For": client})
+            assert r.status_code == 200, r.text
+            remaining.setdefault(client, []).append(r.headers["RateLimit"].split("remaining=")[1].split(",")[0])
+    first, second = remaining["198.18.201.1"]
+    assert first != second and remaining["198.18.201.2"] == [first]  # counted per client
+    with pytest.raises(httpx.ConnectError):  # the certificate is checked: no plain TLS trust
+        httpx.get("https://127.0.0.1:8443/health", timeout=10)
+    record("TLS at nginx", f"HTTPS 200 on 127.0.0.1:8443, per-client limits kept (remaining {first}, {second})")
+
+
 def test_stack_listens_on_loopback_only(stack: dict[str, str]) -> None:
     """On the host network, every service of the stack binds 127.0.0.1: nothing reaches the
     replicas (their /metrics and /docs included), Redis or PostgreSQL around nginx."""
     import psutil
 
-    ports = {8080: "nginx", 3101: "api-1", 3102: "api-2", 6390: "redis", 5440: "postgres", 9091: "prometheus"}
+    ports = {
+        8080: "nginx",
+        8443: "nginx TLS",
+        3101: "api-1",
+        3102: "api-2",
+        6390: "redis",
+        5440: "postgres",
+        9091: "prometheus",
+    }
     listening = [c for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
     bound = {(ports[c.laddr.port], c.laddr.ip) for c in listening if c.laddr.port in ports}
     assert {name for name, _ in bound} == set(ports.values()), bound
