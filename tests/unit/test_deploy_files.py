@@ -204,12 +204,11 @@ def test_compose_replicas_stop_gracefully_and_monitoring_is_on_loopback() -> Non
     assert _defaults(tls_port.split("#")[0].strip()) == "8443:8443"  # and over TLS, given a certificate
 
 
-def test_compose_api_replicas_run_without_privileges_on_a_read_only_root() -> None:
+def test_compose_api_replicas_run_without_privileges() -> None:
     services = _compose("compose.yaml")
     for api in ("api-1", "api-2"):
         spec = services[api]
         assert spec["cap_drop"] == ["ALL"] and "no-new-privileges:true" in spec["security_opt"]
-        assert spec["read_only"] is True and any(t.startswith("/tmp:") for t in spec["tmpfs"])
     for api in ("api-1", "api-2"):  # the air-gapped replicas listen on loopback only
         command = _compose("compose.airgap.yaml")[api]["command"]
         assert command[command.index("--host") + 1] == "127.0.0.1", command
