@@ -258,10 +258,12 @@ def test_stack_nginx_refuses_the_internal_paths(stack: dict[str, str]) -> None:
 def test_stack_terminates_tls_and_keeps_each_clients_limit(stack: dict[str, str]) -> None:
     """HTTPS through nginx with the stack's certificate; a load balancer's X-Forwarded-For
     through it still names the client, each with a rate limit of its own."""
-    cert = str(Path(stack["TLS_DIR"]) / "cert.pem")
+    import ssl
+
+    trusted = ssl.create_default_context(cafile=str(Path(stack["TLS_DIR"]) / "cert.pem"))
     text = f"Over TLS {uuid.uuid4().hex[:6]}"
     remaining = {}
-    with httpx.Client(base_url="https://127.0.0.1:8443", verify=cert, timeout=30) as https:
+    with httpx.Client(base_url="https://127.0.0.1:8443", verify=trusted, timeout=30) as https:
         for client in ("198.18.201.1", "198.18.201.1", "198.18.201.2"):
             r = https.post("/predict", json={"text": text}, headers={"X-Forwarded-For": client})
             assert r.status_code == 200, r.text
