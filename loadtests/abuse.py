@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import hashlib
 import json
 import random
 import select
@@ -33,10 +32,11 @@ from typing import Any
 
 import httpx
 import psutil
-import sqlalchemy as sa
 
+from loadtests.bench import metric_totals
 from loadtests.chaos.tally import percentile
 from loadtests.jobs_bench import model_store
+from tests.support.jobs import done_job
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 1 << 20
@@ -454,52 +454,13 @@ def ownership(url: str, jobs: Jobs) -> Case:
     return case
 
 
-def done_job(database_url: str, results: int) -> tuple[str, str]:
-    """A done job with `results` results, written straight into the instance's database."""
-    from storage.analytics.records import utcnow
-    from storage.tables import job_results
-    from storage.tables import jobs as jobs_table
-
-    job_id, token = str(uuid.uuid4()), uuid.uuid4().hex * 2
-    now = utcnow()
-    engine = sa.create_engine(database_url)
-    with engine.begin() as conn:
-        conn.execute(
-            jobs_table.insert().values(
-                job_id=job_id,
-                status="done",
-                total=results,
-                done=results,
-                model="abuse:1",
-                client="198.18.50.1",
-                created_at=now,
-                finished_at=now,
-                expires_at=now.replace(year=now.year + 1),
-                token_sha256=hashlib.sha256(token.encode()).hexdigest(),
-            )
-        )
-        rows = [
-            {"job_id": job_id, "idx": i, "label": "positive", "score": 0.9, "p_negative": 0.1, "p_positive": 0.9}
-            for i in range(results)
-        ]
-        for at in range(0, results, 10_000):
-            conn.execute(job_results.insert(), rows[at : at + 10_000])
-    engine.dispose()
-    return job_id, token
-
-
 def cut_readers(url: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("sentiment_job_readers_cut_total")
-    )
+    return metric_totals(url, ("sentiment_job_readers_cut_total",))["sentiment_job_readers_cut_total"]
 
 
 def slow_readers(url: str, port: int, root_pid: int, database_url: str, readers: int = 50) -> Case:
     case = Case("readers that stop reading", f"{readers} clients open a 100,000-line result stream and read nothing")
-    job_id, token = done_job(database_url, 100_000)
+    job_id, token = done_job(database_url, 100_000, "198.18.50.1")
     before = cut_readers(url)
     socks = []
     with Interactive(url) as traffic, Memory(root_pid) as memory:

@@ -347,11 +347,7 @@ class JobQueue:
         when the chunk is no longer this attempt's (its lease ran out and another worker has it)."""
         with self.engine.begin() as conn:
             mine = conn.execute(
-                job_chunks.update()
-                .where(job_chunks.c.job_id == chunk.job_id, job_chunks.c.chunk == chunk.chunk)
-                .where(job_chunks.c.state == "leased", job_chunks.c.worker == worker[:64])
-                .where(job_chunks.c.attempts == chunk.attempt)
-                .values(state="queued", lease_until=None)
+                job_chunks.update().where(_this_attempt(chunk, worker)).values(state="queued", lease_until=None)
             ).rowcount
             if mine and chunk.attempt >= max_attempts:
                 return self._finish(conn, chunk.job_id, "failed", _attempts_error(chunk.chunk, max_attempts, reason))
@@ -362,11 +358,7 @@ class JobQueue:
         active or the chunk no longer this attempt's (its worker then stops)."""
         with self.engine.begin() as conn:
             renewed = conn.execute(
-                job_chunks.update()
-                .where(job_chunks.c.job_id == chunk.job_id, job_chunks.c.chunk == chunk.chunk)
-                .where(job_chunks.c.state == "leased", job_chunks.c.worker == worker[:64])
-                .where(job_chunks.c.attempts == chunk.attempt)
-                .values(lease_until=utcnow() + lease)
+                job_chunks.update().where(_this_attempt(chunk, worker)).values(lease_until=utcnow() + lease)
             ).rowcount
             return bool(renewed) and self.active_in(conn, chunk.job_id)
 
@@ -376,9 +368,7 @@ class JobQueue:
         with self.engine.begin() as conn:
             conn.execute(
                 job_chunks.update()
-                .where(job_chunks.c.job_id == chunk.job_id, job_chunks.c.chunk == chunk.chunk)
-                .where(job_chunks.c.state == "leased", job_chunks.c.worker == worker[:64])
-                .where(job_chunks.c.attempts == chunk.attempt)
+                .where(_this_attempt(chunk, worker))
                 .values(state="queued", lease_until=None, attempts=job_chunks.c.attempts - 1)
             )
 
@@ -510,6 +500,17 @@ class JobQueue:
             "oldest_queued_seconds": _age(oldest, now),
             "least_recent_progress_seconds": _age(stalled, now),
         }
+
+
+def _this_attempt(chunk: Chunk, worker: str) -> sa.ColumnElement[bool]:
+    """The chunk's row while it is still `worker`'s lease of this attempt (fail, renew, give_back)."""
+    return sa.and_(
+        job_chunks.c.job_id == chunk.job_id,
+        job_chunks.c.chunk == chunk.chunk,
+        job_chunks.c.state == "leased",
+        job_chunks.c.worker == worker[:64],
+        job_chunks.c.attempts == chunk.attempt,
+    )
 
 
 def _attempts_error(chunk: int, attempts: int, reason: str) -> str:

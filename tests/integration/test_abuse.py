@@ -5,20 +5,17 @@ under load, with memory and the latency of interactive traffic beside them."""
 
 from __future__ import annotations
 
-import hashlib
 import re
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import sqlalchemy as sa
 
-from storage.analytics.records import utcnow
-from storage.tables import job_results, jobs
+from loadtests.bench import metric_totals
+from tests.support.jobs import done_job
 from tests.support.prometheus import Prometheus
 from tests.support.servers import PostgresServer, RedisServer, scratch_database
 from tests.support.serving import ROOT, Served, free_port
@@ -125,38 +122,8 @@ def test_a_trickled_upload_is_refused_with_408(hostile: tuple[Served, Prometheus
     assert b"JOB_UPLOAD_TIMEOUT_SECONDS" in data and b'"request_id"' in data
 
 
-def _done_job(database: str, results: int) -> tuple[str, str]:
-    """A done job with `results` results, written straight into the database: (id, token)."""
-    job_id, token = str(uuid.uuid4()), uuid.uuid4().hex * 2
-    now = utcnow()
-    engine = sa.create_engine(database)
-    with engine.begin() as conn:
-        conn.execute(
-            jobs.insert().values(
-                job_id=job_id,
-                status="done",
-                total=results,
-                done=results,
-                model="m:1",
-                client="198.18.2.1",
-                created_at=now,
-                finished_at=now,
-                expires_at=now.replace(year=now.year + 1),
-                token_sha256=hashlib.sha256(token.encode()).hexdigest(),
-            )
-        )
-        rows = [
-            {"job_id": job_id, "idx": i, "label": "positive", "score": 0.9, "p_negative": 0.1, "p_positive": 0.9}
-            for i in range(results)
-        ]
-        conn.execute(job_results.insert(), rows)
-    engine.dispose()
-    return job_id, token
-
-
-def _metric(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+def _cut(url: str) -> float:
+    return metric_totals(url, ("sentiment_job_readers_cut_total",))["sentiment_job_readers_cut_total"]
 
 
 def test_readers_that_stop_reading_are_cut_off_and_free_their_slots(
@@ -164,8 +131,8 @@ def test_readers_that_stop_reading_are_cut_off_and_free_their_slots(
 ) -> None:
     served, _ = hostile
     # about 8 MB of results: more than the kernel's socket buffers hold for a reader that stops
-    job_id, token = _done_job(database, 60_000)
-    cut_before = _metric(served.url, "sentiment_job_readers_cut_total")
+    job_id, token = done_job(database, 60_000)
+    cut_before = _cut(served.url)
     readers = [
         _raw(
             served.port,
@@ -183,7 +150,7 @@ def test_readers_that_stop_reading_are_cut_off_and_free_their_slots(
         # the prediction endpoints have slots of their own
         assert httpx.post(f"{served.url}/predict", json={"text": "Still answering."}, timeout=30).status_code == 200
         deadline = time.monotonic() + SEND_TIMEOUT_S + 10
-        while _metric(served.url, "sentiment_job_readers_cut_total") - cut_before < JOB_SLOTS:
+        while _cut(served.url) - cut_before < JOB_SLOTS:
             assert time.monotonic() < deadline, "the stalled readers were not cut off"
             time.sleep(0.2)
         assert httpx.get(f"{served.url}/jobs/{job_id}", headers=auth, timeout=30).status_code == 200
