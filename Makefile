@@ -100,7 +100,7 @@ chaos: $(if $(filter quick,$(PROFILE)),install,model)  ## faults under load (Red
 	$(if $(CHAOS_HOME),$(CHAOS_HOME) $(PY) -m models.build --profile quick,)
 	$(CHAOS_HOME) $(PY) -m loadtests.chaos --profile $(PROFILE) $(if $(OUT),--out $(OUT),)
 
-abuse: install  ## hostile clients against an instance on Redis and PostgreSQL: what each sent and got, worker memory, /predict p95 beside [ABUSE_ARGS=--before DIR --out DIR]
+abuse: install  ## hostile clients against an instance on Redis and PostgreSQL: what each sent and got, worker memory, /predict p95 beside [ABUSE_ARGS=--before DIR --out DIR --cases G,...]
 	$(PY) -m loadtests.abuse $(ABUSE_ARGS)
 
 prometheus: install  ## Prometheus on 127.0.0.1:9090 scraping the API on :3000 with the alert rules

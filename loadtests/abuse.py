@@ -24,7 +24,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -544,7 +544,11 @@ def trickles(url: str, port: int, root_pid: int, clients: int = 16) -> Case:
 # --- the run ------------------------------------------------------------------------------------
 
 
-def run_suite(out: Path, source: Path, only_memory: bool, label: str) -> list[Case]:
+GROUPS = ("memory", "trickles", "quotas", "fairness", "ownership", "readers", "polls")
+
+
+def run_suite(out: Path, source: Path, groups: Sequence[str], label: str) -> list[Case]:
+    """The cases of `groups` (GROUPS), between two quiet windows, against one served instance."""
     from tests.support.servers import serve_on_backends
 
     _profile, home = model_store()
@@ -557,23 +561,29 @@ def run_suite(out: Path, source: Path, only_memory: bool, label: str) -> list[Ca
         served, _redis, _postgres = serve_on_backends(out / label, started, env, WORKERS, source)
         assert served.proc is not None
         url, port, root = served.url, served.port, served.proc.pid
+        jobs = Jobs(url)
         log(f"[{label}] quiet window")
         cases.append(quiet(url, root))
-        for name, sent, send in memory_cases():
-            log(f"[{label}] {name}")
-            cases.append(run_concurrently(url, port, root, name, sent, send, PER_WORKER * WORKERS))
-        if not only_memory:
-            jobs = Jobs(url)
+        if "memory" in groups:
+            for name, sent, send in memory_cases():
+                log(f"[{label}] {name}")
+                cases.append(run_concurrently(url, port, root, name, sent, send, PER_WORKER * WORKERS))
+        if "trickles" in groups:
             log(f"[{label}] trickled uploads")
             cases.append(trickles(url, port, root))
+        if "quotas" in groups:
             log(f"[{label}] quotas")
             cases += quota_cases(url, root, jobs)
+        if "fairness" in groups:
             log(f"[{label}] fairness")
             cases.append(fairness(url, jobs))
+        if "ownership" in groups:
             log(f"[{label}] ownership")
             cases.append(ownership(url, jobs))
+        if "readers" in groups:
             log(f"[{label}] slow readers")
             cases.append(slow_readers(url, port, root, served.env["DATABASE_URL"]))
+        if "polls" in groups:
             polled = jobs.submit(["a job polled too often"], "198.18.61.1").json()
             log(f"[{label}] status poll flood")
             cases.append(
@@ -599,8 +609,8 @@ def run_suite(out: Path, source: Path, only_memory: bool, label: str) -> list[Ca
                     62,
                 )
             )
-            cases.append(quiet(url, root))
-            cases[-1].name = "quiet again, at the end"
+        cases.append(quiet(url, root))
+        cases[-1].name = "quiet again, at the end"
         return cases
     finally:
         for proc in reversed(started):
@@ -667,15 +677,24 @@ def _commit(checkout: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=None, help="default var/abuse/<time>")
-    parser.add_argument("--only-memory", action="store_true", help="the memory cases only")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE", help="a setting of the served instance (repeatable)"
+    )
+    parser.add_argument(
+        "--cases", default=",".join(GROUPS), help=f"comma-separated groups of cases (default all: {','.join(GROUPS)})"
+    )
     parser.add_argument(
         "--before", type=Path, default=None, help="a checkout of an earlier version: memory cases there too"
     )
     args = parser.parse_args(argv)
+    SUITE_ENV.update(pair.split("=", 1) for pair in args.env)
+    groups = [g.strip() for g in args.cases.split(",") if g.strip()]
+    if unknown := set(groups) - set(GROUPS):
+        parser.error(f"unknown groups {sorted(unknown)}; choose among {', '.join(GROUPS)}")
     out = args.out or ROOT / "var" / "abuse" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)
-    before = run_suite(out, args.before, True, "before") if args.before else None
-    after = run_suite(out, ROOT, args.only_memory, "after")
+    before = run_suite(out, args.before, ["memory"], "before") if args.before else None
+    after = run_suite(out, ROOT, groups, "after")
     cpu = next(
         (
             line.split(":", 1)[1].strip()

@@ -11,7 +11,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from storage import db
@@ -43,6 +43,11 @@ class Settings(BaseSettings):
 
     redis_url: str | None = None
     database_url: str = db.DEFAULT_URL
+    # Passwords kept out of the URLs: from the environment or, as compose and Kubernetes mount
+    # them, the files redis_password and database_password in SECRETS_DIR (/run/secrets), as
+    # every other setting may be. Given, each replaces the password of its URL.
+    redis_password: SecretStr | None = None
+    database_password: SecretStr | None = None
     # PostgreSQL connections each of a worker's two engines (analytics, jobs) keeps, and may open
     # beyond them: a replica holds up to workers x 2 x (size + overflow) (deploy/k8s/configmap.yaml).
     database_pool_size: int = Field(5, gt=0)
@@ -85,6 +90,10 @@ class Settings(BaseSettings):
     job_upload_timeout_seconds: float = Field(120.0, gt=0)
     # A results reader that takes no bytes for this long is cut off, freeing its slot.
     job_send_timeout_seconds: float = Field(30.0, gt=0)
+    # The kernel's send buffer of each connection (Linux doubles the value; 0 keeps its
+    # autotuning, up to 4 MiB): what an unread response may take of a worker's work and memory
+    # before a send blocks and the send timeout counts (guards.cap_send_buffers).
+    socket_send_buffer_bytes: int = Field(32_768, ge=0)
     # /jobs requests a worker serves at once, apart from the prediction endpoints' limit, and
     # of those at most JOB_REQUESTS_PER_CLIENT from one client (429 beyond).
     max_job_requests_in_flight: int = Field(32, gt=0)
@@ -133,6 +142,14 @@ class Settings(BaseSettings):
     def _anchor_sqlite_path(cls, value: str) -> str:
         return db.anchored(value)
 
+    @model_validator(mode="after")
+    def _passwords_into_urls(self) -> Settings:
+        if self.redis_url and self.redis_password:
+            self.redis_url = db.with_password(self.redis_url, self.redis_password.get_secret_value())
+        if self.database_password:
+            self.database_url = db.with_password(self.database_url, self.database_password.get_secret_value())
+        return self
+
     @field_validator("spill_dir")
     @classmethod
     def _anchor_spill_dir(cls, value: str) -> str:
@@ -168,7 +185,9 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    """From the environment, and from files named after the settings in SECRETS_DIR (a
+    variable set in both wins: pydantic-settings' order)."""
+    return Settings(_secrets_dir=db.secrets_dir())
 
 
 def project_version() -> str:

@@ -9,6 +9,8 @@ import asyncio
 import ipaddress
 import json
 import math
+import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -74,6 +76,39 @@ async def send_error(scope: Scope, send: Send, status: int, message: str, header
     rid = scope_request_id(scope)
     raw = [(k.lower().encode(), v.encode()) for k, v in {**headers, "X-Request-ID": rid}.items()]
     await send_json_bytes(send, status, json.dumps(error_body(message, rid)).encode(), raw)
+
+
+def cap_send_buffers(nbytes: int) -> int:
+    """Set SO_SNDBUF on this process's listening TCP sockets, which the connections they accept
+    inherit; returns how many were set (0 with `nbytes` 0, which keeps the kernel's autotuning).
+
+    The kernel grows a connection's send buffer up to 4 MiB (tcp_wmem) while its reader does
+    not read: each results stream left unread made the worker read and encode that much before a
+    send blocked and JOB_SEND_TIMEOUT_SECONDS began to count. Neither uvicorn nor the ASGI scope
+    hands the accepted sockets over, and BentoML's workers get the listening one as a descriptor,
+    so it is found among the process's descriptors (Linux's /proc; elsewhere nothing is set)."""
+    if nbytes <= 0:
+        return 0
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return 0
+    count = 0
+    for fd in fds:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:  # not a socket, or the listing's own descriptor, closed since
+            continue
+        try:
+            listening = sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM
+            if listening and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, nbytes)
+                count += 1
+        except OSError:
+            pass
+        finally:
+            sock.detach()  # the descriptor stays open, owned by whoever opened it
+    return count
 
 
 def replaying(messages: list[Message], receive: Receive) -> Receive:

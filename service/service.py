@@ -36,6 +36,7 @@ from service.guards import (
     JsonNotFound,
     LoopLag,
     RequestContext,
+    cap_send_buffers,
     route_paths,
     trusted_networks,
 )
@@ -177,6 +178,7 @@ class Sentiment:
         # endpoint. Frozen, they are never scanned again; request garbage is collected as usual.
         gc.collect()
         gc.freeze()
+        cap_send_buffers(settings.socket_send_buffer_bytes)
         await self.gauges.start()
         LOOP_LAG.start()
         self.job_runner.start()

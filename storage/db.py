@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -10,6 +12,37 @@ from sqlalchemy.engine import make_url
 # The project's folder (beside storage/): relative SQLite paths are anchored here.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_URL = "sqlite:///var/analytics.db"
+# Where Docker, compose and Kubernetes mount secrets as files (SECRETS_DIR overrides it).
+SECRETS_DIR = "/run/secrets"
+
+
+def secrets_dir() -> Path | None:
+    """The folder of secret files, if there is one: $SECRETS_DIR, else /run/secrets."""
+    path = Path(os.environ.get("SECRETS_DIR") or SECRETS_DIR)
+    return path if path.is_dir() else None
+
+
+def secret(name: str) -> str | None:
+    """A secret by name: the environment variable NAME, else the file `name` (or `NAME`, as a
+    Kubernetes Secret's keys are) in secrets_dir(), without its final newline; else None."""
+    value = os.environ.get(name.upper())
+    if value is None and (folder := secrets_dir()) is not None:
+        for path in (folder / name, folder / name.upper()):
+            if path.is_file():
+                value = path.read_text().rstrip("\r\n")
+                break
+    return value or None
+
+
+def with_password(url: str, password: str | None) -> str:
+    """`url` (redis://, postgresql+psycopg://) with `password` as its password, when one is
+    given: the password comes from a secret file, the rest of the URL from the environment."""
+    parts = urlsplit(url)
+    if not password or not parts.hostname:  # SQLite, a Unix socket: no password to set
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = quote(parts.username or "", safe="")
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
 
 def _sqlite_file(url: str) -> Path | None:

@@ -8,14 +8,13 @@ python -m storage.migrate check                   # tables.py and the migrations
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from storage.db import DEFAULT_URL, anchored
+from storage.db import DEFAULT_URL, anchored, secret, with_password
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -51,11 +50,12 @@ def main() -> int:
     parser.add_argument("revision", nargs="?", default=None)
     parser.add_argument(
         "--url",
-        default=os.environ.get("DATABASE_URL", DEFAULT_URL),
-        help=f"database URL (default: $DATABASE_URL, else {DEFAULT_URL}, as the service)",
+        default=secret("database_url") or DEFAULT_URL,
+        help=f"database URL (default: $DATABASE_URL or the secret file database_url, else {DEFAULT_URL}, as the"
+        " service); its password may come from $DATABASE_PASSWORD or the secret file database_password",
     )
     args = parser.parse_args()
-    url = anchored(args.url)
+    url = anchored(with_password(args.url, secret("database_password")))
     if args.action == "upgrade":
         upgrade(url, args.revision or "head")
     elif args.action == "downgrade":

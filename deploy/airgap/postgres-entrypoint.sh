@@ -1,12 +1,15 @@
 #!/bin/sh
-# First start: a cluster with the POSTGRES_USER / POSTGRES_PASSWORD / POSTGRES_DB of the
-# official image, then the scripts in /docker-entrypoint-initdb.d (compose.yaml mounts
+# First start: a cluster with the POSTGRES_USER / POSTGRES_PASSWORD (or POSTGRES_PASSWORD_FILE) /
+# POSTGRES_DB of the official image, then the scripts in /docker-entrypoint-initdb.d (compose.yaml mounts
 # deploy/postgres/app-role.sh there: the replicas' role); then PostgreSQL in the foreground
 # with the arguments given.
 set -eu
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
+    if [ -n "${POSTGRES_PASSWORD_FILE:-}" ]; then
+        POSTGRES_PASSWORD="$(cat "$POSTGRES_PASSWORD_FILE")"
+    fi
     pwfile="$(mktemp)"
-    printf '%s' "$POSTGRES_PASSWORD" >"$pwfile"
+    printf '%s' "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD or POSTGRES_PASSWORD_FILE}" >"$pwfile"
     initdb -D "$PGDATA" -U "$POSTGRES_USER" --pwfile="$pwfile" --auth=scram-sha-256 -E UTF8 >/dev/null
     rm -f "$pwfile"
     pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -k /run/postgresql" -w start >/dev/null
@@ -17,7 +20,7 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
         echo "running $script"
         sh "$script"
     done
-    unset PGHOST PGPASSWORD
+    unset PGHOST PGPASSWORD POSTGRES_PASSWORD
     pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
 fi
 exec postgres -D "$PGDATA" -k /run/postgresql "$@"

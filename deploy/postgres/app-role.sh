@@ -5,16 +5,20 @@
 # migrations. Safe to run again: it sets the password and grants what is missing.
 #
 # Run by the postgres image from /docker-entrypoint-initdb.d when the data directory is created
-# (compose.yaml), and by deploy/airgap/postgres-entrypoint.sh. Against a database of your own:
+# (compose.yaml, the password in POSTGRES_APP_PASSWORD_FILE), and by
+# deploy/airgap/postgres-entrypoint.sh. Against a database of your own:
 #   POSTGRES_USER=sentiment POSTGRES_DB=sentiment POSTGRES_APP_PASSWORD=... \
 #   PGHOST=... PGPASSWORD=<the owner's password> sh deploy/postgres/app-role.sh
 #
 # No `set -u`, no `exit`: the postgres image sources a script it cannot execute.
 set -e
+if [ -n "${POSTGRES_APP_PASSWORD_FILE:-}" ]; then
+    POSTGRES_APP_PASSWORD="$(cat "$POSTGRES_APP_PASSWORD_FILE")"
+fi
 psql -v ON_ERROR_STOP=1 -X -q \
     --username "${POSTGRES_USER:?}" --dbname "${POSTGRES_DB:?}" \
     -v owner="$POSTGRES_USER" -v db="$POSTGRES_DB" \
-    -v app_password="${POSTGRES_APP_PASSWORD:?set POSTGRES_APP_PASSWORD, the password of the role sentiment_app}" <<'SQL'
+    -v app_password="${POSTGRES_APP_PASSWORD:?set POSTGRES_APP_PASSWORD or POSTGRES_APP_PASSWORD_FILE, the password of the role sentiment_app}" <<'SQL'
 SELECT 'CREATE ROLE sentiment_app' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'sentiment_app') \gexec
 ALTER ROLE sentiment_app WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION PASSWORD :'app_password';
 REVOKE ALL ON DATABASE :"db" FROM PUBLIC;

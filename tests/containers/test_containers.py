@@ -42,14 +42,16 @@ pytestmark = [pytest.mark.containers, pytest.mark.integration, pytest.mark.slow]
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "sentiment-base:bookworm")
 PROJECT = "sentiment-airgap-test"
 COMPOSE = ["docker-compose", "-p", PROJECT, "-f", "compose.yaml", "-f", "compose.airgap.yaml"]
-STACK_ENV = {
-    "REDIS_PASSWORD": f"r-{uuid.uuid4().hex[:12]}",
-    "POSTGRES_PASSWORD": f"p-{uuid.uuid4().hex[:12]}",
-    "POSTGRES_APP_PASSWORD": f"q-{uuid.uuid4().hex[:12]}",
-    "ADMIN_API_KEY": uuid.uuid4().hex + uuid.uuid4().hex,  # the service refuses keys under 32 characters
-    "GRAFANA_ADMIN_PASSWORD": "unused-here",
-    "RATE_LIMIT_PREDICT": "100/minute",
+# The stack's secrets, written to files as deploy/secrets.sh does (SECRETS_DIR), and the test's
+# own settings; the values are random so the test can look for them where they must not be.
+SECRETS = {
+    "redis_password": f"r-{uuid.uuid4().hex}",
+    "postgres_password": f"p-{uuid.uuid4().hex}",
+    "postgres_app_password": f"q-{uuid.uuid4().hex}",
+    "admin_api_key": uuid.uuid4().hex + uuid.uuid4().hex,  # the service refuses keys under 32 characters
+    "grafana_admin_password": f"g-{uuid.uuid4().hex}",
 }
+STACK_ENV = {"RATE_LIMIT_PREDICT": "100/minute"}
 RESULTS: list[tuple[str, str]] = []
 KEEP = os.environ.get("KEEP_STACK") == "1"
 
@@ -197,7 +199,18 @@ def stack(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
     (tls / "tls.conf").write_text(conf.replace("listen 8443 ssl;", "listen 127.0.0.1:8443 ssl;"))
     for path in (tls, *tls.iterdir()):  # nginx runs as www-data in the air-gapped stack
         path.chmod(0o755 if path.is_dir() else 0o644)
-    env = {**os.environ, **STACK_ENV, "SENTIMENT_IMAGE": image, "BASE_IMAGE": BASE_IMAGE, "TLS_DIR": str(tls)}
+    secrets = tmp_path_factory.mktemp("secrets")
+    for name, value in SECRETS.items():
+        (secrets / name).write_text(value + "\n")
+    sh(["sh", "deploy/secrets.sh", str(secrets)])  # keeps the files, sets their modes
+    env = {
+        **os.environ,
+        **STACK_ENV,
+        "SENTIMENT_IMAGE": image,
+        "BASE_IMAGE": BASE_IMAGE,
+        "TLS_DIR": str(tls),
+        "SECRETS_DIR": str(secrets),
+    }
     started = time.monotonic()
     try:
         sh([*COMPOSE, "build"], env=env)
@@ -296,6 +309,35 @@ def test_stack_listens_on_loopback_only(stack: dict[str, str]) -> None:
     record("listening addresses", ", ".join(sorted(f"{name} {ip}" for name, ip in bound)))
 
 
+def test_stack_runs_hardened_with_secrets_only_in_files(stack: dict[str, str]) -> None:
+    """Every container of the stack: no capabilities, no privilege gain, a read-only root, a
+    memory limit, a user other than root; no secret in its environment, its configuration's
+    command or any of its processes' command lines; the secrets readable in /run/secrets."""
+    names = sh([*COMPOSE, "ps", "-q"], env=stack, capture_output=True).stdout.split()
+    assert len(names) >= 6, names  # 2 replicas, nginx, Redis, PostgreSQL, Prometheus (migrate exited)
+    seen = {}
+    for cid in names:
+        [info] = json.loads(sh(["docker", "inspect", cid], capture_output=True).stdout)
+        name, host, config = info["Name"].lstrip("/"), info["HostConfig"], info["Config"]
+        if not info["State"]["Running"]:
+            continue
+        assert host["CapDrop"] == ["ALL"] and not host["CapAdd"], (name, host["CapDrop"], host["CapAdd"])
+        assert "no-new-privileges:true" in (host["SecurityOpt"] or []), (name, host["SecurityOpt"])
+        assert host["ReadonlyRootfs"], name
+        assert host["Memory"] > 0 and host["NanoCpus"] > 0, (name, host["Memory"], host["NanoCpus"])
+        uid = sh(["docker", "exec", cid, "id", "-u"], capture_output=True).stdout.strip()
+        assert uid != "0", f"{name} runs as root"
+        processes = sh(["docker", "top", cid, "-eo", "args"], capture_output=True).stdout
+        exposed = "\n".join([*(config["Env"] or []), *(config["Cmd"] or []), *(config["Entrypoint"] or []), processes])
+        leaked = [key for key, value in SECRETS.items() if value in exposed]
+        assert not leaked, (name, leaked)
+        seen[name] = cid
+    [api] = [cid for name, cid in seen.items() if "api-1" in name]
+    key = sh(["docker", "exec", api, "cat", "/run/secrets/admin_api_key"], capture_output=True).stdout.strip()
+    assert key == SECRETS["admin_api_key"]
+    record("hardened containers", f"{len(seen)} running: no capabilities or root, read-only, limited, no secret seen")
+
+
 def test_stack_has_one_cache_and_stores_both_replicas_rows(stack: dict[str, str]) -> None:
     import sqlalchemy as sa
 
@@ -304,7 +346,7 @@ def test_stack_has_one_cache_and_stores_both_replicas_rows(stack: dict[str, str]
     second = httpx.post("http://127.0.0.1:3102/predict", json={"text": text}, timeout=60).json()
     assert first["cached"] is False and second["cached"] is True, (first, second)
     record("one cache", "predicted on replica 1, a cache hit on replica 2")
-    url = f"postgresql+psycopg://sentiment:{stack['POSTGRES_PASSWORD']}@127.0.0.1:5440/sentiment"
+    url = f"postgresql+psycopg://sentiment:{SECRETS['postgres_password']}@127.0.0.1:5440/sentiment"
     engine = sa.create_engine(url)
     ids: list[str] = [first["request_id"], second["request_id"]]
     deadline = time.monotonic() + 30
@@ -326,9 +368,9 @@ def test_stack_has_one_cache_and_stores_both_replicas_rows(stack: dict[str, str]
 def test_stack_replicas_write_as_a_role_that_cannot_change_the_schema(stack: dict[str, str]) -> None:
     import sqlalchemy as sa
 
-    owner = sa.create_engine(f"postgresql+psycopg://sentiment:{stack['POSTGRES_PASSWORD']}@127.0.0.1:5440/sentiment")
+    owner = sa.create_engine(f"postgresql+psycopg://sentiment:{SECRETS['postgres_password']}@127.0.0.1:5440/sentiment")
     app = sa.create_engine(
-        f"postgresql+psycopg://sentiment_app:{stack['POSTGRES_APP_PASSWORD']}@127.0.0.1:5440/sentiment"
+        f"postgresql+psycopg://sentiment_app:{SECRETS['postgres_app_password']}@127.0.0.1:5440/sentiment"
     )
     deadline = time.monotonic() + 30
     try:
@@ -368,7 +410,7 @@ def test_stack_prometheus_scrapes_both_replicas(stack: dict[str, str]) -> None:
         return len(targets) == 2 and all(t["health"] == "up" for t in targets)
 
     wait_ready("http://127.0.0.1:9091/api/v1/targets", "both Prometheus targets", 60, ok=both_up, interval=1)
-    admin = {"Authorization": f"Bearer {stack['ADMIN_API_KEY']}"}
+    admin = {"Authorization": f"Bearer {SECRETS['admin_api_key']}"}
     summary = httpx.get("http://127.0.0.1:8080/analytics/summary", headers=admin, timeout=10)
     assert summary.status_code == 200 and summary.json()["total"] > 0, summary.text
     record("Prometheus, analytics", f"both targets up; {summary.json()['total']} predictions in the last hour")
@@ -416,7 +458,7 @@ def test_stack_takes_the_quick_load_test_through_nginx(stack: dict[str, str]) ->
     sh(
         [sys.executable, "-m", "loadtests.run", "all", "--profile", "quick", "--url", "http://127.0.0.1:8080"]
         + ["--out", str(out), "--no-thresholds"],
-        env={**os.environ, "ADMIN_API_KEY": stack["ADMIN_API_KEY"]},
+        env={**os.environ, "ADMIN_API_KEY": SECRETS["admin_api_key"]},
     )
     reports = sorted(out.glob("*/report.md"))
     assert reports, f"no report under {out}"

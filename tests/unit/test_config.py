@@ -113,3 +113,43 @@ def test_guessable_keys_are_refused_naming_the_variable(monkeypatch: pytest.Monk
     monkeypatch.setenv(name, key)
     with pytest.raises(ValidationError, match=name):
         Settings()
+
+
+def test_secrets_come_from_files_into_the_urls(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """compose and Kubernetes mount secrets as files: the passwords join URLs given without
+    them, keys are read as settings, a Kubernetes Secret's upper-case names too."""
+    for name in ("REDIS_URL", "REDIS_PASSWORD", "DATABASE_URL", "DATABASE_PASSWORD", "ADMIN_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("REDIS_URL", "redis://redis:6379/0")
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://sentiment_app@postgres:5432/sentiment")
+    (tmp_path / "redis_password").write_text("r/p@ss:word\n")
+    (tmp_path / "database_password").write_text("d#1\n")
+    (tmp_path / "ADMIN_API_KEY").write_text("k" * 40 + "\n")
+    s = Settings(_secrets_dir=tmp_path)
+    assert s.redis_url == "redis://:r%2Fp%40ss%3Aword@redis:6379/0"
+    assert s.database_url == "postgresql+psycopg://sentiment_app:d%231@postgres:5432/sentiment"
+    assert s.admin_api_key is not None and s.admin_api_key.get_secret_value() == "k" * 40
+    from sqlalchemy.engine import make_url
+
+    assert make_url(s.database_url).password == "d#1"  # what psycopg is given
+    import redis
+
+    pool = redis.Redis.from_url(s.redis_url).connection_pool
+    assert pool.connection_kwargs["password"] == "r/p@ss:word"
+    monkeypatch.setenv("DATABASE_PASSWORD", "from-env")  # the environment wins over a file
+    assert make_url(Settings(_secrets_dir=tmp_path).database_url).password == "from-env"
+
+
+def test_secret_reads_the_environment_then_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from storage.db import secret, with_password
+
+    monkeypatch.setenv("SECRETS_DIR", str(tmp_path))
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    assert secret("database_url") is None
+    (tmp_path / "DATABASE_URL").write_text("postgresql+psycopg://o@db/x\n")
+    assert secret("database_url") == "postgresql+psycopg://o@db/x"
+    monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://e@db/x")
+    assert secret("database_url") == "postgresql+psycopg://e@db/x"
+    assert with_password("postgresql+psycopg://o:old@db:5432/x", "new") == "postgresql+psycopg://o:new@db:5432/x"
+    assert with_password("sqlite:///var/analytics.db", "p") == "sqlite:///var/analytics.db"
+    assert with_password("redis://redis:6379/0", None) == "redis://redis:6379/0"

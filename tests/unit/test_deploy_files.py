@@ -60,11 +60,19 @@ def test_kubernetes_deployment_probes_resources_and_autoscaling() -> None:
     assert api["livenessProbe"]["httpGet"]["path"] == "/livez"
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert set(api["resources"]["requests"]) == set(api["resources"]["limits"]) == {"cpu", "memory"}
-    assert {ref.get("configMapRef", ref.get("secretRef"))["name"] for ref in api["envFrom"]} == {
-        "sentiment-config",
-        "sentiment-secrets",
-    }
-    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    # secrets as files, never environment variables; a read-only root
+    assert [ref["configMapRef"]["name"] for ref in api["envFrom"]] == ["sentiment-config"]
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    [mount] = [m for m in api["volumeMounts"] if m["mountPath"] == "/run/secrets"]
+    assert volumes[mount["name"]]["secret"]["secretName"] == "sentiment-secrets" and mount["readOnly"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    job_pod = yaml.safe_load((K8S / "migrate-job.yaml").read_text())["spec"]["template"]["spec"]
+    for container in (api, job_pod["containers"][0]):
+        context = container["securityContext"]
+        assert context["readOnlyRootFilesystem"] is True and context["capabilities"]["drop"] == ["ALL"]
+        assert context["allowPrivilegeEscalation"] is False and "env" not in container
+    assert [v["secret"]["secretName"] for v in job_pod["volumes"] if "secret" in v] == ["sentiment-migrate-secrets"]
     hpa = yaml.safe_load((K8S / "hpa.yaml").read_text())
     assert hpa["spec"]["minReplicas"] >= 2
     assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 70
@@ -102,14 +110,23 @@ def test_production_compose_stack() -> None:
     compose = yaml.safe_load(text)
     services = compose["services"]
     assert {"api-1", "api-2", "nginx", "redis", "postgres", "migrate", "prometheus", "grafana"} <= set(services)
-    for secret in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "ADMIN_API_KEY", "GRAFANA_ADMIN_PASSWORD"):
-        assert re.search(rf"\$\{{{secret}:\?", text), f"{secret} must come from the environment"
+    files = compose["secrets"]
+    assert set(files) == {
+        "redis_password",
+        "postgres_password",
+        "postgres_app_password",
+        "admin_api_key",
+        "grafana_admin_password",
+    }
+    assert all(_defaults(f["file"]) == f"./secrets/{name}" for name, f in files.items())
+    assert not re.search(r"PASSWORD:\?|ADMIN_API_KEY:\?|requirepass \$\{", text), "a secret from the environment"
     for api in ("api-1", "api-2"):
         deps = services[api]["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully"
         assert deps["redis"]["condition"] == deps["postgres"]["condition"] == "service_healthy"
     redis = " ".join(services["redis"]["command"])
-    assert "--requirepass" in redis and "--maxmemory-policy allkeys-lru" in redis
+    assert "--maxmemory-policy allkeys-lru" in redis and "requirepass" not in redis
+    assert "requirepass $$(cat /run/secrets/redis_password)" in services["redis"]["entrypoint"][2]
     assert "healthcheck" in services["postgres"] and services["postgres"]["volumes"]
     assert services["migrate"]["command"] == ["python", "-m", "storage.migrate", "upgrade"]
     nginx = (ROOT / "deploy" / "nginx" / "compose" / "upstream.conf").read_text()
@@ -204,11 +221,16 @@ def test_compose_replicas_stop_gracefully_and_monitoring_is_on_loopback() -> Non
     assert _defaults(tls_port.split("#")[0].strip()) == "8443:8443"  # and over TLS, given a certificate
 
 
-def test_compose_api_replicas_run_without_privileges() -> None:
-    services = _compose("compose.yaml")
-    for api in ("api-1", "api-2"):
-        spec = services[api]
-        assert spec["cap_drop"] == ["ALL"] and "no-new-privileges:true" in spec["security_opt"]
+def test_compose_services_run_without_privileges_within_limits() -> None:
+    base, airgap = _compose("compose.yaml"), _compose("compose.airgap.yaml")
+    for name, spec in [*base.items(), *((n, s) for n, s in airgap.items() if n not in base)]:
+        if "profiles" in spec:
+            continue
+        assert spec["cap_drop"] == ["ALL"] and "no-new-privileges:true" in spec["security_opt"], name
+        assert spec["read_only"] is True and "cap_add" not in spec, name
+        assert spec["deploy"]["resources"]["limits"].keys() == {"cpus", "memory"}, name
+    for name in ("redis", "postgres", "nginx"):  # official images that would start as root
+        assert base[name]["user"], name
     for api in ("api-1", "api-2"):  # the air-gapped replicas listen on loopback only
         command = _compose("compose.airgap.yaml")[api]["command"]
         assert command[command.index("--host") + 1] == "127.0.0.1", command
@@ -241,19 +263,17 @@ def test_compose_replicas_believe_only_nginx() -> None:
 
 
 def test_compose_replicas_connect_as_the_application_role() -> None:
-    text = (ROOT / "compose.yaml").read_text()
-    assert re.search(r"\$\{POSTGRES_APP_PASSWORD:\?", text), "POSTGRES_APP_PASSWORD must come from the environment"
     for name in ("compose.yaml", "compose.airgap.yaml"):
         services = _compose(name)
         for api in ("api-1", "api-2"):
-            assert services[api]["environment"]["DATABASE_URL"].startswith(
-                "postgresql+psycopg://sentiment_app:${POSTGRES_APP_PASSWORD:?}@"
-            ), name
-        assert services["migrate"]["environment"]["DATABASE_URL"].startswith(
-            "postgresql+psycopg://sentiment:${POSTGRES_PASSWORD:?}@"
-        ), name
-    postgres = _compose("compose.yaml")["postgres"]
-    assert postgres["environment"]["POSTGRES_APP_PASSWORD"] == "${POSTGRES_APP_PASSWORD:?}"
+            assert services[api]["environment"]["DATABASE_URL"].startswith("postgresql+psycopg://sentiment_app@"), name
+        assert services["migrate"]["environment"]["DATABASE_URL"].startswith("postgresql+psycopg://sentiment@"), name
+    base = _compose("compose.yaml")
+    # each password from its file: the replicas' role's as database_password, the owner's to migrate
+    assert {"source": "postgres_app_password", "target": "database_password"} in base["api-1"]["secrets"]
+    assert base["migrate"]["secrets"] == [{"source": "postgres_password", "target": "database_password"}]
+    postgres = base["postgres"]
+    assert postgres["environment"]["POSTGRES_APP_PASSWORD_FILE"] == "/run/secrets/postgres_app_password"
     assert "./deploy/postgres/app-role.sh:/docker-entrypoint-initdb.d/10-app-role.sh:ro" in postgres["volumes"]
     # The air-gapped PostgreSQL keeps the base file's mount and runs what is mounted there.
     assert "volumes" not in _compose("compose.airgap.yaml")["postgres"]
@@ -262,11 +282,20 @@ def test_compose_replicas_connect_as_the_application_role() -> None:
     assert (ROOT / "deploy" / "postgres" / "app-role.sh").stat().st_mode & 0o111, "the postgres image runs it"
 
 
-def test_compose_examples_generate_a_long_admin_key() -> None:
-    assert "ADMIN_API_KEY=$(openssl rand -hex 32)" in (ROOT / "compose.yaml").read_text()
-    from tests.containers.test_containers import STACK_ENV
+def test_compose_secrets_script_writes_long_random_keys(tmp_path: Path) -> None:
+    result = _run("sh", "deploy/secrets.sh", tmp_path / "s")
+    assert result.returncode == 0, result.stderr
+    files = {p.name: p for p in (tmp_path / "s").iterdir()}
+    assert set(files) == set(yaml.safe_load((ROOT / "compose.yaml").read_text())["secrets"])
+    assert all(re.fullmatch(r"[0-9a-f]{64}\n", p.read_text()) for p in files.values())
+    assert (tmp_path / "s").stat().st_mode & 0o777 == 0o700
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in files.values())
+    key = files["admin_api_key"].read_text()
+    assert _run("sh", "deploy/secrets.sh", tmp_path / "s").returncode == 0
+    assert files["admin_api_key"].read_text() == key  # kept when run again
+    from tests.containers.test_containers import SECRETS
 
-    assert len(STACK_ENV["ADMIN_API_KEY"]) >= 32  # the service refuses shorter keys
+    assert len(SECRETS["admin_api_key"]) >= 32  # the service refuses shorter keys
 
 
 def test_kubernetes_applies_no_secret_from_git(tmp_path: Path) -> None:
@@ -301,13 +330,11 @@ def test_kubernetes_applies_no_secret_from_git(tmp_path: Path) -> None:
     docs = list(yaml.safe_load_all(result.stdout))
     secrets = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
     by_kind = {d["kind"]: d for d in docs}
-    api_refs = {
-        r["secretRef"]["name"]
-        for r in by_kind["Deployment"]["spec"]["template"]["spec"]["containers"][0]["envFrom"]
-        if "secretRef" in r
-    }
-    [job_ref] = [r["secretRef"]["name"] for r in by_kind["Job"]["spec"]["template"]["spec"]["containers"][0]["envFrom"]]
-    assert len(secrets) == 2 and api_refs | {job_ref} == secrets, (secrets, api_refs, job_ref)
+    [api_ref, job_ref] = [
+        [v["secret"]["secretName"] for v in by_kind[kind]["spec"]["template"]["spec"]["volumes"] if "secret" in v][0]
+        for kind in ("Deployment", "Job")
+    ]
+    assert len(secrets) == 2 and {api_ref, job_ref} == secrets, (secrets, api_ref, job_ref)
     assert all(re.fullmatch(r"sentiment-(migrate-)?secrets-\w+", name) for name in secrets)  # hashed: pods roll
 
 

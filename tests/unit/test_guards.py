@@ -264,3 +264,31 @@ async def test_a_connection_back_before_its_429s_retry_after_is_refused_after_a_
             times.append(((await client.get("/poll")).status_code, loop.time() - started))
     assert [status for status, _ in times] == [200, 429, 429]
     assert times[1][1] < 0.2 <= times[2][1]  # the first refusal at once, the second paced
+
+
+def test_send_buffers_capped_on_listening_sockets_and_inherited() -> None:
+    """The listening socket's SO_SNDBUF is set (Linux doubles it) and the connections it
+    accepts inherit it: an unread response fills a small buffer, not the kernel's 4 MiB."""
+    import socket
+
+    from service.guards import cap_send_buffers
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.socket()
+    try:
+        assert cap_send_buffers(65_536) >= 1
+        assert listener.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 65_536
+        client.connect(listener.getsockname())
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 65_536
+            accepted.setblocking(False)
+            sent = 0
+            with pytest.raises(BlockingIOError):
+                while True:
+                    sent += accepted.send(b"x" * 65_536)
+            assert sent < 1_048_576  # left to the kernel, an unread loopback stream took ~2.8 MB here
+        assert cap_send_buffers(0) == 0
+    finally:
+        client.close()
+        listener.close()
