@@ -37,6 +37,9 @@ ACTIVE = ("queued", "running")
 # a quota with the other's job uncommitted. Under SQLite the job's INSERT, made before the
 # counts are read, holds the database's write lock instead.
 SUBMIT_LOCK = 0x6A6F6273  # "jobs"
+# A queued job still without chunks after this long lost its texts (expire removes it): storing
+# them takes seconds once the body has arrived, and the body has JOB_UPLOAD_TIMEOUT_SECONDS.
+ORPHANED_AFTER = timedelta(hours=1)
 
 
 class Texts(Protocol):
@@ -473,11 +476,24 @@ class JobQueue:
     # --- upkeep ----------------------------------------------------------------------------
 
     def expire(self, limit: int = 100) -> int:
-        """Remove up to `limit` finished jobs past their time to live, with their results;
-        returns how many (each worker calls it every minute: a bounded delete each time)."""
+        """Remove up to `limit` finished jobs past their time to live, with their results, and up
+        to `limit` jobs left without chunks for ORPHANED_AFTER (submit stores a job, then its
+        texts; a job whose texts failed to store and whose removal failed too, the database gone
+        in between, would count in its client's quota for good). Returns how many (each worker
+        calls it every minute: a bounded delete each time)."""
         now = utcnow()
+        chunked = sa.select(job_chunks.c.job_id).where(job_chunks.c.job_id == jobs.c.job_id).exists()
         with self.engine.begin() as conn:
-            gone = conn.execute(sa.select(jobs.c.job_id).where(jobs.c.expires_at < now).limit(limit)).scalars().all()
+            gone = [*conn.execute(sa.select(jobs.c.job_id).where(jobs.c.expires_at < now).limit(limit)).scalars()]
+            gone += (
+                conn.execute(
+                    sa.select(jobs.c.job_id)
+                    .where(jobs.c.status == "queued", jobs.c.created_at < now - ORPHANED_AFTER, ~chunked)
+                    .limit(limit)
+                )
+                .scalars()
+                .all()
+            )
             for table in (job_results, job_texts, job_chunks, jobs):
                 conn.execute(table.delete().where(table.c.job_id.in_(gone)))
         return len(gone)

@@ -132,6 +132,26 @@ def test_finished_jobs_expire_with_their_results(queue: JobQueue) -> None:
     assert queue.status(job, None) is None and list(queue.results(job)) == []
 
 
+def test_a_job_left_without_texts_expires_and_frees_its_quota(queue: JobQueue) -> None:
+    """A job row whose texts were never stored (the database gone between submit's two
+    transactions) is removed after ORPHANED_AFTER; a job still storing its texts is kept."""
+    from storage.analytics.records import utcnow
+    from storage.jobs import ORPHANED_AFTER
+    from storage.tables import job_chunks, job_texts, jobs
+
+    quotas = Quotas(active_jobs_per_client=1, texts_per_client=10, texts=100)
+    orphan, storing = _submit(queue, ["good"], "o"), _submit(queue, ["good"], "s")
+    with queue.engine.begin() as conn:
+        for table in (job_chunks, job_texts):
+            conn.execute(table.delete().where(table.c.job_id.in_([orphan, storing])))
+        conn.execute(jobs.update().where(jobs.c.job_id == orphan).values(created_at=utcnow() - ORPHANED_AFTER * 2))
+    with pytest.raises(QuotaExceeded):
+        queue.check_quotas("o", quotas)
+    assert queue.expire() == 1
+    assert queue.status(orphan, None) is None and queue.status(storing, None) is not None
+    queue.check_quotas("o", quotas)  # its client may submit again
+
+
 def test_a_job_answers_only_its_own_token_or_the_admin(queue: JobQueue) -> None:
     job = _submit(queue, ["good a", "good b"])
     assert queue.status(job, OTHER) is None and queue.status(job, "") is None
