@@ -327,7 +327,8 @@ def test_stack_runs_hardened_with_secrets_only_in_files(stack: dict[str, str]) -
         assert host["Memory"] > 0 and host["NanoCpus"] > 0, (name, host["Memory"], host["NanoCpus"])
         uid = sh(["docker", "exec", cid, "id", "-u"], capture_output=True).stdout.strip()
         assert uid != "0", f"{name} runs as root"
-        processes = sh(["docker", "top", cid, "-eo", "args"], capture_output=True).stdout
+        # ps options in BSD style: docker's own parser takes "-o"; docker needs the pid column
+        processes = sh(["docker", "top", cid, "axo", "pid,args"], capture_output=True).stdout
         exposed = "\n".join([*(config["Env"] or []), *(config["Cmd"] or []), *(config["Entrypoint"] or []), processes])
         leaked = [key for key, value in SECRETS.items() if value in exposed]
         assert not leaked, (name, leaked)
