@@ -178,7 +178,8 @@ class Sentiment:
         # endpoint. Frozen, they are never scanned again; request garbage is collected as usual.
         gc.collect()
         gc.freeze()
-        cap_send_buffers(settings.socket_send_buffer_bytes)
+        if capped := cap_send_buffers(settings.socket_send_buffer_bytes):
+            log.info("send buffers of %d listening socket(s): %d bytes", capped, settings.socket_send_buffer_bytes)
         await self.gauges.start()
         LOOP_LAG.start()
         self.job_runner.start()
