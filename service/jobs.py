@@ -64,6 +64,9 @@ FEED_BYTES = 256 * 1024
 # padding, and is refused before the parser buffers more of it.
 STEP_BYTES = 4 * 1024
 YIELD_S = 0.00005
+# A results page (RESULTS_PAGE lines) takes a few milliseconds to read and encode: the pause
+# after it, as long as it took, is capped here.
+PAGE_PAUSE_S = 0.05
 
 
 class SpooledTexts:
@@ -155,7 +158,7 @@ class JobBody:
             step = data[at : at + STEP_BYTES]
             if at:
                 time.sleep(max(YIELD_S, held))
-            began = time.perf_counter()
+            began = time.thread_time()  # this thread's CPU: not the time it waited for the GIL
             self._send(step)
             self._last_step = step
             if self._events:
@@ -165,7 +168,7 @@ class JobBody:
                 self._quiet += len(step)
                 if self._quiet > self.max_value_bytes:
                     raise _invalid(f"{self._where}: a value runs past {self.max_value_bytes} bytes (MAX_TEXT_CHARS)")
-            held = time.perf_counter() - began
+            held = time.thread_time() - began
 
     def close(self) -> SpooledTexts:
         """The texts, once the whole body is in."""
@@ -419,7 +422,9 @@ class ResultsStream(Response):
                 async with reading:
                     began = loop.time()
                     page = await self.page(after)
-                    await asyncio.sleep(loop.time() - began)
+                    # at most PAGE_PAUSE_S: a page slow for the database's sake (its threads
+                    # busy, PostgreSQL slow) would otherwise pause every stream of the worker
+                    await asyncio.sleep(min(loop.time() - began, PAGE_PAUSE_S))
                     return page
             except ApiError:
                 if time.monotonic() >= deadline:

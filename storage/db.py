@@ -24,12 +24,12 @@ def secrets_dir() -> Path | None:
 
 def secret(name: str) -> str | None:
     """A secret by name: the environment variable NAME, else the file `name` (or `NAME`, as a
-    Kubernetes Secret's keys are) in secrets_dir(), without its final newline; else None."""
+    Kubernetes Secret's keys are) in secrets_dir(), without surrounding whitespace; else None."""
     value = os.environ.get(name.upper())
     if value is None and (folder := secrets_dir()) is not None:
         for path in (folder / name, folder / name.upper()):
             if path.is_file():
-                value = path.read_text().rstrip("\r\n")
+                value = path.read_text().strip()  # as pydantic-settings reads the same files
                 break
     return value or None
 
@@ -40,8 +40,8 @@ def with_password(url: str, password: str | None) -> str:
     parts = urlsplit(url)
     if not password or not parts.hostname:  # SQLite, a Unix socket: no password to set
         return url
-    host = parts.netloc.rpartition("@")[2]
-    user = quote(parts.username or "", safe="")
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]  # as written: already percent-encoded
     return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
 

@@ -152,4 +152,7 @@ def test_secret_reads_the_environment_then_a_file(monkeypatch: pytest.MonkeyPatc
     assert secret("database_url") == "postgresql+psycopg://e@db/x"
     assert with_password("postgresql+psycopg://o:old@db:5432/x", "new") == "postgresql+psycopg://o:new@db:5432/x"
     assert with_password("sqlite:///var/analytics.db", "p") == "sqlite:///var/analytics.db"
+    # a user name written percent-encoded stays as written (user@server, as some clouds name them)
+    assert with_password("postgresql+psycopg://u%40srv@db/x", "p@") == "postgresql+psycopg://u%40srv:p%40@db/x"
+    assert with_password("redis://[::1]:6379/0", "p") == "redis://:p@[::1]:6379/0"
     assert with_password("redis://redis:6379/0", None) == "redis://redis:6379/0"

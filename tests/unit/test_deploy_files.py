@@ -64,14 +64,17 @@ def test_kubernetes_deployment_probes_resources_and_autoscaling() -> None:
     assert [ref["configMapRef"]["name"] for ref in api["envFrom"]] == ["sentiment-config"]
     pod = deployment["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
-    [mount] = [m for m in api["volumeMounts"] if m["mountPath"] == "/run/secrets"]
+    config = yaml.safe_load((K8S / "configmap.yaml").read_text())["data"]
+    [mount] = [m for m in api["volumeMounts"] if m["mountPath"] == config["SECRETS_DIR"]]
     assert volumes[mount["name"]]["secret"]["secretName"] == "sentiment-secrets" and mount["readOnly"]
+    assert pod["automountServiceAccountToken"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
     job_pod = yaml.safe_load((K8S / "migrate-job.yaml").read_text())["spec"]["template"]["spec"]
     for container in (api, job_pod["containers"][0]):
         context = container["securityContext"]
         assert context["readOnlyRootFilesystem"] is True and context["capabilities"]["drop"] == ["ALL"]
-        assert context["allowPrivilegeEscalation"] is False and "env" not in container
+        assert context["allowPrivilegeEscalation"] is False
+        assert not any(ref.get("secretRef") for ref in container.get("envFrom", [])), "secrets as files only"
     assert [v["secret"]["secretName"] for v in job_pod["volumes"] if "secret" in v] == ["sentiment-migrate-secrets"]
     hpa = yaml.safe_load((K8S / "hpa.yaml").read_text())
     assert hpa["spec"]["minReplicas"] >= 2
@@ -172,9 +175,12 @@ def test_nginx_lets_a_bulk_job_body_through_up_to_the_service_cap() -> None:
     text = (NGINX / "nginx.conf").read_text()
     cap = Settings.model_fields["max_job_body_bytes"].default  # the default, whatever the environment says
     assert re.search(r"^    client_max_body_size 2m;", text, re.M)  # every other request
+    jobs = re.sub(r"#.*", "", _nginx_blocks(text)["/jobs"])
     assert re.fullmatch(
-        rf"\s*client_max_body_size {cap // 2**20}m;\s*proxy_pass http://sentiment_api;\s*", _nginx_blocks(text)["/jobs"]
-    )
+        rf"\s*client_max_body_size {cap // 2**20}m;\s*proxy_request_buffering off;\s*proxy_pass http://sentiment_api;\s*",
+        jobs,
+    )  # streamed to the replica, which counts the bytes as they come
+    assert re.search(r"^        proxy_max_temp_file_size 0;", text, re.M)  # a stalled reader holds back the replica
     assert "error_page 413 @too_large;" in text and 'return 413 \'{"error"' in text  # JSON, as the service's
 
 
