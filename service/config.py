@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
 
 from storage import db
 
@@ -36,18 +36,15 @@ PLACEHOLDER_WORDS = ("change-me", "changeme", "replace-me", "placeholder", "exam
 PROJECT_ROOT = db.PROJECT_ROOT
 
 
-class Settings(BaseSettings):
-    """The contract's configuration variables (docs/api.md), typed and with defaults."""
-
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+class Settings(db.DatabaseSettings):
+    """The contract's configuration variables (docs/api.md), typed and with defaults; the
+    database's (DATABASE_URL, DATABASE_PASSWORD) and where they are read from are
+    storage.db.DatabaseSettings'."""
 
     redis_url: str | None = None
-    database_url: str = db.DEFAULT_URL
-    # Passwords kept out of the URLs: from the environment or, as compose and Kubernetes mount
-    # them, the files redis_password and database_password in SECRETS_DIR (/run/secrets), as
-    # every other setting may be. Given, each replaces the password of its URL.
+    # Kept out of REDIS_URL: from the environment or, as compose and Kubernetes mount it, the
+    # file redis_password in SECRETS_DIR (/run/secrets), as every other setting may be.
     redis_password: SecretStr | None = None
-    database_password: SecretStr | None = None
     # PostgreSQL connections each of a worker's two engines (analytics, jobs) keeps, and may open
     # beyond them: a replica holds up to workers x 2 x (size + overflow) (deploy/k8s/configmap.yaml).
     database_pool_size: int = Field(5, gt=0)
@@ -137,17 +134,10 @@ class Settings(BaseSettings):
             raise ValueError(f"{name} is a placeholder; generate one with openssl rand -hex 32")
         return value
 
-    @field_validator("database_url")
-    @classmethod
-    def _anchor_sqlite_path(cls, value: str) -> str:
-        return db.anchored(value)
-
     @model_validator(mode="after")
-    def _passwords_into_urls(self) -> Settings:
+    def _password_into_redis_url(self) -> Settings:
         if self.redis_url and self.redis_password:
             self.redis_url = db.with_password(self.redis_url, self.redis_password.get_secret_value())
-        if self.database_password:
-            self.database_url = db.with_password(self.database_url, self.database_password.get_secret_value())
         return self
 
     @field_validator("spill_dir")
@@ -185,9 +175,7 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """From the environment, and from files named after the settings in SECRETS_DIR (a
-    variable set in both wins: pydantic-settings' order)."""
-    return Settings(_secrets_dir=db.secrets_dir())
+    return Settings.load()
 
 
 def project_version() -> str:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Self
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from pydantic import SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
@@ -20,18 +23,6 @@ def secrets_dir() -> Path | None:
     """The folder of secret files, if there is one: $SECRETS_DIR, else /run/secrets."""
     path = Path(os.environ.get("SECRETS_DIR") or SECRETS_DIR)
     return path if path.is_dir() else None
-
-
-def secret(name: str) -> str | None:
-    """A secret by name: the environment variable NAME, else the file `name` (or `NAME`, as a
-    Kubernetes Secret's keys are) in secrets_dir(), without surrounding whitespace; else None."""
-    value = os.environ.get(name.upper())
-    if value is None and (folder := secrets_dir()) is not None:
-        for path in (folder / name, folder / name.upper()):
-            if path.is_file():
-                value = path.read_text().strip()  # as pydantic-settings reads the same files
-                break
-    return value or None
 
 
 def with_password(url: str, password: str | None) -> str:
@@ -111,3 +102,30 @@ def make_engine(url: str, pool_size: int = 5, max_overflow: int = 5) -> Engine:
 
 # For migrations (storage/migrations/env.py): the same bounds on a dead network.
 MIGRATION_CONNECT_ARGS = {"connect_timeout": 10, "tcp_user_timeout": 10_000, "keepalives": 1, "keepalives_idle": 5}
+
+
+class DatabaseSettings(BaseSettings):
+    """The database's settings, from the environment or from files named after them in
+    secrets_dir() (a variable set in both wins): the service's Settings extend them, and the
+    migrations' command reads them alone. Load with `load()`, which finds that folder."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    database_url: str = DEFAULT_URL
+    # Given, it replaces the password of DATABASE_URL, which then needs none.
+    database_password: SecretStr | None = None
+
+    @classmethod
+    def load(cls) -> Self:
+        return cls(_secrets_dir=secrets_dir())  # type: ignore[call-arg]
+
+    @field_validator("database_url")
+    @classmethod
+    def _anchor_sqlite_path(cls, value: str) -> str:
+        return anchored(value)
+
+    @model_validator(mode="after")
+    def _password_into_url(self) -> Self:
+        if self.database_password:
+            self.database_url = with_password(self.database_url, self.database_password.get_secret_value())
+        return self

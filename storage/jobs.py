@@ -483,17 +483,14 @@ class JobQueue:
         calls it every minute: a bounded delete each time)."""
         now = utcnow()
         chunked = sa.select(job_chunks.c.job_id).where(job_chunks.c.job_id == jobs.c.job_id).exists()
+        expired = jobs.c.expires_at < now
+        orphaned = sa.and_(jobs.c.status == "queued", jobs.c.created_at < now - ORPHANED_AFTER, ~chunked)
         with self.engine.begin() as conn:
-            gone = [*conn.execute(sa.select(jobs.c.job_id).where(jobs.c.expires_at < now).limit(limit)).scalars()]
-            gone += (
-                conn.execute(
-                    sa.select(jobs.c.job_id)
-                    .where(jobs.c.status == "queued", jobs.c.created_at < now - ORPHANED_AFTER, ~chunked)
-                    .limit(limit)
-                )
-                .scalars()
-                .all()
-            )
+            gone = [
+                job_id
+                for which in (expired, orphaned)
+                for job_id in conn.execute(sa.select(jobs.c.job_id).where(which).limit(limit)).scalars()
+            ]
             for table in (job_results, job_texts, job_chunks, jobs):
                 conn.execute(table.delete().where(table.c.job_id.in_(gone)))
         return len(gone)

@@ -14,7 +14,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from storage.db import DEFAULT_URL, anchored, secret, with_password
+from storage.db import DEFAULT_URL, DatabaseSettings, anchored, with_password
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
@@ -50,12 +50,14 @@ def main() -> int:
     parser.add_argument("revision", nargs="?", default=None)
     parser.add_argument(
         "--url",
-        default=secret("database_url") or DEFAULT_URL,
+        default=None,
         help=f"database URL (default: $DATABASE_URL or the secret file database_url, else {DEFAULT_URL}, as the"
         " service); its password may come from $DATABASE_PASSWORD or the secret file database_password",
     )
     args = parser.parse_args()
-    url = anchored(with_password(args.url, secret("database_password")))
+    settings = DatabaseSettings.load()
+    password = settings.database_password.get_secret_value() if settings.database_password else None
+    url = anchored(with_password(args.url, password)) if args.url else settings.database_url
     if args.action == "upgrade":
         upgrade(url, args.revision or "head")
     elif args.action == "downgrade":

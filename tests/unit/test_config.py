@@ -140,16 +140,19 @@ def test_secrets_come_from_files_into_the_urls(monkeypatch: pytest.MonkeyPatch, 
     assert make_url(Settings(_secrets_dir=tmp_path).database_url).password == "from-env"
 
 
-def test_secret_reads_the_environment_then_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from storage.db import secret, with_password
+def test_database_settings_read_the_environment_then_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """What the migrations' command reads (storage.migrate), with no service around it."""
+    from storage.db import DEFAULT_URL, DatabaseSettings, anchored, with_password
 
     monkeypatch.setenv("SECRETS_DIR", str(tmp_path))
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    assert secret("database_url") is None
+    for name in ("DATABASE_URL", "DATABASE_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    assert DatabaseSettings.load().database_url == anchored(DEFAULT_URL)
     (tmp_path / "DATABASE_URL").write_text("postgresql+psycopg://o@db/x\n")
-    assert secret("database_url") == "postgresql+psycopg://o@db/x"
+    (tmp_path / "database_password").write_text("pw\n")
+    assert DatabaseSettings.load().database_url == "postgresql+psycopg://o:pw@db/x"
     monkeypatch.setenv("DATABASE_URL", "postgresql+psycopg://e@db/x")
-    assert secret("database_url") == "postgresql+psycopg://e@db/x"
+    assert DatabaseSettings.load().database_url == "postgresql+psycopg://e:pw@db/x"
     assert with_password("postgresql+psycopg://o:old@db:5432/x", "new") == "postgresql+psycopg://o:new@db:5432/x"
     assert with_password("sqlite:///var/analytics.db", "p") == "sqlite:///var/analytics.db"
     # a user name written percent-encoded stays as written (user@server, as some clouds name them)
