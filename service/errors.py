@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -59,6 +59,16 @@ def _validation_message(err: dict[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
+def invalid_body(errors: Sequence[Any], rid: str) -> dict[str, Any]:
+    """The contract's 400 body for a body that does not validate (pydantic's or FastAPI's
+    errors): one message naming each field, and the fields apart."""
+    fields = [{"field": _field(tuple(e["loc"])), "message": _validation_message(e)} for e in errors]
+    if any(e.get("type") == "json_invalid" for e in errors):
+        fields = [{"field": "body", "message": "request body is not valid JSON"}]
+    summary = "; ".join(f"{e['field']}: {e['message']}" for e in fields)
+    return error_body(f"invalid request: {summary}", rid, fields=fields)
+
+
 async def api_error_response(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(error_body(exc.message, request_id(request), **exc.extra), exc.status, exc.headers)
 
@@ -68,11 +78,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": _field(tuple(e["loc"])), "message": _validation_message(e)} for e in exc.errors()]
-        if any(e.get("type") == "json_invalid" for e in exc.errors()):
-            errors = [{"field": "body", "message": "request body is not valid JSON"}]
-        summary = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        return JSONResponse(error_body(f"invalid request: {summary}", request_id(request), fields=errors), 400)
+        return JSONResponse(invalid_body(exc.errors(), request_id(request)), 400)
 
     app.add_exception_handler(ApiError, api_error_response)  # type: ignore[arg-type]  # Starlette's handler type is wider
 

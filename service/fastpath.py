@@ -1,62 +1,78 @@
-"""The prediction endpoints' short path through the app: a valid JSON body goes from the guards
-straight to the endpoint function, and its answer straight back.
+"""The HTTP path of the prediction APIs: a request to /predict, /predict/ab or /batch is read,
+validated and answered here, after the guards, without BentoML's API layer in between.
 
-A cached /predict spends most of its time in the layers around it: FastAPI's own middlewares,
-its router (BentoML's class views sit in an included router, matched twice per request), the
-request handler, dependency solving and response validation, each a few to tens of
-microseconds, each slower still on a core that was idle (docs/performance.md). Here the same
-endpoint functions are called with the same arguments FastAPI would pass, after the same
-guards (this middleware is the innermost of service.py's), and errors become the same JSON
-through errors.py's handler. Anything else, a body that does not validate or is not
-`application/json`, is handed to FastAPI untouched, so its 400s and its OpenAPI document stay
-the single source of the contract.
+The three are `@bentoml.api` methods (service.py): BentoML's schema, clients and composition
+see them. Served through BentoML's own endpoint instead, each request would also pass its
+request context, its JSON serde (a second validation into a model built from the signature),
+`inspect.signature` of the method and its error handling, which answers with bodies of its own
+shape (docs/decisions.md, "The prediction APIs' HTTP path"). Here the body is validated once,
+with the contract's model, the same handler the API method calls is awaited, and errors are the
+contract's JSON (errors.py). One exception passes on to BentoML: its pickled calls between the
+services of one deployment (`bentoml.depends` under `bentoml serve`), which BentoML itself
+refuses on the entry service, as this middleware does.
 """
 
 from __future__ import annotations
 
-import typing
-from collections.abc import Awaitable, Callable, Sequence
+import json
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import bentoml
+from bentoml._internal.context import server_context
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ApiError, api_error_response
-from service.guards import api_routes, replaying, send_json_bytes
+from service.errors import ApiError, error_body, invalid_body, scope_request_id
+from service.guards import replaying, send_json_bytes
 
-Endpoint = Callable[..., Awaitable[BaseModel]]
+# handler(service instance, validated body, request, response carrying extra headers)
+Handler = Callable[[Any, Any, Request, Response], Awaitable[BaseModel]]
+PICKLE = b"application/vnd.bentoml+pickle"
 
 
 @dataclass(frozen=True)
 class Route:
-    """A POST endpoint taking (self, body, request, response) and answering a pydantic model."""
+    """An API's path, the contract's model of its body, and the handler its method calls."""
 
     body: type[BaseModel]
-    endpoint: Endpoint
+    handler: Handler
 
 
-def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:
+def media_type(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     for name, value in headers:
         if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"application/json"
-    return False
+            return value.split(b";", 1)[0].strip().lower()
+    return None
+
+
+def is_json(media: bytes | None) -> bool:
+    """JSON by its media type, or by default when none is given (as FastAPI took it)."""
+    return (
+        media is None
+        or media == b"application/json"
+        or (media.startswith(b"application/") and media.endswith(b"+json"))
+    )
 
 
 class ShortPath:
-    """POST requests to `routes` with a JSON body that validates: the endpoint called here."""
+    """POST requests to `routes`: the contract's answer for every one of them, here."""
 
-    def __init__(self, app: ASGIApp, routes: dict[str, Route]) -> None:
+    def __init__(self, app: ASGIApp, routes: Mapping[str, Route]) -> None:
         self.app = app
-        self.routes = routes
+        self.routes = dict(routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if route is None or not _is_json(scope["headers"]):
+        if route is None:
             await self.app(scope, receive, send)
+            return
+        media = media_type(scope["headers"])
+        if media == PICKLE and server_context.service_type == "service":
+            await self.app(scope, receive, send)  # a dependency's caller in the same deployment
             return
         messages: list[Message] = []
         while True:
@@ -64,36 +80,60 @@ class ShortPath:
             messages.append(message)
             if message["type"] != "http.request" or not message.get("more_body", False):
                 break
-        replay = replaying(messages, receive)
         if messages[-1]["type"] != "http.request":
-            await self.app(scope, replay, send)
+            return  # the client went away before its body was whole: nobody to answer
+        rid = scope_request_id(scope)
+        if not is_json(media):
+            given = media.decode("latin-1") if media else ""
+            problem = {"loc": ("body",), "msg": f"must be application/json, not {given}"}
+            await _send_body(send, 400, invalid_body([problem], rid), [])
             return
         raw = b"".join(m.get("body", b"") for m in messages)
         try:
             body = route.body.model_validate_json(raw)
-        except ValidationError:
-            await self.app(scope, replay, send)  # FastAPI writes the contract's 400
+        except ValidationError as exc:
+            await _send_body(send, 400, invalid_body(_problems(route.body, raw, exc), rid), [])
             return
-        request = Request(scope, replay)
-        carrier = Response()  # headers the endpoint sets (RateLimit), as FastAPI's sub-response
+        request = Request(scope, replaying([], receive))
+        carrier = Response()  # headers the handler sets (RateLimit)
         del carrier.headers["content-length"]
         try:
-            result = await route.endpoint(bentoml.get_current_service(), body=body, request=request, response=carrier)
+            result = await route.handler(bentoml.get_current_service(), body, request, carrier)
         except ApiError as exc:
-            await (await api_error_response(request, exc))(scope, replay, send)
+            headers = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
+            await _send_body(send, exc.status, error_body(exc.message, rid, **exc.extra), headers)
             return
         payload = result.__pydantic_serializer__.to_json(result, by_alias=True)
         await send_json_bytes(send, 200, payload, carrier.headers.raw)
 
 
-def routes_of(app: Any, paths: Sequence[str]) -> dict[str, Route]:
-    """The app's endpoint function for each POST path, with the body model it is annotated with."""
-    found = {
-        route.path: Route(typing.get_type_hints(route.endpoint)["body"], route.endpoint)
-        for route in api_routes(app.routes)
-        if route.path in paths and "POST" in (route.methods or ())
-    }
-    missing = set(paths) - set(found)
+def _problems(model: type[BaseModel], raw: bytes, exc: ValidationError) -> list[Any]:
+    """What is wrong with a body that did not validate. Where pydantic's parser refused the
+    JSON itself, Python's parser is asked too (as FastAPI parsed bodies): JSON with a lone
+    surrogate escape is valid there, and the field holding it is named by the model's check."""
+    errors: list[Any] = exc.errors(include_url=False)
+    if not any(e["type"] == "json_invalid" for e in errors):
+        return errors
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        return [{"loc": ("body",), "msg": "nested too deeply"}]
+    except ValueError:
+        return errors
+    try:
+        model.model_validate(data)
+    except ValidationError as again:
+        return again.errors(include_url=False)
+    return errors
+
+
+async def _send_body(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
+    await send_json_bytes(send, status, json.dumps(body).encode(), headers)
+
+
+def routes_of(service: Any, handlers: Mapping[str, tuple[type[BaseModel], Handler]]) -> dict[str, Route]:
+    """{path: Route} for the service's APIs named in `handlers` ({API name: (body model, handler)})."""
+    missing = set(handlers) - set(service.apis)
     if missing:
-        raise RuntimeError(f"no POST route for {sorted(missing)}")
-    return found
+        raise RuntimeError(f"no @bentoml.api named {sorted(missing)}")
+    return {service.apis[name].route: Route(body, handler) for name, (body, handler) in handlers.items()}

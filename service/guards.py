@@ -415,10 +415,14 @@ class RequestContext:
                 self.on_error(path, status)
 
 
-class JsonNotFound:
+class JsonErrors:
     """BentoML's own app answers a path no route matches (the mounted app's included) with a
-    plain-text 404; the contract wants every error as JSON with a request id. Added to BentoML's
-    outer app, it rewrites only that answer: every other response passes untouched."""
+    plain-text 404, and a path whose route takes other methods (the prediction APIs take POST
+    only) with a plain-text 405; the contract wants every error as JSON with a request id.
+    Added to BentoML's outer app, it rewrites only those answers, keeping their `Allow`: every
+    other response passes untouched."""
+
+    REWRITTEN = {404: "not found", 405: "method not allowed"}
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -427,21 +431,23 @@ class JsonNotFound:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rewriting = False
+        rewriting: dict[str, str] | None = None
+        status = 0
 
         async def send_json(message: Message) -> None:
-            nonlocal rewriting
-            if message["type"] == "http.response.start" and message["status"] == 404:
+            nonlocal rewriting, status
+            if message["type"] == "http.response.start" and message["status"] in self.REWRITTEN:
                 given = dict(message.get("headers", []))
-                rewriting = given.get(b"content-type", b"").startswith(b"text/plain")
-            if not rewriting:
+                if given.get(b"content-type", b"").startswith(b"text/plain"):
+                    status = message["status"]
+                    rewriting = {"Allow": given[b"allow"].decode()} if b"allow" in given else {}
+            if rewriting is None:
                 await send(message)
                 return
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" or message.get("more_body"):
                 return  # sent with the body below, once its length is known
-            if message.get("more_body"):
-                return
-            await send_error(scope, send, 404, f"not found: {scope['method']} {scope['path']}", {})
+            problem = f"{self.REWRITTEN[status]}: {scope['method']} {scope['path']}"
+            await send_error(scope, send, status, problem, rewriting)
 
         await self.app(scope, receive, send_json)
 
@@ -475,5 +481,5 @@ def api_routes(routes: Sequence[Any]) -> Iterator[APIRoute]:
 
 
 def route_paths(routes: Sequence[Any]) -> list[str]:
-    """The paths of the app's endpoints."""
-    return [route.path for route in api_routes(routes)]
+    """The paths of the app's endpoints (those in its OpenAPI document)."""
+    return [route.path for route in api_routes(routes) if route.include_in_schema]

@@ -169,6 +169,15 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
     return out
 
 
+def openapi_errors(*codes: int) -> dict[str, dict]:
+    """error_responses as an OpenAPI document lists them, for the routes FastAPI does not
+    describe (the @bentoml.api methods): ErrorBody by reference."""
+    body = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}}
+    out = {str(code): {"description": _MEANINGS[code], **body} for code in codes}
+    out["4XX"] = {"description": "any other client error, with the same body", **body}
+    return out
+
+
 JobStatus = Literal["queued", "running", "done", "failed", "cancelled"]
 
 

@@ -14,13 +14,15 @@ import functools
 import gc
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import bentoml
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 
 from models import runtime
 from service import ab, deps, errors, fastpath, metrics, schemas
@@ -33,7 +35,7 @@ from service.guards import (
     BodySizeLimit,
     ErrorCounts,
     InFlightLimit,
-    JsonNotFound,
+    JsonErrors,
     LoopLag,
     RequestContext,
     cap_send_buffers,
@@ -60,6 +62,8 @@ MAX_IN_FLIGHT = 512
 # seconds to minutes, a retry sooner would find the same queue).
 RESULTS_PAGE = 250  # about a millisecond to read and encode
 JOB_RETRY_AFTER_S = 30
+# An API method's work: (validated body, the request or None, a carrier of answer headers or None).
+Handler = Callable[[Any, Request | None, Any], Awaitable[Any]]
 
 app = FastAPI(title="sentiment", docs_url=None, redoc_url=None, openapi_url=None)
 errors.install(app)
@@ -196,23 +200,61 @@ class Sentiment:
 
     # --- endpoints -------------------------------------------------------------------------
 
-    @app.post("/predict", response_model=schemas.Prediction, responses=schemas.error_responses(400, 413, 429, 503))
-    async def predict(self, body: schemas.PredictRequest, request: Request, response: Response) -> schemas.Prediction:
-        limit = self.client_limits.gate(request, response, "predict")
+    @bentoml.api(route="/predict", input_spec=schemas.PredictRequest)
+    async def predict(self, text: str, ctx: bentoml.Context = None) -> schemas.Prediction:  # type: ignore[assignment]
+        """The sentiment of one text, by model A (docs/api.md)."""
+        return await self._call(self.answer_predict, schemas.PredictRequest(text=text), ctx)
+
+    @bentoml.api(route="/predict/ab", input_spec=schemas.ABRequest)
+    async def predict_ab(
+        self,
+        text: str,
+        user_id: str | None = None,
+        ctx: bentoml.Context = None,  # type: ignore[assignment]
+    ) -> schemas.ABPrediction:
+        """The sentiment of one text by the A/B variant the user is assigned to (a random one
+        without a user_id)."""
+        return await self._call(self.answer_ab, schemas.ABRequest(text=text, user_id=user_id), ctx)
+
+    @bentoml.api(route="/batch", input_spec=schemas.BatchRequest)
+    async def batch(self, texts: list[str], ctx: bentoml.Context = None) -> schemas.BatchResponse:  # type: ignore[assignment]
+        """The sentiment of up to MAX_BATCH_SIZE texts, in order, by model A."""
+        return await self._call(self.answer_batch, schemas.BatchRequest(texts=texts), ctx)
+
+    async def _call(self, handler: Handler, body: BaseModel, ctx: bentoml.Context | None) -> Any:
+        """An API method's work, called by BentoML (`ctx`: the request) or by a service holding
+        this one in-process (`bentoml.depends` without a server: no request, no client limits;
+        a body the contract refuses raises pydantic's ValidationError, a refusal ApiError).
+        HTTP requests are answered by service/fastpath.py, which calls the same handlers."""
+        if ctx is None:
+            return await handler(body, None, None)
+        try:
+            return await handler(body, ctx.request, ctx.response)
+        except ApiError as exc:
+            ctx.response.status_code = exc.status
+            return await errors.api_error_response(ctx.request, exc)
+
+    def _gate(self, request: Request | None, response: Any, scope: str) -> deps.Gate | None:
+        return None if request is None else self.client_limits.gate(request, response, scope)
+
+    async def answer_predict(
+        self, body: schemas.PredictRequest, request: Request | None, response: Any
+    ) -> schemas.Prediction:
+        limit = self._gate(request, response, "predict")
         [prediction] = await self.predictions.predict([body.text], self.tag_a, "/predict", gate=limit)
         return prediction
 
-    @app.post("/predict/ab", response_model=schemas.ABPrediction, responses=schemas.error_responses(400, 413, 429, 503))
-    async def predict_ab(self, body: schemas.ABRequest, request: Request, response: Response) -> schemas.ABPrediction:
-        limit = self.client_limits.gate(request, response, "predict")
+    async def answer_ab(self, body: schemas.ABRequest, request: Request | None, response: Any) -> schemas.ABPrediction:
+        limit = self._gate(request, response, "predict")
         variant = ab.assign(self.experiment, body.user_id, settings.ab_split)
         tag = self.tag_b if variant == "B" else self.tag_a
         [prediction] = await self.predictions.predict([body.text], tag, "/predict/ab", variant, gate=limit)
         return schemas.ABPrediction(**prediction.model_dump(), variant=variant, experiment=self.experiment)
 
-    @app.post("/batch", response_model=schemas.BatchResponse, responses=schemas.error_responses(400, 413, 429, 503))
-    async def batch(self, body: schemas.BatchRequest, request: Request, response: Response) -> schemas.BatchResponse:
-        limit = self.client_limits.gate(request, response, "batch")
+    async def answer_batch(
+        self, body: schemas.BatchRequest, request: Request | None, response: Any
+    ) -> schemas.BatchResponse:
+        limit = self._gate(request, response, "batch")
         predictions = await self.predictions.predict(body.texts, self.tag_a, "/batch", gate=limit)
         cached = sum(p.cached for p in predictions)
         return schemas.BatchResponse(predictions=predictions, count=len(predictions), cached_count=cached)
@@ -343,12 +385,40 @@ class Sentiment:
         return JSONResponse(body, status_code=200 if serving else 503)
 
 
-# --- guards, outermost last: built on the routes above -------------------------------------
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """BentoML's OpenAPI document of the service, the contract's one source: the prediction
+    APIs described from their @bentoml.api input and output models, the app's routes by FastAPI,
+    both as BentoML merges them. Added here: the APIs' error answers, the contract's ErrorBody
+    (BentoML lists errors of its own shape, which the short path never writes)."""
+    spec: dict[str, Any] = Sentiment.openapi_spec.asdict()  # type: ignore[attr-defined]  # a bentoml.Service
+    components = spec.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("InvalidArgument", "NotFound", "InternalServerError"):
+        components.pop(name, None)
+    components.update(schemas.ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}").pop("$defs", {}))
+    components["ErrorBody"] = schemas.ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    components["ErrorBody"].pop("$defs", None)
+    for api in Sentiment.apis.values():  # type: ignore[attr-defined]
+        operation = spec["paths"][api.route]["post"]
+        answered = next(v for k, v in operation["responses"].items() if str(k) == "200")
+        operation["responses"] = {"200": answered, **schemas.openapi_errors(400, 413, 429, 503)}
+    return spec
 
-# The endpoints' `self` looked up on the event loop, not in the thread pool (deps.py).
+
+@app.get("/docs.json", include_in_schema=False)
+async def docs_json() -> JSONResponse:
+    """Served in place of BentoML's own /docs.json (the mounted app's routes come first)."""
+    return JSONResponse(openapi_document())
+
+
+# --- guards, on BentoML's outer app, outermost first: built on the routes above ----------------
+
+# The FastAPI endpoints' `self` looked up on the event loop, not in the thread pool (deps.py).
 SELF_DEPENDENCIES = deps.self_on_the_loop(app.routes)
-# The public routes (all but /health): guarded, timed, rate limited, their errors counted.
-PUBLIC_PATHS = tuple(p for p in route_paths(app.routes) if p != "/health")
+# The prediction APIs, then the app's routes: the public ones (all but /health) guarded, timed,
+# rate limited, their errors counted.
+API_PATHS = tuple(api.route for api in Sentiment.apis.values())  # type: ignore[attr-defined]  # a bentoml.Service
+PUBLIC_PATHS = (*API_PATHS, *(p for p in route_paths(app.routes) if p != "/health"))
 metrics.register_endpoints([*PUBLIC_PATHS, "/health"], guarded=PUBLIC_PATHS)
 BENTOML_SKIP.extend(metrics.ENDPOINTS)
 ERRORS = ErrorCounts(PUBLIC_PATHS)
@@ -359,37 +429,54 @@ LOOP_LAG = LoopLag()
 # Under overload a worker takes only as many requests at once as it answers within the budget
 # (guards.AdaptiveLimit): the rest are refused at the door rather than all waiting for the CPU.
 CONCURRENCY = AdaptiveLimit(settings.max_queue_delay_ms / 1000, maximum=MAX_IN_FLIGHT)
-# Innermost: a valid JSON body to the prediction endpoints skips FastAPI's router, handler and
-# response validation (service/fastpath.py); every other request goes through FastAPI.
-SHORT_PATH = fastpath.routes_of(app, ("/predict", "/predict/ab", "/batch"))
-app.add_middleware(fastpath.ShortPath, routes=SHORT_PATH)
 # /jobs requests have a budget of their own, and at most a few per client: a slow upload or a
 # results reader that stops reading holds its slot for up to its timeout, and must not take
 # the prediction endpoints' (docs/api.md, Limits).
 JOB_PATHS = tuple(p for p in PUBLIC_PATHS if p.startswith("/jobs"))
-app.add_middleware(
-    InFlightLimit,
-    limit=settings.max_job_requests_in_flight,
-    paths=("/jobs",),
-    per_client=settings.job_requests_per_client,
-    per_client_setting="JOB_REQUESTS_PER_CLIENT",
-    trusted=trusted_networks(settings.trusted_proxies),
+# Innermost: the prediction APIs' HTTP requests answered without BentoML's API layer
+# (service/fastpath.py), by the handlers their methods call.
+SHORT_PATH = fastpath.routes_of(
+    Sentiment,
+    {
+        "predict": (schemas.PredictRequest, Sentiment.inner.answer_predict),  # type: ignore[attr-defined]
+        "predict_ab": (schemas.ABRequest, Sentiment.inner.answer_ab),  # type: ignore[attr-defined]
+        "batch": (schemas.BatchRequest, Sentiment.inner.answer_batch),  # type: ignore[attr-defined]
+    },
 )
-app.add_middleware(
-    InFlightLimit,
-    limit=MAX_IN_FLIGHT,
-    paths=tuple(p for p in PUBLIC_PATHS if p not in JOB_PATHS),
-    lag=LOOP_LAG,
-    max_lag_s=settings.max_queue_delay_ms / 4000,
-    adaptive=CONCURRENCY,
-    sampled=("/predict", "/batch"),
-)
-app.add_middleware(
-    BodySizeLimit,
-    max_bytes=settings.max_body_bytes,
-    larger={"/jobs": (settings.max_job_body_bytes, "MAX_JOB_BODY_BYTES")},
-    streamed=("/jobs",),
-)
-app.add_middleware(RequestContext, public=PUBLIC_PATHS, on_error=ERRORS)
-# On BentoML's outer app: unknown paths never reach the FastAPI app above.
-Sentiment.add_asgi_middleware(JsonNotFound)  # type: ignore[attr-defined]  # a bentoml.Service
+GUARDS: list[tuple[type, dict[str, Any]]] = [
+    (RequestContext, {"public": PUBLIC_PATHS, "on_error": ERRORS}),
+    # BentoML's own app answers a path no route matches with a plain-text 404
+    (JsonErrors, {}),
+    (
+        BodySizeLimit,
+        {
+            "max_bytes": settings.max_body_bytes,
+            "larger": {"/jobs": (settings.max_job_body_bytes, "MAX_JOB_BODY_BYTES")},
+            "streamed": ("/jobs",),
+        },
+    ),
+    (
+        InFlightLimit,
+        {
+            "limit": MAX_IN_FLIGHT,
+            "paths": tuple(p for p in PUBLIC_PATHS if p not in JOB_PATHS),
+            "lag": LOOP_LAG,
+            "max_lag_s": settings.max_queue_delay_ms / 4000,
+            "adaptive": CONCURRENCY,
+            "sampled": ("/predict", "/batch"),
+        },
+    ),
+    (
+        InFlightLimit,
+        {
+            "limit": settings.max_job_requests_in_flight,
+            "paths": ("/jobs",),
+            "per_client": settings.job_requests_per_client,
+            "per_client_setting": "JOB_REQUESTS_PER_CLIENT",
+            "trusted": trusted_networks(settings.trusted_proxies),
+        },
+    ),
+    (fastpath.ShortPath, {"routes": SHORT_PATH}),
+]
+for guard, options in GUARDS:
+    Sentiment.add_asgi_middleware(guard, **options)  # type: ignore[attr-defined]  # a bentoml.Service

@@ -65,7 +65,7 @@ def test_endpoints_get_the_service_without_a_thread_hop(
     assert hops == []
     assert rebuilt == []
     assert service.app.dependency_overrides == {}
-    assert service.SELF_DEPENDENCIES == len(service.route_paths(service.app.routes)) == 11  # every endpoint
+    assert service.SELF_DEPENDENCIES == len(service.route_paths(service.app.routes)) == 8  # every FastAPI endpoint
 
 
 def test_repeat_is_served_from_cache(client: TestClient, headers: dict[str, str]) -> None:
@@ -356,9 +356,9 @@ def test_each_worker_limits_its_requests_adaptively_and_exposes_the_limit(client
     from service import service as module
     from service.guards import InFlightLimit
 
-    guard = next(m for m in module.app.user_middleware if m.cls is InFlightLimit)
-    assert guard.kwargs["adaptive"] is module.CONCURRENCY
-    assert guard.kwargs["sampled"] == ("/predict", "/batch")
+    guard = next(options for cls, options in module.Sentiment.middlewares if cls is InFlightLimit)
+    assert guard["adaptive"] is module.CONCURRENCY
+    assert guard["sampled"] == ("/predict", "/batch")
     assert module.CONCURRENCY.target_s == module.settings.max_queue_delay_ms / 1000
     exposed = 0.0
     for _ in range(50):  # the gauge watcher refreshes every 2 s; earlier tests may have moved the limit
@@ -370,32 +370,38 @@ def test_each_worker_limits_its_requests_adaptively_and_exposes_the_limit(client
     assert exposed == pytest.approx(module.CONCURRENCY.limit)
 
 
-def test_valid_predictions_take_the_short_path_and_the_rest_fastapi(
+def test_prediction_apis_are_answered_without_bentomls_api_layer(
     client: TestClient, headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A valid JSON body to /predict, /predict/ab or /batch is answered by the endpoint without
-    FastAPI's request handler (service/fastpath.py); a body that does not validate, or is not
-    `application/json`, goes through FastAPI, which writes the contract's 400 naming the field."""
-    import fastapi.routing
+    """/predict, /predict/ab and /batch are @bentoml.api methods whose HTTP requests the short
+    path answers (service/fastpath.py): BentoML's own endpoint never runs for them, bodies that
+    do not validate get the contract's 400 naming the field, and a pickled body (BentoML's
+    internal media type) is refused like any other body that is not JSON."""
+    from _bentoml_impl.server.app import ServiceAppFactory
 
     handled: list[str] = []
-    real = fastapi.routing.serialize_response
+    real = ServiceAppFactory.api_endpoint
 
-    async def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
-        handled.append("fastapi")
-        return await real(*args, **kwargs)
+    async def counted(self, name, request):  # type: ignore[no-untyped-def]
+        handled.append(name)
+        return await real(self, name, request)
 
-    monkeypatch.setattr(fastapi.routing, "serialize_response", counted)
-    text = f"The short path, or FastAPI's {uuid.uuid4()}"
+    monkeypatch.setattr(ServiceAppFactory, "api_endpoint", counted)
+    text = f"The short path, or BentoML's {uuid.uuid4()}"
     charset = {**headers, "Content-Type": "application/json; charset=utf-8"}
     short = [
         client.post("/predict", json={"text": text}, headers=headers),
         client.post("/predict/ab", json={"text": text, "user_id": "u-1"}, headers=headers),
         client.post("/batch", json={"texts": [text, "another"]}, headers=headers),
         client.post("/predict", content=json.dumps({"text": text}), headers=charset),
+        client.post("/predict", content=json.dumps({"text": text}), headers=headers),  # no content type: JSON
+        client.post(
+            "/predict",
+            content=json.dumps({"text": text}),
+            headers={**headers, "Content-Type": "application/vnd.api+json"},
+        ),
     ]
-    assert [r.status_code for r in short] == [200] * 4, [r.text for r in short]
-    assert handled == []
+    assert [r.status_code for r in short] == [200] * 6, [r.text for r in short]
     assert short[0].json()["cached"] is False and short[3].json()["cached"] is True
     assert set(short[1].json()) == PREDICTION_FIELDS | {"variant", "experiment"}
     assert short[2].json()["count"] == 2
@@ -405,12 +411,14 @@ def test_valid_predictions_take_the_short_path_and_the_rest_fastapi(
         assert int(r.headers["content-length"]) == len(r.content)
     bad = client.post("/predict", json={"text": "x", "extra": 1}, headers=headers)
     assert bad.status_code == 400 and bad.json()["fields"][0]["field"] == "extra", bad.text
-    as_text = {**headers, "Content-Type": "text/plain"}
-    plain = client.post("/predict", content=json.dumps({"text": text}), headers=as_text)
-    assert plain.status_code == 400 and plain.json()["fields"], plain.text
-    vendor = {**headers, "Content-Type": "application/vnd.api+json"}  # JSON to FastAPI, not to the short path
-    assert client.post("/predict", content=json.dumps({"text": text}), headers=vendor).json()["cached"] is True
-    assert handled == ["fastapi"]
+    assert bad.json()["request_id"] == bad.headers["X-Request-ID"]
+    for media in ("text/plain", "application/vnd.bentoml+pickle", "multipart/form-data"):
+        other = client.post("/predict", content=json.dumps({"text": text}), headers={**headers, "Content-Type": media})
+        assert other.status_code == 400 and other.json()["fields"][0]["field"] == "body", other.text
+        assert f"must be application/json, not {media}" in other.json()["error"]
+    deep = client.post("/batch", content=b'{"texts": ' + b"[" * 5000 + b"]" * 5000 + b"}", headers=charset)
+    assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"], deep.text
+    assert handled == []
 
 
 def test_every_error_status_carries_a_request_id(

@@ -168,6 +168,51 @@ def unknown_route(c: httpx.Client) -> None:
     assert r.json()["request_id"] == r.headers["X-Request-ID"], r.text
 
 
+@check("BentoML's clients, sync and async: the three APIs answer as over plain HTTP; errors keep their codes")
+def bentoml_clients(c: httpx.Client) -> None:
+    import asyncio
+
+    import bentoml
+    from bentoml.exceptions import BentoMLException
+
+    url = str(c.base_url).rstrip("/")
+    texts = [_text(), "Awful. It broke on the first day and nobody answered my emails."]
+    # plain HTTP first (the cache then answers the clients: the same labels and probabilities)
+    plain = c.post("/batch", json={"texts": texts}).json()["predictions"]
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    ab = c.post("/predict/ab", json={"text": texts[1], "user_id": user}).json()
+
+    def same(got: dict, want: dict) -> None:
+        assert (got["label"], got["probabilities"]) == (want["label"], want["probabilities"]), (got, want)
+
+    with bentoml.SyncHTTPClient(url, server_ready_timeout=30) as sync:
+        assert set(sync.endpoints) >= {"predict", "predict_ab", "batch"}, sync.endpoints
+        same(sync.predict(text=texts[0]), plain[0])
+        batch = sync.batch(texts=texts)
+        assert batch["count"] == 2 and batch["cached_count"] == 2, batch
+        for got, want in zip(batch["predictions"], plain, strict=True):
+            same(got, want)
+        answer = sync.predict_ab(text=texts[1], user_id=user)
+        same(answer, ab)
+        assert answer["variant"] == ab["variant"], (answer, ab)
+        try:
+            sync.predict(text="   ")
+        except BentoMLException as exc:
+            assert exc.error_code == 400 and "text: must not be blank" in str(exc), exc
+        else:
+            raise AssertionError("a blank text was answered")
+
+    async def through_async() -> None:
+        async with bentoml.AsyncHTTPClient(url, server_ready_timeout=30) as client:
+            same(await client.predict(text=texts[1]), plain[1])
+            batch = await client.batch(texts=texts)
+            for got, want in zip(batch["predictions"], plain, strict=True):
+                same(got, want)
+            same(await client.predict_ab(text=texts[1], user_id=user), ab)
+
+    asyncio.run(through_async())
+
+
 def run(url: str, admin_key: str | None = None, only: list[str] | None = None) -> list[tuple[str, str | None]]:
     """(check name, None or what failed) for every check."""
     headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}

@@ -150,19 +150,22 @@ async def test_request_context_tags_answers_counts_and_records_errors(monkeypatc
 
 
 @pytest.mark.anyio
-async def test_unknown_paths_get_a_json_404_and_other_answers_pass_untouched() -> None:
-    from service.guards import JsonNotFound
+async def test_unknown_paths_and_methods_get_json_errors_and_other_answers_pass_untouched() -> None:
+    from service.guards import JsonErrors
 
     async def found(request: Request) -> JSONResponse:
         return JSONResponse({"error": "no such request id"}, status_code=404)
 
-    app = JsonNotFound(Router(routes=[Route("/feedback", found, methods=["POST"])]))
+    app = JsonErrors(Router(routes=[Route("/feedback", found, methods=["POST"])]))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         unknown = await client.post("/internal/infer")
         own = await client.post("/feedback")
+        wrong_method = await client.get("/feedback")
     assert unknown.status_code == 404 and unknown.headers["content-type"] == "application/json"
     assert unknown.json() == {"error": "not found: POST /internal/infer", "request_id": unknown.headers["x-request-id"]}
     assert own.status_code == 404 and own.json() == {"error": "no such request id"}
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json()["error"] == "method not allowed: GET /feedback"
 
 
 @pytest.mark.anyio
