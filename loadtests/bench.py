@@ -209,9 +209,10 @@ def main() -> int:
     )
     parser.add_argument(
         "--before",
-        type=Path,
-        default=None,
-        help="a checkout of an earlier version (git worktree add DIR REF): its service measured beside this one",
+        action="append",
+        default=[],
+        help="[NAME=]DIR: a checkout of another version (git worktree add DIR REF), its service measured beside"
+        " this one as NAME ('before' unless given); repeatable",
     )
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",") if c]
@@ -246,8 +247,9 @@ def main() -> int:
             for spec in args.variant
         ]
         sources = [(name, extra, ROOT) for name, extra in variants]
-        if args.before:
-            sources.append(("before", {}, args.before.resolve()))
+        for spec in args.before:
+            name, _, folder = spec.rpartition("=")
+            sources.append((name or "before", {}, Path(folder).resolve()))
         for name, extra, source in sources:
             instance = Server(name, "")
             folder = workdir / name
@@ -278,13 +280,14 @@ def main() -> int:
                     stats = measure(server, "unique", users, args.seconds, workdir, args.texts, f"r{rnd}")
                     runs.setdefault((server.name, "unique", users), []).append(stats)
                     print(f"  round {rnd + 1} {server.name:>8} x{users:<3} {describe(stats)}", flush=True)
-            stats = measure(service, "repeated", max(clients), args.seconds, workdir, args.texts, f"r{rnd}")
-            runs.setdefault(("service", "repeated", max(clients)), []).append(stats)
-            print(
-                f"  round {rnd + 1}  service x{max(clients)} cached {stats['req_per_s']} req/s  "
-                f"p50 {stats['p50_ms']:.0f}  p95 {stats['p95_ms']:.0f} ms",
-                flush=True,
-            )
+            for server in (s for s in order if s.name in {name for name, _, _ in sources}):  # the versions served
+                stats = measure(server, "repeated", max(clients), args.seconds, workdir, args.texts, f"r{rnd}")
+                runs.setdefault((server.name, "repeated", max(clients)), []).append(stats)
+                print(
+                    f"  round {rnd + 1} {server.name:>8} x{max(clients)} cached {stats['req_per_s']} req/s  "
+                    f"p50 {stats['p50_ms']:.0f}  p95 {stats['p95_ms']:.0f} ms",
+                    flush=True,
+                )
         profile = None
         if args.profile_seconds:
             print(f"profiling the service at {args.profile_clients} clients with py-spy ...", flush=True)
