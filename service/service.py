@@ -402,6 +402,7 @@ def openapi_document() -> dict[str, Any]:
         operation = spec["paths"][api.route]["post"]
         answered = next(v for k, v in operation["responses"].items() if str(k) == "200")
         operation["responses"] = {"200": answered, **schemas.openapi_errors(400, 413, 429, 503)}
+        operation["requestBody"]["required"] = True  # a request without one is a 400
     return spec
 
 

@@ -417,6 +417,14 @@ def test_stack_prometheus_scrapes_both_replicas(stack: dict[str, str]) -> None:
     record("Prometheus, analytics", f"both targets up; {summary.json()['total']} predictions in the last hour")
 
 
+def test_stack_answers_bentomls_clients_through_nginx(stack: dict[str, str]) -> None:
+    """BentoML's SyncHTTPClient and AsyncHTTPClient through nginx (/schema.json, /readyz and the
+    three APIs pass it): the same labels and probabilities as plain HTTP, the contract's 400."""
+    results = contract.run("http://127.0.0.1:8080", only=["bentoml_clients"])
+    assert results and all(problem is None for _, problem in results), results
+    record("BentoML's clients through nginx", "predict, predict_ab, batch: the answers of plain HTTP; 400 kept")
+
+
 def test_stack_scores_a_file_with_the_client_through_nginx(stack: dict[str, str], tmp_path: Path) -> None:
     """`sentiment-client score` on 10,000 lines, over 2 MB (nginx's cap on other bodies), through
     nginx: one result per line in input order, each the label the service gives the text."""
