@@ -15,6 +15,7 @@ refuses on the entry service, as this middleware does.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,9 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ApiError, error_body, invalid_body, scope_request_id
-from service.guards import replaying, send_json_bytes
+from service.guards import replaying, send_error, send_json_bytes
+
+log = logging.getLogger("sentiment.errors")
 
 # handler(service instance, validated body, request, response carrying extra headers)
 Handler = Callable[[Any, Any, Request, Response], Awaitable[BaseModel]]
@@ -68,6 +71,11 @@ class ShortPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if route is None:
+            if scope["type"] == "http" and scope["path"].endswith("\n") and scope["path"][:-1] in self.routes:
+                # Starlette's route pattern ends in `$`, which matches before a final newline
+                # (`/predict%0A`): BentoML's endpoint would answer it, past this path's checks.
+                await send_error(scope, send, 404, f"not found: {scope['method']} {scope['path']!r}", {})
+                return
             await self.app(scope, receive, send)
             return
         media = media_type(scope["headers"])
@@ -102,6 +110,12 @@ class ShortPath:
         except ApiError as exc:
             headers = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
             await _send_body(send, exc.status, error_body(exc.message, rid, **exc.extra), headers)
+            return
+        except Exception:
+            # Outside the FastAPI app no handler of errors.py is behind this: BentoML's outer
+            # app would answer a plain-text 500 (an HTML traceback in its debug mode).
+            log.exception("unhandled error on POST %s (request %s)", scope["path"], rid)
+            await _send_body(send, 500, error_body("internal server error", rid), [])
             return
         payload = result.__pydantic_serializer__.to_json(result, by_alias=True)
         await send_json_bytes(send, 200, payload, carrier.headers.raw)

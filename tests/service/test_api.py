@@ -418,7 +418,27 @@ def test_prediction_apis_are_answered_without_bentomls_api_layer(
         assert f"must be application/json, not {media}" in other.json()["error"]
     deep = client.post("/batch", content=b'{"texts": ' + b"[" * 5000 + b"]" * 5000 + b"}", headers=charset)
     assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"], deep.text
+    # Starlette's routes match a path with one trailing newline too: refused before BentoML's endpoint
+    for path in ("/predict%0A", "/batch%0a"):
+        for given in ({"json": {"text": text}}, {"files": {"text": (None, text)}}):
+            trailing = client.post(path, headers=headers, **given)  # type: ignore[arg-type]
+            assert trailing.status_code == 404 and trailing.json()["request_id"], trailing.text
     assert handled == []
+
+
+def test_an_unexpected_failure_on_the_prediction_path_is_the_contracts_500(
+    client: TestClient, headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.service import bentoml
+
+    async def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the model's runtime failed")
+
+    monkeypatch.setattr(bentoml.get_current_service().predictions, "predict", broken)
+    r = client.post("/predict", json={"text": f"An unexpected failure {uuid.uuid4()}"}, headers=headers)
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json", r.text
+    assert r.json() == {"error": "internal server error", "request_id": r.headers["X-Request-ID"]}
+    assert "RuntimeError" not in r.text and "Traceback" not in r.text
 
 
 def test_every_error_status_carries_a_request_id(
