@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from models import cpus
+
 log = logging.getLogger(__name__)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -372,7 +374,7 @@ def warm_up(predictor: Predictor, max_batch: int) -> None:
 
 
 def default_threads() -> int:
-    return max(1, os.cpu_count() or 1)
+    return cpus.available().cpus
 
 
 def load_dir(model_dir: Path, name: str | None = None, threads: int | None = None) -> Predictor:

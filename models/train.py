@@ -6,7 +6,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
+from models import cpus  # noqa: E402
 from models.data import LABELS, Example  # noqa: E402
 from models.runtime import quiet_transformers  # noqa: E402
 
@@ -35,7 +36,7 @@ class TrainConfig:
     max_steps: int | None = None
     max_examples: int | None = None
     seed: int = 13
-    threads: int = max(1, os.cpu_count() or 1)
+    threads: int = field(default_factory=lambda: cpus.available().cpus)
     # Batches are drawn from pools of this many batches sorted by length: near-equal lengths
     # in a batch halved the time per step here against random batches (less padding).
     length_group_batches: int = 64

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import os
 import tomllib
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError
@@ -14,6 +13,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import NoDecode
 
+from models import cpus
 from storage import db
 
 # Measured with `make bench` on 2 cores, int8 model, unique texts at 64 clients
@@ -21,6 +21,9 @@ from storage import db
 # x 2 inference threads 402 (p95 235, but half the memory); 2 workers x 2 threads 393 (p95 310).
 # Batches of at most 16 texts or a 2 ms wait for a fuller batch changed nothing measurable.
 DEFAULT_WORKERS = 2
+# The CPUs this instance may use (affinity and cgroup quota, models/cpus.py): never more workers
+# than CPUs, and the threads below share these out, not the host's cores.
+CPUS = cpus.available()
 DEFAULT_BATCH_MAX_TEXTS = 32
 DEFAULT_BATCH_WAIT_MS = 0.0
 # The spike's target is a p99 of 350 ms for answered requests: a 200 ms queue budget leaves room
@@ -102,7 +105,7 @@ class Settings(db.DatabaseSettings):
     # this long (service/activity.py): 0 runs jobs beside interactive traffic, at the lowest CPU
     # priority but slowing it (docs/performance.md, Bulk jobs beside interactive traffic).
     job_quiet_ms: float = Field(50.0, ge=0)
-    service_workers: int = Field(DEFAULT_WORKERS, gt=0)
+    service_workers: int = Field(min(DEFAULT_WORKERS, CPUS.cpus), gt=0)
     torch_num_threads: int | None = Field(None, gt=0)
     inference_threads: int | None = Field(None, gt=0)
     torch_num_interop_threads: int = Field(1, gt=0)
@@ -163,14 +166,14 @@ class Settings(db.DatabaseSettings):
     @property
     def inference_threads_per_worker(self) -> int:
         """Forward calls a worker runs at once: by default the cores shared out between workers."""
-        return self.inference_threads or max(1, (os.cpu_count() or 1) // self.service_workers)
+        return self.inference_threads or max(1, CPUS.cpus // self.service_workers)
 
     @property
     def threads_per_worker(self) -> int:
         """Intra-op threads of each forward call: by default what is left of the cores."""
         if self.torch_num_threads:
             return self.torch_num_threads
-        return max(1, (os.cpu_count() or 1) // (self.service_workers * self.inference_threads_per_worker))
+        return max(1, CPUS.cpus // (self.service_workers * self.inference_threads_per_worker))
 
 
 @lru_cache(maxsize=1)

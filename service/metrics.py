@@ -110,6 +110,12 @@ MEMORY_LIMIT = Gauge(
     "Memory the service may use: the cgroup limit, or the machine's memory when there is none.",
     multiprocess_mode="livemax",
 )
+CPUS = Gauge(
+    "sentiment_cpus",
+    "CPUs the instance sizes its workers and threads by, and what decided it (affinity, or a cgroup quota).",
+    ["source"],
+    multiprocess_mode="livemax",
+)
 CONCURRENCY_LIMIT = Gauge(
     "sentiment_concurrency_limit",
     "Requests the service's workers take at once: each worker's adaptive limit, summed over live workers.",

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from models import runtime
 from service import ab, deps, errors, fastpath, metrics, schemas
 from service.activity import Activity
-from service.config import Settings, get_settings, project_version
+from service.config import CPUS, Settings, get_settings, project_version
 from service.database import DatabaseCalls
 from service.errors import ApiError
 from service.guards import (
@@ -184,6 +184,7 @@ class Sentiment:
         gc.freeze()
         if capped := cap_send_buffers(settings.socket_send_buffer_bytes):
             log.info("send buffers of %d listening socket(s): %d bytes", capped, settings.socket_send_buffer_bytes)
+        metrics.CPUS.labels(CPUS.source).set(CPUS.cpus)
         await self.gauges.start()
         LOOP_LAG.start()
         self.job_runner.start()
@@ -374,6 +375,8 @@ class Sentiment:
         runtimes = {tag: p.runtime for tag, p in self.predictors.items()}
         model = {"A": self.tag_a, "B": self.tag_b, "runtimes": runtimes, "threads": settings.threads_per_worker}
         model["inference_threads"] = settings.inference_threads_per_worker
+        model["workers"] = settings.service_workers
+        model["cpus"] = {"available": CPUS.cpus, "from": CPUS.source}
         body = {
             "status": "ok" if serving and "down" not in (cache, database) else "degraded",
             "model": model,

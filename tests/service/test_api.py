@@ -10,7 +10,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from models import runtime
+from models import cpus, runtime
 
 pytestmark = pytest.mark.slow
 
@@ -154,6 +154,11 @@ def test_health_reports_embedded_backends(client: TestClient) -> None:
         body["model"]["A"]: "onnxruntime",
         body["model"]["B"]: "pytorch",
     }
+    # sized by the CPUs this process may use (models/cpus.py), not the host's count
+    share = cpus.available()
+    assert body["model"]["cpus"] == {"available": share.cpus, "from": share.source}
+    assert body["model"]["workers"] == 1  # SERVICE_WORKERS of the test environment
+    assert body["model"]["inference_threads"] == share.cpus  # the one worker takes every CPU
 
 
 @pytest.mark.parametrize(

@@ -76,7 +76,7 @@ def test_readme_documents_every_setting_with_its_default() -> None:
     for name, field in Settings.model_fields.items():
         cell, default = rows[name.upper()], field.default
         if default is None:  # unset, or computed from the machine
-            assert cell.startswith("unset") or "cores" in cell, (name, cell)
+            assert cell.startswith("unset") or "CPUs" in cell, (name, cell)
         elif default == []:
             assert cell.startswith("empty"), (name, cell)
         else:
