@@ -59,14 +59,13 @@ def _validation_message(err: dict[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
-def invalid_body(errors: Sequence[Any], rid: str) -> dict[str, Any]:
-    """The contract's 400 body for a body that does not validate (pydantic's or FastAPI's
-    errors): one message naming each field, and the fields apart."""
+def invalid_fields(errors: Sequence[Any]) -> tuple[str, list[dict[str, str]]]:
+    """The contract's 400 for a body that does not validate (pydantic's or FastAPI's errors):
+    one message naming each field, and the fields apart."""
     fields = [{"field": _field(tuple(e["loc"])), "message": _validation_message(e)} for e in errors]
     if any(e.get("type") == "json_invalid" for e in errors):
         fields = [{"field": "body", "message": "request body is not valid JSON"}]
-    summary = "; ".join(f"{e['field']}: {e['message']}" for e in fields)
-    return error_body(f"invalid request: {summary}", rid, fields=fields)
+    return "invalid request: " + "; ".join(f"{e['field']}: {e['message']}" for e in fields), fields
 
 
 async def api_error_response(request: Request, exc: ApiError) -> JSONResponse:
@@ -78,7 +77,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(invalid_body(exc.errors(), request_id(request)), 400)
+        message, fields = invalid_fields(exc.errors())
+        return JSONResponse(error_body(message, request_id(request), fields=fields), 400)
 
     app.add_exception_handler(ApiError, api_error_response)  # type: ignore[arg-type]  # Starlette's handler type is wider
 

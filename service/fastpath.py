@@ -5,11 +5,11 @@ The three are `@bentoml.api` methods (service.py): BentoML's schema, clients and
 see them. Served through BentoML's own endpoint instead, each request would also pass its
 request context, its JSON serde (a second validation into a model built from the signature),
 `inspect.signature` of the method and its error handling, which answers with bodies of its own
-shape (docs/decisions.md, "The prediction APIs' HTTP path"). Here the body is validated once,
-with the contract's model, the same handler the API method calls is awaited, and errors are the
-contract's JSON (errors.py). One exception passes on to BentoML: its pickled calls between the
-services of one deployment (`bentoml.depends` under `bentoml serve`), which BentoML itself
-refuses on the entry service, as this middleware does.
+shape (docs/decisions.md, "The prediction APIs are BentoML APIs, answered by the short path").
+Here the body is validated once, with the contract's model, the same handler the API method
+calls is awaited, and errors are the contract's JSON (errors.py). One exception passes on to
+BentoML: its pickled calls between the services of one deployment (`bentoml.depends` under
+`bentoml serve`), which BentoML itself refuses on the entry service, as this middleware does.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ApiError, error_body, invalid_body, scope_request_id
-from service.guards import replaying, send_error, send_json_bytes
+from service.errors import ApiError, invalid_fields, scope_request_id
+from service.guards import send_error, send_json_bytes
 
 log = logging.getLogger("sentiment.errors")
 
@@ -90,32 +90,30 @@ class ShortPath:
                 break
         if messages[-1]["type"] != "http.request":
             return  # the client went away before its body was whole: nobody to answer
-        rid = scope_request_id(scope)
         if not is_json(media):
             given = media.decode("latin-1") if media else ""
             problem = {"loc": ("body",), "msg": f"must be application/json, not {given}"}
-            await _send_body(send, 400, invalid_body([problem], rid), [])
+            await _send_invalid(scope, send, [problem])
             return
         raw = b"".join(m.get("body", b"") for m in messages)
         try:
             body = route.body.model_validate_json(raw)
         except ValidationError as exc:
-            await _send_body(send, 400, invalid_body(_problems(route.body, raw, exc), rid), [])
+            await _send_invalid(scope, send, _problems(route.body, raw, exc))
             return
-        request = Request(scope, replaying([], receive))
+        request = Request(scope, receive)  # its body already read, above
         carrier = Response()  # headers the handler sets (RateLimit)
         del carrier.headers["content-length"]
         try:
             result = await route.handler(bentoml.get_current_service(), body, request, carrier)
         except ApiError as exc:
-            headers = [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()]
-            await _send_body(send, exc.status, error_body(exc.message, rid, **exc.extra), headers)
+            await send_error(scope, send, exc.status, exc.message, exc.headers, **exc.extra)
             return
         except Exception:
             # Outside the FastAPI app no handler of errors.py is behind this: BentoML's outer
             # app would answer a plain-text 500 (an HTML traceback in its debug mode).
-            log.exception("unhandled error on POST %s (request %s)", scope["path"], rid)
-            await _send_body(send, 500, error_body("internal server error", rid), [])
+            log.exception("unhandled error on POST %s (request %s)", scope["path"], scope_request_id(scope))
+            await send_error(scope, send, 500, "internal server error", {})
             return
         payload = result.__pydantic_serializer__.to_json(result, by_alias=True)
         await send_json_bytes(send, 200, payload, carrier.headers.raw)
@@ -141,8 +139,9 @@ def _problems(model: type[BaseModel], raw: bytes, exc: ValidationError) -> list[
     return errors
 
 
-async def _send_body(send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
-    await send_json_bytes(send, status, json.dumps(body).encode(), headers)
+async def _send_invalid(scope: Scope, send: Send, problems: list[Any]) -> None:
+    message, fields = invalid_fields(problems)
+    await send_error(scope, send, 400, message, {}, fields=fields)
 
 
 def routes_of(service: Any, handlers: Mapping[str, tuple[type[BaseModel], Handler]]) -> dict[str, Route]:

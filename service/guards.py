@@ -70,12 +70,14 @@ async def send_json_bytes(send: Send, status: int, payload: bytes, headers: list
     await send({"type": "http.response.body", "body": payload})
 
 
-async def send_error(scope: Scope, send: Send, status: int, message: str, headers: dict[str, str]) -> None:
-    """An error answer written before the app: the contract's body (errors.error_body), with
-    the request's id, as the app's handlers write theirs."""
+async def send_error(
+    scope: Scope, send: Send, status: int, message: str, headers: dict[str, str], **extra: Any
+) -> None:
+    """An error answer written outside the FastAPI app: the contract's body (errors.error_body,
+    with `extra` fields), with the request's id, as the app's handlers write theirs."""
     rid = scope_request_id(scope)
     raw = [(k.lower().encode(), v.encode()) for k, v in {**headers, "X-Request-ID": rid}.items()]
-    await send_json_bytes(send, status, json.dumps(error_body(message, rid)).encode(), raw)
+    await send_json_bytes(send, status, json.dumps(error_body(message, rid, **extra)).encode(), raw)
 
 
 def cap_send_buffers(nbytes: int) -> int:

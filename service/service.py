@@ -398,9 +398,8 @@ def openapi_document() -> dict[str, Any]:
     components = spec.setdefault("components", {}).setdefault("schemas", {})
     for name in ("InvalidArgument", "NotFound", "InternalServerError"):
         components.pop(name, None)
-    components.update(schemas.ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}").pop("$defs", {}))
-    components["ErrorBody"] = schemas.ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
-    components["ErrorBody"].pop("$defs", None)
+    error = schemas.ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(error.pop("$defs", {}), ErrorBody=error)
     for api in Sentiment.apis.values():  # type: ignore[attr-defined]
         operation = spec["paths"][api.route]["post"]
         answered = next(v for k, v in operation["responses"].items() if str(k) == "200")
