@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, FromClause, case, func, literal, select, union_all
+from sqlalchemy import DateTime, Engine, FromClause, bindparam, case, func, literal, select, text, union_all
 
 from storage.analytics.records import utcnow
 from storage.analytics.stats import percentile, rounded, two_proportion_p_value, wilson_interval
@@ -95,11 +95,61 @@ class Reports:
                 (r[0] if by_variant else None): ([rounded(v) for v in r[len(keys) + 1 :]], int(r[len(keys)]))
                 for r in result
             }
-        # SQLite has no percentile_cont: the window's latencies are sorted here instead.
+        # SQLite has no percentile_cont: the window's latencies (or a sample of them) are sorted
+        # here instead.
+        if rows > EXACT_PERCENTILE_ROWS:
+            rows_read: Any = self._sqlite_sample(conn, since, rows, by_variant)
+        else:
+            rows_read = conn.execute(select(*keys, t.latency_ms).where(*where))
         grouped: dict[Any, list[float]] = {}
-        for row in conn.execute(select(*keys, t.latency_ms).where(*where).order_by(t.latency_ms)):
+        for row in rows_read:
             grouped.setdefault(row[0] if by_variant else None, []).append(row[-1])
-        return {k: ([rounded(percentile(v, q)) for q in quantiles], len(v)) for k, v in grouped.items()}
+        return {k: ([rounded(percentile(sorted(v), q)) for q in quantiles], len(v)) for k, v in grouped.items()}
+
+    @staticmethod
+    def _sqlite_sample(conn, since: datetime, rows: int, by_variant: bool) -> list[Any]:
+        """About EXACT_PERCENTILE_ROWS of the window's `rows` rows on SQLite, as (variant,) latency.
+
+        Rows are picked by a multiplicative hash of their rowid: the same rows on every call
+        while the table is unchanged, and no period in the traffic lines up with the picks.
+        - All rows (the summary): rowids follow the order rows were written, which is their time
+          order but for rows replayed from a spill log, so the window is about the rowids from
+          its first row's on. One rowid in each stride of `rows / EXACT_PERCENTILE_ROWS` is
+          looked up, instead of reading the whole window.
+        - A/B rows, a share of all: their partial index is scanned for the window (index entries
+          only) and only the picked rows are read.
+        """
+        step = -(-rows // EXACT_PERCENTILE_ROWS)  # rounded up: at most EXACT_PERCENTILE_ROWS picks
+        params = {"since": since, "step": step, "first": None}
+        if by_variant:
+            sql = """
+                SELECT p.variant, p.latency_ms FROM predictions AS p WHERE p.rowid IN (
+                    SELECT rowid FROM predictions INDEXED BY ix_predictions_ab_created_at
+                    WHERE variant IS NOT NULL AND created_at >= :since
+                      AND (rowid * 2654435761) % (4294967296 * :step) < 4294967296
+                )
+            """
+        else:
+            params["first"] = conn.execute(
+                select(text("rowid"))
+                .select_from(predictions)
+                .where(predictions.c.created_at >= since)
+                .order_by(predictions.c.created_at)
+                .limit(1)
+            ).scalar()
+            if params["first"] is None:
+                return []
+            sql = """
+                WITH RECURSIVE stride(k) AS (
+                    SELECT 0 UNION ALL SELECT k + 1 FROM stride
+                    WHERE :first + (k + 1) * :step <= (SELECT max(rowid) FROM predictions)
+                )
+                SELECT p.latency_ms FROM stride
+                JOIN predictions AS p ON p.rowid = :first + k * :step + (k * 2654435761) % :step
+                WHERE p.created_at >= :since
+            """
+        bound = text(sql).bindparams(bindparam("since", type_=DateTime(timezone=True)))
+        return conn.execute(bound, params).all()
 
     def summary(self, window: timedelta) -> dict[str, Any]:
         since = utcnow() - window

@@ -237,6 +237,43 @@ def test_percentiles_of_a_large_window_come_from_a_page_sample(
     store.close()
 
 
+def test_sqlite_percentiles_of_a_large_window_come_from_a_rowid_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedded store reads about EXACT_PERCENTILE_ROWS rows of a larger window, the same
+    ones each call, for the summary and for each A/B variant; older rows stay out of it."""
+    monkeypatch.setattr(reports, "EXACT_PERCENTILE_ROWS", 1_000)
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    migrate.upgrade(url)
+    store = SqlAnalyticsStore(url, spill_dir=tmp_path / "spill", batch_size=5_000)
+    old = _record(latency=1e6)
+    old.created_at = utcnow() - timedelta(hours=3)
+    store.record([old])
+    latencies = [float(i) for i in range(1, 10_001)]
+    random.Random(7).shuffle(latencies)
+    # Every fifth row an A/B row, alternately A and B: a period a stride could line up with.
+    store.record(
+        _record("/predict/ab", variant="AB"[i // 5 % 2], latency=lat) if i % 5 == 0 else _record(latency=lat)
+        for i, lat in enumerate(latencies)
+    )
+    store.flush()
+    summary = store.summary(timedelta(hours=1))
+    assert summary["total"] == 10_000
+    assert 900 <= summary["latency_rows"] <= 1_000  # one row in each stride of 10
+    assert abs(summary["latency_ms"]["p50"] - 5_000) < 500
+    assert abs(summary["latency_ms"]["p99"] - 9_900) < 200  # the 3-hour-old 1e6 is not in it
+    assert store.summary(timedelta(hours=1))["latency_ms"] == summary["latency_ms"]  # the same rows
+    ab = store.ab_report(timedelta(hours=1))["variants"]
+    assert ab["A"]["requests"] == ab["B"]["requests"] == 1_000
+    for v in ab.values():  # 2,000 A/B rows: a stride of 2 picks about half of each variant
+        assert 350 < v["latency_rows"] < 650
+        assert abs(v["latency_ms"]["p50"] - 5_000) < 1_000
+    monkeypatch.setattr(reports, "EXACT_PERCENTILE_ROWS", 50_000)
+    exact = store.summary(timedelta(hours=1))
+    assert exact["latency_rows"] == 10_000 and exact["latency_ms"]["p50"] == 5_000.5
+    store.close()
+
+
 def test_rows_survive_a_postgres_outage_exactly_once(
     postgres_server: PostgresServer, migrated: tuple[str, int], tmp_path: Path
 ) -> None:
