@@ -131,6 +131,7 @@ class Batcher(Generic[R]):
         self._threads: list[threading.Thread] = []
         self._closed = False
         self.shed = 0
+        self._waited = (0.0, 0)  # queue waits of the interactive jobs started since the last read: sum, count
 
     # --- callers, on the event loop -----------------------------------------------------
 
@@ -141,6 +142,13 @@ class Batcher(Generic[R]):
         busy = [end - now for end in list(self._running_until.values()) if end > now]
         soonest_free = min(busy) if len(busy) >= self.threads else 0.0
         return soonest_free + ahead
+
+    def mean_wait(self) -> float:
+        """The mean queue wait of the interactive jobs started since the last call; with none
+        started, the wait a text queued now would have (expected_delay)."""
+        with self._lock:
+            (total, n), self._waited = self._waited, (0.0, 0)
+        return total / n if n else self.expected_delay()
 
     def queued_texts(self) -> int:
         """Texts waiting for an inference thread (not those in a forward call now)."""
@@ -255,7 +263,10 @@ class Batcher(Generic[R]):
                 continue
             try:
                 if not background:
-                    self.on_start([now - job.enqueued for job in jobs])
+                    waits = [now - job.enqueued for job in jobs]
+                    with self._lock:
+                        self._waited = (self._waited[0] + sum(waits), self._waited[1] + len(waits))
+                    self.on_start(waits)
                 results: dict[str, list[R]] = {}
                 for model, texts in groups.items():
                     started, cpu = time.perf_counter(), time.thread_time()

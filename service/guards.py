@@ -203,6 +203,30 @@ class LoopLag:
             self.seconds = min(self._recent)
 
 
+class Occupancy:
+    """The time-weighted mean of a count (requests in flight) between two reads: the area under
+    the count over time, divided by the time. Changed and read on one event loop."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._area = 0.0
+        self._since = self._changed = time.monotonic()
+
+    def change(self, delta: int) -> None:
+        now = time.monotonic()
+        self._area += self.count * (now - self._changed)
+        self._changed = now
+        self.count += delta
+
+    def mean(self) -> float:
+        """The mean count since the last read (the count itself if no time has passed)."""
+        now = time.monotonic()
+        area = self._area + self.count * (now - self._changed)
+        mean = area / (now - self._since) if now > self._since else float(self.count)
+        self._area, self._since, self._changed = 0.0, now, now
+        return mean
+
+
 class AdaptiveLimit:
     """How many requests a worker takes at once, adapted to the time they take: additive
     increase, multiplicative decrease on latency (the AIMD limit of Netflix's concurrency-limits,
@@ -283,10 +307,13 @@ class InFlightLimit:
         per_client: int = 0,
         per_client_setting: str = "",
         trusted: Sequence[Network] = (),
+        occupancy: Occupancy | None = None,
     ) -> None:
         """`per_client`: with it, at most that many of a client's requests at once (429 beyond):
-        the client as the rate limits count it (`trusted` proxies)."""
+        the client as the rate limits count it (`trusted` proxies). `occupancy` follows the
+        requests in flight over time (the saturation gauge's in-flight share)."""
         self.app = app
+        self.occupancy = occupancy
         self.per_client = per_client
         self.per_client_setting = per_client_setting
         self.trusted = tuple(trusted)
@@ -338,6 +365,8 @@ class InFlightLimit:
             await send(message)
 
         self.in_flight += 1
+        if self.occupancy is not None:
+            self.occupancy.change(1)
         if client:
             self._by_client[client] = self._by_client.get(client, 0) + 1
         start = time.perf_counter()
@@ -347,6 +376,8 @@ class InFlightLimit:
             if adaptive is not None:
                 adaptive.sample(time.perf_counter() - start, self.in_flight, overloaded=status == 503)
             self.in_flight -= 1
+            if self.occupancy is not None:
+                self.occupancy.change(-1)
             if client:
                 self._by_client[client] -= 1
                 if not self._by_client[client]:

@@ -121,6 +121,14 @@ CONCURRENCY_LIMIT = Gauge(
     "Requests the service's workers take at once: each worker's adaptive limit, summed over live workers.",
     multiprocess_mode="livesum",
 )
+SATURATION = Gauge(
+    "sentiment_saturation",
+    "How close a worker is to shedding, 0 to 1, averaged over the last few seconds, the busiest worker's: "
+    "signal=in_flight, requests in flight as a share of its adaptive limit; signal=queue_delay, the batcher's "
+    "queue wait as a share of MAX_QUEUE_DELAY_MS. At 1 it refuses requests with 503 (docs/scaling.md).",
+    ["signal"],
+    multiprocess_mode="livemax",
+)
 JOB_TEXTS = Counter(
     "sentiment_job_texts_total",
     "Texts of bulk jobs scored (by this instance's workers).",
@@ -241,8 +249,11 @@ class GaugeWatcher:
         interval: float = 2.0,
         timeout_s: float = 2.0,
         concurrency_limit: Callable[[], float] | None = None,
+        saturation: Callable[[], dict[str, float]] | None = None,
     ) -> None:
+        """`saturation`: each signal's value since its last call (SATURATION)."""
         self.cache = cache
+        self.saturation = saturation
         self.concurrency_limit = concurrency_limit
         self.limiter = limiter
         self.analytics = analytics
@@ -278,6 +289,9 @@ class GaugeWatcher:
         MEMORY_LIMIT.set(memory_limit_bytes())
         if self.concurrency_limit is not None:
             CONCURRENCY_LIMIT.set(self.concurrency_limit())
+        if self.saturation is not None:
+            for signal, value in self.saturation().items():
+                SATURATION.labels(signal).set(round(min(1.0, max(0.0, value)), 4))
         # The log folder's size is a directory scan: off the loop.
         await asyncio.to_thread(self.analytics.update_gauges)
 

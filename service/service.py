@@ -37,6 +37,7 @@ from service.guards import (
     InFlightLimit,
     JsonErrors,
     LoopLag,
+    Occupancy,
     RequestContext,
     cap_send_buffers,
     route_paths,
@@ -143,6 +144,10 @@ class Sentiment:
             self.analytics,
             self.database,
             concurrency_limit=lambda: CONCURRENCY.limit,
+            saturation=lambda: {
+                "in_flight": OCCUPANCY.mean() / CONCURRENCY.limit,
+                "queue_delay": self.batcher.mean_wait() / (settings.max_queue_delay_ms / 1000),
+            },
         )
         self.jobs = JobQueue(
             make_engine(settings.database_url, settings.database_pool_size, settings.database_max_overflow),
@@ -432,6 +437,8 @@ LOOP_LAG = LoopLag()
 # Under overload a worker takes only as many requests at once as it answers within the budget
 # (guards.AdaptiveLimit): the rest are refused at the door rather than all waiting for the CPU.
 CONCURRENCY = AdaptiveLimit(settings.max_queue_delay_ms / 1000, maximum=MAX_IN_FLIGHT)
+# The requests in flight over time: the in-flight share of the saturation gauge.
+OCCUPANCY = Occupancy()
 # /jobs requests have a budget of their own, and at most a few per client: a slow upload or a
 # results reader that stops reading holds its slot for up to its timeout, and must not take
 # the prediction endpoints' (docs/api.md, Limits).
@@ -467,6 +474,7 @@ GUARDS: list[tuple[type, dict[str, Any]]] = [
             "max_lag_s": settings.max_queue_delay_ms / 4000,
             "adaptive": CONCURRENCY,
             "sampled": ("/predict", "/batch"),
+            "occupancy": OCCUPANCY,
         },
     ),
     (

@@ -67,6 +67,22 @@ async def test_requests_queued_behind_a_forward_call_share_the_next_one() -> Non
 
 
 @pytest.mark.anyio
+async def test_mean_wait_is_the_queue_wait_of_the_jobs_started_since_the_last_read() -> None:
+    model = Model(hold=True)
+    waits: list[float] = []
+    batcher = Batcher(model, max_batch=32, on_start=waits.extend)
+    first = await _in_forward_call(batcher, model, "m", "a")
+    rest = [asyncio.ensure_future(batcher.predict("m", [f"t{i}"])) for i in range(3)]
+    await asyncio.sleep(0.05)  # they wait behind the held call
+    model.release.set()
+    await asyncio.gather(first, *rest)
+    assert len(waits) == 4 and batcher.mean_wait() == pytest.approx(sum(waits) / 4)
+    assert max(waits) >= 0.05  # the queued ones waited for the held call
+    assert batcher.mean_wait() == batcher.expected_delay() == 0.0  # none since: an idle queue's delay
+    batcher.close()
+
+
+@pytest.mark.anyio
 async def test_a_batch_never_exceeds_max_batch_and_models_run_apart() -> None:
     model = Model(hold=True)
     batcher = Batcher(model, max_batch=4)

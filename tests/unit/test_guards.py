@@ -10,7 +10,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
-from service.guards import AdaptiveLimit, BodySizeLimit, InFlightLimit, client_address, trusted_networks
+from service import guards
+from service.guards import AdaptiveLimit, BodySizeLimit, InFlightLimit, Occupancy, client_address, trusted_networks
 
 
 async def _slow(request: Request) -> JSONResponse:
@@ -78,6 +79,38 @@ async def test_in_flight_limit_adapts_to_slow_predictions_and_refuses_the_rest_a
     assert statuses.count(200) == 11 and statuses.count(503) == 3  # under a limit of 10.5: 11 at once
     assert all(r.headers["Retry-After"] == "1" for r in second if r.status_code == 503)
     assert guard.in_flight == 0 and guard.rejected == 3
+
+
+def test_occupancy_is_the_time_weighted_mean_in_flight_between_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(guards.time, "monotonic", lambda: clock[0])
+    occupancy = Occupancy()
+    occupancy.change(1)  # one request for the whole 4 s
+    clock[0] += 1
+    occupancy.change(2)  # two more from 1 s to 3 s
+    clock[0] += 2
+    occupancy.change(-2)
+    clock[0] += 1
+    assert occupancy.mean() == pytest.approx((1 * 1 + 3 * 2 + 1 * 1) / 4)
+    clock[0] += 2
+    assert occupancy.mean() == pytest.approx(1.0)  # only the time since the last read: one in flight
+    occupancy.change(-1)
+    assert occupancy.mean() == 0.0  # no time passed: the count itself
+
+
+@pytest.mark.anyio
+async def test_in_flight_limit_follows_its_requests_in_the_occupancy() -> None:
+    occupancy = Occupancy()
+    guard = InFlightLimit(_app(), limit=512, paths=["/predict"], occupancy=occupancy)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://t") as client:
+        occupancy.mean()
+        held = [asyncio.ensure_future(client.post("/predict", json={})) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert occupancy.count == 3
+        await asyncio.gather(*held)
+        await client.get("/elsewhere")  # not a guarded path: not counted
+    assert occupancy.count == 0
+    assert 0 < occupancy.mean() <= 3
 
 
 @pytest.mark.anyio
