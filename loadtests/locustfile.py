@@ -14,6 +14,8 @@ texts (a cache hit after its first use); otherwise a text never sent before.
 
 Options, on the command line or as environment variables (LOCUST_REPEAT_SHARE, ...):
   --repeat-share 0.72   --repeat-pool 200   --outcomes FILE (cache hit/miss latencies as JSON)
+  --timeline FILE (each answered and shed request's time, kind and latency as CSV, after a line
+  with the test's start time: the capacity steps read it, loadtests/steps.py)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import math
 import os
 import random
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -46,6 +49,7 @@ def _options(parser: Any) -> None:
     parser.add_argument("--repeat-share", type=float, default=0.72, env_var="LOCUST_REPEAT_SHARE")
     parser.add_argument("--repeat-pool", type=int, default=200, env_var="LOCUST_REPEAT_POOL")
     parser.add_argument("--outcomes", default="", env_var="LOCUST_OUTCOMES", help="write cache outcomes here")
+    parser.add_argument("--timeline", default="", env_var="LOCUST_TIMELINE", help="write the requests' timeline here")
     parser.add_argument("--admin-key", default="", env_var="LOCUST_ADMIN_KEY", help="ADMIN_API_KEY of the service")
 
 
@@ -58,10 +62,14 @@ class Outcomes:
         self.lock = threading.Lock()
         self.cached: dict[str, list[int]] = {}  # endpoint -> [from cache, inferred]
         self.times: dict[str, list[float]] = {"hit": [], "miss": [], "answered": [], "shed": []}
+        self.timeline: list[tuple[float, str, float]] | None = None  # with --timeline: (time, kind, ms)
+        self.started = 0.0
 
     def timed(self, kind: str, ms: float) -> None:
         with self.lock:
             self.times[kind].append(ms)
+            if self.timeline is not None:
+                self.timeline.append((time.time(), kind, ms))
 
     def add(self, endpoint: str, cached: int, total: int, single_ms: float | None = None) -> None:
         with self.lock:
@@ -97,6 +105,13 @@ class Outcomes:
 OUTCOMES = Outcomes()
 
 
+@events.test_start.add_listener
+def _start_timeline(environment: Any, **_: Any) -> None:
+    OUTCOMES.started = time.time()
+    if environment.parsed_options and environment.parsed_options.timeline:
+        OUTCOMES.timeline = []
+
+
 @events.request.add_listener
 def _time_outcome(response_time: float, response: Any = None, exception: Any = None, **_: Any) -> None:
     status = getattr(response, "status_code", None)
@@ -111,6 +126,11 @@ def _write_outcomes(environment: Any, **_: Any) -> None:
     path = environment.parsed_options.outcomes if environment.parsed_options else ""
     if path:
         Path(path).write_text(json.dumps(OUTCOMES.summary(), indent=2))
+    timeline = environment.parsed_options.timeline if environment.parsed_options else ""
+    if timeline and OUTCOMES.timeline is not None:
+        with Path(timeline).open("w") as f:
+            f.write(f"start,{OUTCOMES.started:.3f},\n")
+            f.writelines(f"{t:.3f},{kind},{ms:.1f}\n" for t, kind, ms in OUTCOMES.timeline)
 
 
 def _check_prediction(p: Any) -> str | None:

@@ -19,9 +19,11 @@ class Scenario:
     duration_s: float
     repeat_share: float
     repeat_pool: int = 200
-    shape: bool = False  # the spike's LoadTestShape drives users and duration
+    shape: str = ""  # a LoadTestShape drives users and duration: "spike" (shapes.py) or "steps" (step_shape.py)
     ramp_s: float = 0
     hold_s: float = 0
+    step_s: float = 0  # steps: seconds at each share of `users`
+    step_shares: tuple[float, ...] = ()
     p95_limit_ms: float = 120.0
     description: str = ""
 
@@ -37,7 +39,7 @@ PLAN = {
         0,
         420,
         0.72,
-        shape=True,
+        shape="spike",
         ramp_s=120,
         hold_s=300,
         p95_limit_ms=140,
@@ -62,6 +64,23 @@ QUICK = {
     ),
     "cache": replace(PLAN["cache"], users=10, duration_s=30, repeat_pool=20, description="quick: 10 users, 30 s"),
 }
+
+# Beyond the original plan: one replica's saturation at fixed shares of its capacity, for the
+# autoscaler's target (docs/scaling.md). 400 users of the original's traffic (about 400
+# requests a second, 72% of texts repeated) are 100%: the spike sheds beyond that.
+STEPS = Scenario(
+    "steps",
+    400,
+    0,
+    5 * 90,
+    0.72,
+    shape="steps",
+    step_s=90,
+    step_shares=(0.25, 0.5, 0.75, 1.0, 1.25),
+    p95_limit_ms=float("inf"),  # the last step is meant to overload it
+    description="25, 50, 75, 100 and 125% of 400 users, 90 s each",
+)
+QUICK_STEPS = replace(STEPS, users=40, duration_s=5 * 20, step_s=20, description="quick: 10 to 50 users, 20 s each")
 
 # The original deployment's report (4 threads, a separate load generator).
 ORIGINAL: dict[str, dict[str, float]] = {

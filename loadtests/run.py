@@ -1,6 +1,6 @@
 """Run the original deployment's load-test plan (loadtests/plan.py) and write a report per scenario.
 
-    python -m loadtests.run baseline|spike|cache|all [--profile full|quick] [--url URL]
+    python -m loadtests.run baseline|spike|cache|all|steps [--profile full|quick] [--url URL]
                             [--users N] [--duration 10m] [--out DIR] [--no-thresholds]
 
 `make loadtest SCENARIO=... [URL=...] [USERS=...] [DURATION=...] [PROFILE=quick]` calls this.
@@ -9,7 +9,8 @@ BentoML store) on throwaway Redis and PostgreSQL servers, and a Prometheus when 
 installed; it samples CPU and memory of the API, PostgreSQL, Redis and Locust every second.
 Each scenario runs Locust headless (loadtests/locustfile.py; the options common to every
 scenario in loadtests/locust.conf), then loadtests/report.py writes `<out>/<scenario>/report.md`
-with tables and plots; <out> is var/loadtests/<time> unless --out.
+with tables and plots; <out> is var/loadtests/<time> unless --out. `steps` (not in `all`: it is
+not the original's) also writes `<out>/steps/steps.md`, the saturation table (loadtests/steps.py).
 
 Exit status: 1 when a scenario's errors other than 429 exceed 1% of its requests or its p95
 exceeds the scenario's limit (--p95-limit-ms overrides it), unless --no-thresholds.
@@ -33,9 +34,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-from loadtests import report
+from loadtests import report, steps
 from loadtests.figures import write_csv
-from loadtests.plan import PLAN, QUICK, Scenario
+from loadtests.plan import PLAN, QUICK, QUICK_STEPS, STEPS, Scenario
 from tests.support.serving import ROOT, Served, free_port
 
 # Locust's options common to every scenario; each run's own go on the command line.
@@ -118,7 +119,8 @@ class ResourceSampler:
 
 
 def run_locust(scenario: Scenario, url: str, out: Path, admin_key: str | None) -> subprocess.Popen[bytes]:
-    files = "loadtests/locustfile.py" + (",loadtests/shapes.py" if scenario.shape else "")
+    shape_file = {"spike": ",loadtests/shapes.py", "steps": ",loadtests/step_shape.py"}.get(scenario.shape, "")
+    files = "loadtests/locustfile.py" + shape_file
     cmd = [
         sys.executable,
         "-m",
@@ -141,12 +143,19 @@ def run_locust(scenario: Scenario, url: str, out: Path, admin_key: str | None) -
     if not scenario.shape:
         cmd += ["-u", str(scenario.users), "-r", str(scenario.spawn_rate), "-t", f"{int(scenario.duration_s)}s"]
     env = {**os.environ, **({"LOCUST_ADMIN_KEY": admin_key} if admin_key else {})}
-    if scenario.shape:
+    if scenario.shape == "spike":
         env |= {
             "SPIKE_USERS": str(scenario.users),
             "SPIKE_RAMP_S": str(scenario.ramp_s),
             "SPIKE_HOLD_S": str(scenario.hold_s),
         }
+    if scenario.shape == "steps":
+        env |= {
+            "STEP_USERS": str(scenario.users),
+            "STEP_S": str(scenario.step_s),
+            "STEP_SHARES": ",".join(map(str, scenario.step_shares)),
+        }
+        cmd += ["--timeline", str(out / "timeline.csv")]
     log = (out / "locust.log").open("wb")
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -182,6 +191,8 @@ def run_scenario(
 
         client = redis.Redis.from_url(redis_url, socket_timeout=1)
         extras["redis_used_mb"] = lambda: round(client.info("memory")["used_memory"] / 2**20, 2)
+    if scenario.shape == "steps":
+        extras |= steps.saturation_reader(url)
     sampler = ResourceSampler({**roots, "locust": locust.pid}, extras=extras).start()
     locust.wait()
     ended = time.time()
@@ -239,7 +250,7 @@ def start_stack(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=[*PLAN, "all"])
+    parser.add_argument("scenario", choices=[*PLAN, "all", "steps"])
     parser.add_argument("--profile", choices=["full", "quick"], default="full")
     parser.add_argument("--url", default=os.environ.get("LOADTEST_URL") or None, help="test this service")
     parser.add_argument("--users", type=int, default=None, help="users (peak users for the spike)")
@@ -252,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    plan = QUICK if args.profile == "quick" else PLAN
-    names = list(plan) if args.scenario == "all" else [args.scenario]
+    plan = {**(QUICK if args.profile == "quick" else PLAN), "steps": QUICK_STEPS if args.profile == "quick" else STEPS}
+    names = list(PLAN) if args.scenario == "all" else [args.scenario]
     out = args.out or ROOT / "var" / "loadtests" / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)
     admin_key = os.environ.get("ADMIN_API_KEY")
@@ -292,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             run_scenario(scenario, url, out / name, roots, admin_key, redis_url, workers)
             result = report.build(out / name, prometheus_url=prometheus.url if prometheus else None)
             print(report.console_summary(result), flush=True)
+            if scenario.shape == "steps":
+                rows = steps.table(out / name, scenario.users, scenario.step_s, list(scenario.step_shares))
+                print(steps.write(out / name, rows), flush=True)
             failed += [f"{name}: {v}" for v in result["violations"]]
         print(f"reports: {out}/<scenario>/report.md", flush=True)
         if failed and not args.no_thresholds:

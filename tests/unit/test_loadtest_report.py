@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from loadtests.bench import median_case
 from loadtests.figures import _failures, endpoint_names
 from loadtests.plan import PLAN, QUICK
@@ -71,3 +73,31 @@ def test_bench_takes_the_median_of_each_figure_over_its_rounds() -> None:
     assert (median["req_per_s"], median["cpu_ms_per_request"]) == (437.6, 4.44)
     assert (median["model_cpu_ms_per_request"], median["mean_batch"]) == (3.63, 7.3)
     assert (median["requests"], median["rounds"]) == (300, 3)
+
+
+def test_the_steps_table_reads_each_step_past_its_settling_time(tmp_path) -> None:
+    from loadtests import steps
+
+    start = 1_000.0
+    lines = [f"start,{start},"]
+    # Step 0 (0-100 s): 2 answered a second at 10 ms, and a shed in its settling time only.
+    # Step 1 (100-200 s): 4 a second at 30 ms, one in four shed.
+    lines.append(f"{start + 5},shed,1.0")
+    for s in range(200):
+        for k in range(2 if s < 100 else 4):
+            kind = "shed" if s >= 100 and k == 3 else "answered"
+            lines.append(f"{start + s + k / 4:.2f},{kind},{10.0 if s < 100 else 30.0}")
+    (tmp_path / "timeline.csv").write_text("\n".join(lines) + "\n")
+    samples = ["t,api_cores,saturation_in_flight,saturation_queue_delay"]
+    samples += [
+        f"{start + s},{0.5 if s < 100 else 1.5},{0.1 if s < 100 else 0.9},{0.05 if s < 100 else 0.7}"
+        for s in range(200)
+    ]
+    (tmp_path / "resources.csv").write_text("\n".join(samples) + "\n")
+    rows = steps.table(tmp_path, users=40, step_s=100, step_shares=[0.5, 1.0])
+    assert [r["users"] for r in rows] == [20, 40]
+    assert [r["answered_req_s"] for r in rows] == [2.0, 3.0]
+    assert [r["p95_ms"] for r in rows] == [10.0, 30.0]
+    assert [r["shed_pct"] for r in rows] == [0.0, 25.0]  # the first step's shed was in its settling time
+    assert rows[1]["saturation_queue_delay"] == pytest.approx(0.7) and rows[0]["api_cores"] == pytest.approx(0.5)
+    assert "| 100% | 40 | 3.0 |" in steps.write(tmp_path, rows)
