@@ -48,7 +48,7 @@ def _nginx_blocks(text: str) -> dict[str, str]:
 def test_kubernetes_manifests_validate(tmp_path: Path) -> None:
     result = _run(BIN / "kubernetes-validate", "--strict", *MANIFESTS)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("passed") == len(MANIFESTS) == 6
+    assert result.stdout.count("passed") == len(MANIFESTS) == 5
     broken = tmp_path / "deployment.yaml"
     broken.write_text((K8S / "deployment.yaml").read_text().replace("replicas: 2", "replicas: two"))
     assert _run(BIN / "kubernetes-validate", "--strict", broken).returncode != 0  # the validator has teeth
@@ -69,18 +69,24 @@ def test_kubernetes_deployment_probes_resources_and_autoscaling() -> None:
     assert volumes[mount["name"]]["secret"]["secretName"] == "sentiment-secrets" and mount["readOnly"]
     assert pod["automountServiceAccountToken"] is False
     assert pod["securityContext"]["runAsNonRoot"] is True
-    job_pod = yaml.safe_load((K8S / "migrate-job.yaml").read_text())["spec"]["template"]["spec"]
-    for container in (api, job_pod["containers"][0]):
+    [migrate] = pod["initContainers"]
+    for container in (api, migrate):
         context = container["securityContext"]
         assert context["readOnlyRootFilesystem"] is True and context["capabilities"]["drop"] == ["ALL"]
         assert context["allowPrivilegeEscalation"] is False
         assert not any(ref.get("secretRef") for ref in container.get("envFrom", [])), "secrets as files only"
-    assert [v["secret"]["secretName"] for v in job_pod["volumes"] if "secret" in v] == ["sentiment-migrate-secrets"]
+    # The owner's URL only where the migrations run: the API container connects as sentiment_app.
+    mounted = {m["name"] for m in migrate["volumeMounts"]} & {m["name"] for m in api["volumeMounts"]}
+    assert [volumes[name]["secret"]["secretName"] for name in mounted if "secret" in volumes[name]] == []
+    [owner] = [m for m in migrate["volumeMounts"] if "secret" in volumes[m["name"]]]
+    assert volumes[owner["name"]]["secret"]["secretName"] == "sentiment-migrate-secrets"
+    assert {"name": "SECRETS_DIR", "value": owner["mountPath"]} in migrate["env"]
     hpa = yaml.safe_load((K8S / "hpa.yaml").read_text())
     assert hpa["spec"]["minReplicas"] >= 2
     assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 70
-    job = yaml.safe_load((K8S / "migrate-job.yaml").read_text())
-    assert job["spec"]["template"]["spec"]["containers"][0]["args"] == ["python", "-m", "storage.migrate", "upgrade"]
+    assert migrate["args"] == ["python", "-m", "storage.migrate", "upgrade"] and migrate["image"] == api["image"]
+    # A rollout never takes a serving pod away before its replacement is ready.
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
     assert sorted(listed) == sorted(p.name for p in MANIFESTS)
 
@@ -106,6 +112,54 @@ def test_compose_files_follow_the_spec() -> None:
         BIN / "check-jsonschema", "--builtin-schema", "vendor.compose-spec", "compose.yaml", "compose.airgap.yaml"
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_replicas_come_from_one_number(tmp_path: Path) -> None:
+    """deploy/replicas.py writes the committed upstream and targets files for compose.yaml's two
+    replicas, and for N replicas overrides that add api-3..N everywhere nginx and Prometheus look."""
+    from deploy import replicas
+
+    replicas.write(2, tmp_path / "two")
+    committed = {
+        "nginx/upstream.conf": NGINX / "compose" / "upstream.conf",
+        "nginx-airgap/upstream.conf": ROOT / "deploy" / "airgap" / "nginx" / "upstream.conf",
+        "targets.yml": ROOT / "deploy" / "prometheus" / "targets.yml",
+        "targets-airgap.yml": ROOT / "deploy" / "airgap" / "targets.yml",
+    }
+    for written, path in committed.items():
+        assert (tmp_path / "two" / written).read_text() == path.read_text(), path
+    out = tmp_path / "four"
+    replicas.write(4, out)
+    base = yaml.safe_load((out / "compose.replicas.yaml").read_text())
+    airgap = yaml.safe_load((out / "compose.replicas.airgap.yaml").read_text())
+    first = _compose("compose.yaml")["api-1"]
+    for i in (3, 4):
+        replica = base["services"][f"api-{i}"]
+        assert {k: v for k, v in replica.items() if k != "volumes"} == {
+            k: v for k, v in first.items() if k != "volumes"
+        }
+        assert replica["volumes"][0] == f"spill-{i}:/home/bentoml/spill"  # a spill folder of its own
+        assert airgap["services"][f"api-{i}"]["command"][-1] == str(3100 + i)
+        assert f":{3100 + i}/readyz" in airgap["services"][f"api-{i}"]["healthcheck"]["test"][-1]
+    assert sorted(base["services"]["nginx"]["depends_on"]) == sorted(airgap["services"]["nginx-host"]["depends_on"])
+    assert sorted(base["services"]["nginx"]["depends_on"]) == ["api-1", "api-2", "api-3", "api-4"]
+    servers = re.findall(r"^server (\S+)", (out / "nginx-airgap" / "upstream.conf").read_text(), re.MULTILINE)
+    [group] = yaml.safe_load((out / "targets-airgap.yml").read_text())
+    assert servers == group["targets"] == [f"127.0.0.1:{3100 + i}" for i in range(1, 5)]
+    [group] = yaml.safe_load((out / "targets.yml").read_text())
+    assert group["targets"] == [f"api-{i}:3000" for i in range(1, 5)]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in base["services"]["nginx"]["volumes"]}
+    assert mounts["/etc/nginx/sentiment"] == str(out / "nginx")
+    result = _run(
+        BIN / "check-jsonschema",
+        "--builtin-schema",
+        "vendor.compose-spec",
+        out / "compose.replicas.yaml",
+        out / "compose.replicas.airgap.yaml",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    with pytest.raises(SystemExit, match="from 2 to 9"):
+        replicas.write(1, tmp_path / "one")
 
 
 def test_production_compose_stack() -> None:
@@ -336,11 +390,10 @@ def test_kubernetes_applies_no_secret_from_git(tmp_path: Path) -> None:
     docs = list(yaml.safe_load_all(result.stdout))
     secrets = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
     by_kind = {d["kind"]: d for d in docs}
-    [api_ref, job_ref] = [
-        [v["secret"]["secretName"] for v in by_kind[kind]["spec"]["template"]["spec"]["volumes"] if "secret" in v][0]
-        for kind in ("Deployment", "Job")
-    ]
-    assert len(secrets) == 2 and {api_ref, job_ref} == secrets, (secrets, api_ref, job_ref)
+    assert "Job" not in by_kind  # the migrations run in the pods' init container
+    pod = by_kind["Deployment"]["spec"]["template"]["spec"]
+    referenced = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert len(secrets) == 2 and referenced == secrets, (secrets, referenced)
     assert all(re.fullmatch(r"sentiment-(migrate-)?secrets-\w+", name) for name in secrets)  # hashed: pods roll
 
 
