@@ -110,11 +110,18 @@ prometheus: install  ## Prometheus on 127.0.0.1:9090 scraping the API on :3000 w
 image: model  ## the Bento container image <IMAGE>:<bento version>: CPU torch, models inside, non-root
 	$(PY) deploy/image.py --name $(IMAGE) $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE),)
 
-up:  ## the production stack (compose.yaml); needs SENTIMENT_IMAGE and the secrets it names
-	$(COMPOSE) -f compose.yaml up -d
+# REPLICAS API replicas (2 to 9; deploy/replicas.py writes their compose override, nginx upstream
+# and Prometheus targets into var/stack); STACK=airgap for compose.airgap.yaml on top.
+REPLICAS ?= 2
+STACK_FILES = -f compose.yaml $(if $(filter airgap,$(STACK)),-f compose.airgap.yaml,) \
+	-f var/stack/compose.replicas.yaml $(if $(filter airgap,$(STACK)),-f var/stack/compose.replicas.airgap.yaml,)
+up:  ## the production stack (compose.yaml) with REPLICAS=N API replicas [STACK=airgap]; needs SENTIMENT_IMAGE and the secrets it names
+	python3 deploy/replicas.py $(REPLICAS) --out var/stack
+	$(COMPOSE) $(STACK_FILES) up -d --remove-orphans
 
-down:
-	$(COMPOSE) -f compose.yaml down
+down:  ## stops the stack (every replica, whatever REPLICAS it was started with)
+	python3 deploy/replicas.py $(REPLICAS) --out var/stack >/dev/null
+	$(COMPOSE) $(STACK_FILES) down --remove-orphans
 
 test-containers: install  ## own Docker engine: image (store's models), contract checks, air-gapped stack, quick load test
 	tests/support/system-packages.sh containers

@@ -9,11 +9,13 @@
    (deploy/image.py, the full models inside when the BentoML store has them, else the quick ones).
 3. The image alone (`docker run --network host`, embedded cache and SQLite): every contract
    check of tests/support/contract.py.
-4. The stack: compose.yaml with compose.airgap.yaml (two replicas behind nginx, Redis,
-   PostgreSQL, the migration, Prometheus): one rate limit and one cache shared by both
-   replicas through the balancer, the internal paths refused by nginx, rows in the stack's
-   PostgreSQL written by a role that cannot change the schema, both targets up in Prometheus;
-   then the quick load-test profile through nginx.
+   Run under `--cpus=1` and `--cpus=2`, it sizes its workers and threads by that quota.
+4. The stack: compose.yaml with compose.airgap.yaml and REPLICAS replicas (three, from
+   deploy/replicas.py, as `make up REPLICAS=3 STACK=airgap` runs it) behind nginx, Redis,
+   PostgreSQL, the migration, Prometheus: one rate limit and one cache shared by every replica
+   through the balancer, the internal paths refused by nginx, rows in the stack's PostgreSQL
+   written by a role that cannot change the schema, every target up in Prometheus; then the quick
+   load-test profile through nginx, its requests spread evenly over the replicas.
 5. Everything torn down (volumes included); KEEP_STACK=1 leaves it running.
 """
 
@@ -41,7 +43,11 @@ pytestmark = [pytest.mark.containers, pytest.mark.integration, pytest.mark.slow]
 
 BASE_IMAGE = os.environ.get("BASE_IMAGE", "sentiment-base:bookworm")
 PROJECT = "sentiment-airgap-test"
+REPLICAS = 3
+REPLICA_URLS = [f"http://127.0.0.1:{3100 + i}" for i in range(1, REPLICAS + 1)]
+STACK_DIR = ROOT / "var" / "stack-test"  # deploy/replicas.py's files for REPLICAS
 COMPOSE = ["docker-compose", "-p", PROJECT, "-f", "compose.yaml", "-f", "compose.airgap.yaml"]
+COMPOSE += ["-f", str(STACK_DIR / "compose.replicas.yaml"), "-f", str(STACK_DIR / "compose.replicas.airgap.yaml")]
 # The stack's secrets, written to files as deploy/secrets.sh does (SECRETS_DIR), and the test's
 # own settings; the values are random so the test can look for them where they must not be.
 SECRETS = {
@@ -211,12 +217,15 @@ def stack(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
         "TLS_DIR": str(tls),
         "SECRETS_DIR": str(secrets),
     }
+    sh([sys.executable, "deploy/replicas.py", str(REPLICAS), "--out", str(STACK_DIR)])
     started = time.monotonic()
     try:
         sh([*COMPOSE, "build"], env=env)
         sh([*COMPOSE, "up", "-d"], env=env)
         wait_ready("http://127.0.0.1:8080/readyz", "the stack", 400, interval=1)
-        record("stack up", f"in {time.monotonic() - started:.0f} s")
+        for url in REPLICA_URLS:  # nginx is up once one replica is: wait for every one
+            wait_ready(f"{url}/readyz", url, 400, interval=1)
+        record("stack up", f"{REPLICAS} replicas in {time.monotonic() - started:.0f} s")
         yield env
     finally:
         if not KEEP:
@@ -242,6 +251,29 @@ def test_image_passes_every_contract_check(served_image: str) -> None:
     failed = [(n, p) for n, p in results if p]
     assert not failed, failed
     record("contract checks on the image", f"{len(results)} of {len(results)} passed; models {health['model']}")
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_image_sizes_its_workers_and_threads_by_its_cpu_quota(image: str, cpus: int) -> None:
+    """`docker run --cpus=N` sets a CFS quota, not the CPUs the container sees: the service reads
+    the quota (models/cpus.py) and starts N workers of one inference thread each."""
+    name = f"sentiment-cpus-{cpus}-{uuid.uuid4().hex[:6]}"
+    port = 3056
+    run = ["docker", "run", "-d", "--rm", "--network", "host", f"--cpus={cpus}", "--name", name, image]
+    sh([*run, "serve", "--port", str(port)])
+    try:
+        wait_ready(f"http://127.0.0.1:{port}/readyz", f"the image under --cpus={cpus}", 300, interval=1)
+        model = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()["model"]
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    assert (model["workers"], model["inference_threads"], model["threads"]) == (cpus, 1, 1), model
+    assert model["cpus"]["available"] == cpus, model
+    if cpus < len(os.sched_getaffinity(0)):  # the quota, not the host's CPUs, decided
+        assert model["cpus"]["from"].startswith("cgroup"), model
+    record(
+        f"--cpus={cpus}",
+        f"{model['workers']} worker(s) x {model['inference_threads']} inference thread, from {model['cpus']}",
+    )
 
 
 def test_stack_has_one_rate_limit_through_nginx(stack: dict[str, str]) -> None:
@@ -296,8 +328,7 @@ def test_stack_listens_on_loopback_only(stack: dict[str, str]) -> None:
     ports = {
         8080: "nginx",
         8443: "nginx TLS",
-        3101: "api-1",
-        3102: "api-2",
+        **{3100 + i: f"api-{i}" for i in range(1, REPLICAS + 1)},
         6390: "redis",
         5440: "postgres",
         9091: "prometheus",
@@ -314,7 +345,7 @@ def test_stack_runs_hardened_with_secrets_only_in_files(stack: dict[str, str]) -
     memory limit, a user other than root; no secret in its environment, its configuration's
     command or any of its processes' command lines; the secrets readable in /run/secrets."""
     names = sh([*COMPOSE, "ps", "-q"], env=stack, capture_output=True).stdout.split()
-    assert len(names) >= 6, names  # 2 replicas, nginx, Redis, PostgreSQL, Prometheus (migrate exited)
+    assert len(names) >= REPLICAS + 4, names  # the replicas, nginx, Redis, PostgreSQL, Prometheus (migrate exited)
     seen = {}
     for cid in names:
         [info] = json.loads(sh(["docker", "inspect", cid], capture_output=True).stdout)
@@ -339,17 +370,16 @@ def test_stack_runs_hardened_with_secrets_only_in_files(stack: dict[str, str]) -
     record("hardened containers", f"{len(seen)} running: no capabilities or root, read-only, limited, no secret seen")
 
 
-def test_stack_has_one_cache_and_stores_both_replicas_rows(stack: dict[str, str]) -> None:
+def test_stack_has_one_cache_and_stores_every_replicas_rows(stack: dict[str, str]) -> None:
     import sqlalchemy as sa
 
     text = f"A cache shared by every replica {uuid.uuid4().hex[:6]}"
-    first = httpx.post("http://127.0.0.1:3101/predict", json={"text": text}, timeout=60).json()
-    second = httpx.post("http://127.0.0.1:3102/predict", json={"text": text}, timeout=60).json()
-    assert first["cached"] is False and second["cached"] is True, (first, second)
-    record("one cache", "predicted on replica 1, a cache hit on replica 2")
+    first, *others = [httpx.post(f"{url}/predict", json={"text": text}, timeout=60).json() for url in REPLICA_URLS]
+    assert first["cached"] is False and all(o["cached"] is True for o in others), (first, others)
+    record("one cache", f"predicted on replica 1, a cache hit on the other {len(others)}")
     url = f"postgresql+psycopg://sentiment:{SECRETS['postgres_password']}@127.0.0.1:5440/sentiment"
     engine = sa.create_engine(url)
-    ids: list[str] = [first["request_id"], second["request_id"]]
+    ids: list[str] = [first["request_id"], *(o["request_id"] for o in others)]
     deadline = time.monotonic() + 30
     try:
         while True:  # rows are written by each replica's writer thread, within a second or so
@@ -357,13 +387,13 @@ def test_stack_has_one_cache_and_stores_both_replicas_rows(stack: dict[str, str]
                 found = conn.exec_driver_sql(
                     "SELECT count(*) FROM predictions WHERE request_id = ANY(%s)", (ids,)
                 ).scalar_one()
-            if found == 2 or time.monotonic() > deadline:
+            if found == len(ids) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
     finally:
         engine.dispose()
-    assert found == 2, found
-    record("rows in the stack's PostgreSQL", "both replicas' rows present")
+    assert found == len(ids), found
+    record("rows in the stack's PostgreSQL", f"all {len(ids)} replicas' rows present")
 
 
 def test_stack_replicas_write_as_a_role_that_cannot_change_the_schema(stack: dict[str, str]) -> None:
@@ -400,21 +430,29 @@ def test_stack_replicas_write_as_a_role_that_cannot_change_the_schema(stack: dic
         app.dispose()
     assert users == ["sentiment_app"], users
     assert superuser is False and rows > 0, (superuser, rows)
-    logs = sh([*COMPOSE, "logs", "--no-color", "api-1", "api-2"], env=stack, capture_output=True).stdout
+    replicas = [f"api-{i}" for i in range(1, REPLICAS + 1)]
+    logs = sh([*COMPOSE, "logs", "--no-color", *replicas], env=stack, capture_output=True).stdout
     assert "migrations not applied" not in logs  # each replica's start-up upgrade found the schema at head
     record("application role", f"replicas connect as {users[0]}, {rows} rows readable, CREATE TABLE refused")
 
 
-def test_stack_prometheus_scrapes_both_replicas(stack: dict[str, str]) -> None:
-    def both_up(r: httpx.Response) -> bool:
+def test_stack_prometheus_scrapes_every_replica(stack: dict[str, str]) -> None:
+    def all_up(r: httpx.Response) -> bool:
         targets = r.json()["data"]["activeTargets"]
-        return len(targets) == 2 and all(t["health"] == "up" for t in targets)
+        return len(targets) == REPLICAS and all(t["health"] == "up" for t in targets)
 
-    wait_ready("http://127.0.0.1:9091/api/v1/targets", "both Prometheus targets", 60, ok=both_up, interval=1)
+    wait_ready("http://127.0.0.1:9091/api/v1/targets", "every Prometheus target", 60, ok=all_up, interval=1)
+    scraped = httpx.get(
+        "http://127.0.0.1:9091/api/v1/query", params={"query": "sentiment_saturation{signal='queue_delay'}"}, timeout=10
+    ).json()["data"]["result"]
+    assert sorted(r["metric"]["instance"] for r in scraped) == sorted(u.removeprefix("http://") for u in REPLICA_URLS)
     admin = {"Authorization": f"Bearer {SECRETS['admin_api_key']}"}
     summary = httpx.get("http://127.0.0.1:8080/analytics/summary", headers=admin, timeout=10)
     assert summary.status_code == 200 and summary.json()["total"] > 0, summary.text
-    record("Prometheus, analytics", f"both targets up; {summary.json()['total']} predictions in the last hour")
+    record(
+        "Prometheus, analytics",
+        f"{REPLICAS} targets up, each one's saturation scraped; {summary.json()['total']} predictions in the last hour",
+    )
 
 
 def test_stack_answers_bentomls_clients_through_nginx(stack: dict[str, str]) -> None:
@@ -460,15 +498,30 @@ def test_stack_scores_a_file_with_the_client_through_nginx(stack: dict[str, str]
     record("client through nginx", f"{len(lines):,} results in order, {size:.1f} MB in, {seconds:.0f} s")
 
 
+def _requests_answered(url: str) -> int:
+    """Prediction requests a replica has answered (any status), from its /metrics."""
+    total = 0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        predictions = 'endpoint="/predict' in line or 'endpoint="/batch"' in line
+        if line.startswith("sentiment_http_requests_total{") and predictions:
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
 def test_stack_takes_the_quick_load_test_through_nginx(stack: dict[str, str]) -> None:
     step("quick load-test profile through nginx")
     out = ROOT / "var" / "loadtests" / "stack"
     shutil.rmtree(out, ignore_errors=True)
+    before = [_requests_answered(url) for url in REPLICA_URLS]
     sh(
         [sys.executable, "-m", "loadtests.run", "all", "--profile", "quick", "--url", "http://127.0.0.1:8080"]
         + ["--out", str(out), "--no-thresholds"],
         env={**os.environ, "ADMIN_API_KEY": SECRETS["admin_api_key"]},
     )
+    per_replica = [_requests_answered(url) - b for url, b in zip(REPLICA_URLS, before, strict=True)]
     reports = sorted(out.glob("*/report.md"))
     assert reports, f"no report under {out}"
+    even = sum(per_replica) / REPLICAS
+    assert even > 100 and all(abs(n - even) <= 0.1 * even for n in per_replica), per_replica
+    record("spread over the replicas", f"prediction requests {per_replica}: within 10% of {even:.0f} each")
     record("quick load test through nginx", f"{len(reports)} reports in {out.relative_to(ROOT)}/<scenario>/report.md")
