@@ -240,9 +240,9 @@ def test_percentiles_of_a_large_window_come_from_a_page_sample(
 def test_sqlite_percentiles_of_a_large_window_come_from_a_rowid_sample(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The embedded store reads about EXACT_PERCENTILE_ROWS rows of a larger window, the same
+    """The embedded store reads about SQLITE_PERCENTILE_ROWS rows of a larger window, the same
     ones each call, for the summary and for each A/B variant; older rows stay out of it."""
-    monkeypatch.setattr(reports, "EXACT_PERCENTILE_ROWS", 1_000)
+    monkeypatch.setattr(reports, "SQLITE_PERCENTILE_ROWS", 1_000)
     url = f"sqlite:///{tmp_path / 'a.db'}"
     migrate.upgrade(url)
     store = SqlAnalyticsStore(url, spill_dir=tmp_path / "spill", batch_size=5_000)
@@ -268,7 +268,7 @@ def test_sqlite_percentiles_of_a_large_window_come_from_a_rowid_sample(
     for v in ab.values():  # 2,000 A/B rows: a stride of 2 picks about half of each variant
         assert 350 < v["latency_rows"] < 650
         assert abs(v["latency_ms"]["p50"] - 5_000) < 1_000
-    monkeypatch.setattr(reports, "EXACT_PERCENTILE_ROWS", 50_000)
+    monkeypatch.setattr(reports, "SQLITE_PERCENTILE_ROWS", 50_000)
     exact = store.summary(timedelta(hours=1))
     assert exact["latency_rows"] == 10_000 and exact["latency_ms"]["p50"] == 5_000.5
     store.close()
