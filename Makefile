@@ -89,9 +89,10 @@ bench: model  ## the service against LitServe and the naive server, side by side
 bench-analytics: install  ## /analytics query times over a seeded million-row table (DATABASE_URL, or a throwaway PostgreSQL)
 	$(PY) -m loadtests.analytics_bench $(if $(DATABASE_URL),--url $(DATABASE_URL),)
 
-loadtest: $(if $(URL),install,model)  ## the original plan: SCENARIO=baseline|spike|cache|all PROFILE=full|quick [URL= USERS= DURATION= OUT=]
+loadtest: $(if $(URL),install,model)  ## the original plan: SCENARIO=baseline|spike|cache|all|steps PROFILE=full|quick [URL= USERS= DURATION= OUT= EMBEDDED=1 ANALYTICS_ROWS=]
 	$(PY) -m loadtests.run $(SCENARIO) --profile $(PROFILE) $(if $(URL),--url $(URL),) \
-		$(if $(USERS),--users $(USERS),) $(if $(DURATION),--duration $(DURATION),) $(if $(OUT),--out $(OUT),)
+		$(if $(USERS),--users $(USERS),) $(if $(DURATION),--duration $(DURATION),) $(if $(OUT),--out $(OUT),) \
+		$(if $(EMBEDDED),--embedded,) $(if $(ANALYTICS_ROWS),--analytics-rows $(ANALYTICS_ROWS),)
 
 # The quick profile runs on the tests' quick models, kept in a store of their own (var/bentoml-quick,
 # built once in about a minute); the full profile on the store's models (make model).

@@ -114,20 +114,21 @@ def main() -> int:
     return 0
 
 
-def seed(args: argparse.Namespace, url: str) -> None:
-    """The seeded rows at the first revision, then the upgrade to the newest, each timed."""
+def seed(url: str, rows: int, days: float) -> None:
+    """`rows` predictions over the last `days` at the first revision, then the upgrade to the
+    newest (which counts them), each timed."""
     migrate.upgrade(url, "0001")
     engine = sa.create_engine(url)
     sqlite = engine.dialect.name == "sqlite"
     started = time.perf_counter()
     with engine.begin() as conn:
-        conn.execute(sa.text(SQLITE_SEED if sqlite else PG_SEED), {"rows": args.rows, "days": args.days, "salt": url})
+        conn.execute(sa.text(SQLITE_SEED if sqlite else PG_SEED), {"rows": rows, "days": days, "salt": url})
         conn.execute(sa.text(SQLITE_FEEDBACK if sqlite else PG_FEEDBACK))
     analyze = ["ANALYZE"] if sqlite else ["VACUUM ANALYZE predictions", "VACUUM ANALYZE feedback"]
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         for statement in analyze:
             conn.exec_driver_sql(statement)
-    print(f"seeded {args.rows:,} rows over {args.days:g} days in {time.perf_counter() - started:.1f} s")
+    print(f"seeded {rows:,} rows over {days:g} days in {time.perf_counter() - started:.1f} s")
     started = time.perf_counter()
     migrate.upgrade(url)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
@@ -137,7 +138,7 @@ def seed(args: argparse.Namespace, url: str) -> None:
 
 
 def bench(args: argparse.Namespace, url: str) -> None:
-    seed(args, url)
+    seed(url, args.rows, args.days)
     store = SqlAnalyticsStore(url)
     header = f"{'report':<10} {'window':>7} {'rows in window':>15} {'percentiles from':>17}"
     print(f"{header} {'median ms':>10} {'max ms':>8}")

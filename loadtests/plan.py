@@ -72,15 +72,16 @@ STEPS = Scenario(
     "steps",
     400,
     0,
-    5 * 90,
+    6 * 90,
     0.72,
     shape="steps",
     step_s=90,
-    step_shares=(0.25, 0.5, 0.75, 1.0, 1.25),
+    # 87.5%: between the last step without sheds and the first with, where the target lies.
+    step_shares=(0.25, 0.5, 0.75, 0.875, 1.0, 1.25),
     p95_limit_ms=float("inf"),  # the last step is meant to overload it
-    description="25, 50, 75, 100 and 125% of 400 users, 90 s each",
+    description="25, 50, 75, 87.5, 100 and 125% of 400 users, 90 s each",
 )
-QUICK_STEPS = replace(STEPS, users=40, duration_s=5 * 20, step_s=20, description="quick: 10 to 50 users, 20 s each")
+QUICK_STEPS = replace(STEPS, users=40, duration_s=6 * 20, step_s=20, description="quick: 10 to 50 users, 20 s each")
 
 # The original deployment's report (4 threads, a separate load generator).
 ORIGINAL: dict[str, dict[str, float]] = {

@@ -248,6 +248,25 @@ def start_stack(
     return served, roots, redis_server.url
 
 
+def start_embedded(out: Path, workers: int | None, started: list, analytics_rows: int) -> tuple[Served, dict[str, int]]:
+    """The service on its embedded defaults (no Redis, no PostgreSQL: the instance's own cache and
+    limiter, SQLite analytics in `out`), the SQLite file first seeded with `analytics_rows`
+    predictions over 30 days when asked: the service and the pids to sample."""
+    url = f"sqlite:///{out / 'analytics.db'}"
+    if analytics_rows:
+        from loadtests.analytics_bench import seed
+
+        print(f"seeding {analytics_rows:,} predictions into {url} ...", flush=True)
+        seed(url, analytics_rows, 30)
+    print("starting the service on its embedded defaults (bentoml serve) ...", flush=True)
+    env = {"DATABASE_URL": url, "SPILL_DIR": str(out / "spill"), "TRUSTED_PROXIES": "127.0.0.1"}
+    served = Served({**env, "REDIS_URL": ""}, out / "serve.log", workers=workers)
+    started.append(served)
+    served.start(timeout=300)
+    assert served.proc is not None
+    return served, {"api": served.proc.pid}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", choices=[*PLAN, "all", "steps"])
@@ -260,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-thresholds", action="store_true", help="report only; exit 0 whatever the figures")
     parser.add_argument(
         "--workers", type=int, default=None, help="SERVICE_WORKERS of the service it starts (default: its own)"
+    )
+    parser.add_argument(
+        "--embedded", action="store_true", help="start the service without Redis and PostgreSQL (its embedded defaults)"
+    )
+    parser.add_argument(
+        "--analytics-rows", type=int, default=0, help="with --embedded: predictions seeded into its SQLite first"
     )
     args = parser.parse_args(argv)
 
@@ -278,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     redis_url = None
     prometheus = None
     try:
-        if url is None:
+        if url is None and args.embedded:
+            served, roots = start_embedded(out, args.workers, started, args.analytics_rows)
+            url = served.url
+        elif url is None:
             served, roots, redis_url = start_stack(out, args.workers, started)
             url = served.url
             try:
