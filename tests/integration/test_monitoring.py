@@ -25,7 +25,7 @@ from tests.support.prometheus import (
     metric_names,
 )
 from tests.support.servers import PostgresServer, RedisServer
-from tests.support.serving import Served, free_port
+from tests.support.serving import ROOT, Served, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -78,9 +78,15 @@ def monitored(
     }
     with (
         Served(env, workdir / "serve.log") as served,
-        Prometheus([f"127.0.0.1:{served.port}"], workdir / "prometheus", free_port()) as prometheus,
+        Prometheus([f"127.0.0.1:{served.port}"], workdir / "prometheus", free_port(), labels=POD_LABELS) as prometheus,
     ):
         yield served, prometheus
+
+
+# The labels Kubernetes' service discovery puts on a pod's series, as the autoscaler's adapter
+# expects them (deploy/k8s/autoscaling/prometheus-adapter-values.yaml).
+POD_LABELS = {"namespace": "sentiment", "pod": "sentiment-7d9f8c-abcde"}
+ADAPTER_VALUES = ROOT / "deploy" / "k8s" / "autoscaling" / "prometheus-adapter-values.yaml"
 
 
 def _load(url: str, seconds: float) -> dict[int, int]:
@@ -166,3 +172,33 @@ def test_dashboards_and_alerts_have_data_from_a_live_service(
     # the README's plot renders from the same queries
     png = plot_dashboard(prometheus.url, started - 5, time.time(), tmp_path / "dashboard.png", step=1)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_the_autoscalers_metric_comes_from_the_adapters_queries(monitored: tuple[Served, Prometheus]) -> None:
+    """The adapter's rule, rendered as the adapter renders it for the HPA's pods, finds the
+    pod's series and gives one value for it, between 0 and 1, and above 0 under load."""
+    served, prometheus = monitored
+    [rule] = yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]
+    # The adapter's rule fields (its docs/config.md): nothing else is read.
+    assert set(rule) <= {"seriesQuery", "seriesFilters", "resources", "name", "metricsQuery"}, sorted(rule)
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
+    hpa = yaml.safe_load((ROOT / "deploy" / "k8s" / "hpa.yaml").read_text())
+    [pods] = [m["pods"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    assert (
+        re.fullmatch(rule["name"]["matches"], "sentiment_saturation") and rule["name"]["as"] == pods["metric"]["name"]
+    )
+    _load(served.url, 8)
+    time.sleep(3)  # a gauge round and a scrape
+    found = httpx.get(f"{prometheus.url}/api/v1/series", params={"match[]": rule["seriesQuery"]}, timeout=10)
+    signals = {s["signal"] for s in found.json()["data"] if {k: s[k] for k in POD_LABELS} == POD_LABELS}
+    assert signals == {"in_flight", "queue_delay"}, found.json()
+    matchers = f'namespace="{POD_LABELS["namespace"]}",pod=~"{POD_LABELS["pod"]}"'
+    query = (
+        rule["metricsQuery"]
+        .replace("<<.Series>>", "sentiment_saturation")
+        .replace("<<.LabelMatchers>>", matchers)
+        .replace("<<.GroupBy>>", "pod")
+    )
+    [sample] = prometheus.query(query)
+    assert sample["metric"] == {"pod": POD_LABELS["pod"]}, sample
+    assert 0 < float(sample["value"][1]) <= 1, sample

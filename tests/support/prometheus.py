@@ -90,7 +90,16 @@ class PrometheusClient:
 class Prometheus(PrometheusClient, Managed):
     """A Prometheus server from the local binary, scraping `targets` with the committed rules."""
 
-    def __init__(self, targets: list[str], workdir: Path, port: int, scrape_interval: str = "1s") -> None:
+    def __init__(
+        self,
+        targets: list[str],
+        workdir: Path,
+        port: int,
+        scrape_interval: str = "1s",
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        """`labels` on every scraped series (say `namespace` and `pod`, as Kubernetes' service
+        discovery gives them)."""
         binary = shutil.which("prometheus")
         if binary is None:
             raise RuntimeError("prometheus not found: install the Debian package `prometheus` (.ci/run does)")
@@ -104,7 +113,7 @@ class Prometheus(PrometheusClient, Managed):
         config["rule_files"] = [str(PROMETHEUS_DIR / f) for f in config["rule_files"]]
         job = config["scrape_configs"][0]
         job.pop("file_sd_configs", None)  # the stacks' targets files; here the given targets
-        job["static_configs"] = [{"targets": targets}]
+        job["static_configs"] = [{"targets": targets, **({"labels": labels} if labels else {})}]
         workdir.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "prometheus.yml"
         self.config.write_text(yaml.safe_dump(config, sort_keys=False))

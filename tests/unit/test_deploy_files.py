@@ -83,7 +83,13 @@ def test_kubernetes_deployment_probes_resources_and_autoscaling() -> None:
     assert {"name": "SECRETS_DIR", "value": owner["mountPath"]} in migrate["env"]
     hpa = yaml.safe_load((K8S / "hpa.yaml").read_text())
     assert hpa["spec"]["minReplicas"] >= 2
-    assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 70
+    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    # Saturation first, CPU second: both targets come from docs/scaling.md's table
+    assert metrics["Pods"]["pods"]["metric"]["name"] == "sentiment_saturation"
+    assert metrics["Pods"]["pods"]["target"] == {"type": "AverageValue", "averageValue": "150m"}
+    assert metrics["Resource"]["resource"]["target"]["averageUtilization"] == 60
+    table = (ROOT / "docs" / "scaling.md").read_text()
+    assert "| 75% |" in table and "0.15" in table and "150m" in table
     assert migrate["args"] == ["python", "-m", "storage.migrate", "upgrade"] and migrate["image"] == api["image"]
     # A rollout never takes a serving pod away before its replacement is ready.
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
