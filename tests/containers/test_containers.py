@@ -16,7 +16,9 @@
    through the balancer, the internal paths refused by nginx, rows in the stack's PostgreSQL
    written by a role that cannot change the schema, every target up in Prometheus; then the quick
    load-test profile through nginx, its requests spread evenly over the replicas.
-5. Everything torn down (volumes included); KEEP_STACK=1 leaves it running.
+5. The previous release's image (built from the commit CHANGELOG.md names) beside the stack's
+   replicas under load, then stopped: a job it took finishes on this release's replicas.
+6. Everything torn down (volumes included); KEEP_STACK=1 leaves it running.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import httpx
 import pytest
 
 from tests.conftest import USER_BENTOML_HOME
-from tests.support import contract
+from tests.support import contract, releases
 from tests.support.serving import ROOT, post_retrying_sheds, wait_ready
 
 pytestmark = [pytest.mark.containers, pytest.mark.integration, pytest.mark.slow]
@@ -525,3 +527,140 @@ def test_stack_takes_the_quick_load_test_through_nginx(stack: dict[str, str]) ->
     assert even > 100 and all(abs(n - even) <= 0.1 * even for n in per_replica), per_replica
     record("spread over the replicas", f"prediction requests {per_replica}: within 10% of {even:.0f} each")
     record("quick load test through nginx", f"{len(reports)} reports in {out.relative_to(ROOT)}/<scenario>/report.md")
+
+
+@pytest.fixture(scope="module")
+def release_image(docker: Docker) -> str:
+    """The previous release's image (CHANGELOG.md names its commit), built from that commit's
+    tree by its own deploy/image.py, with the same models."""
+    release = releases.previous()
+    step(f"the previous release's image: {release.version}, commit {release.commit}")
+    tree = ROOT / "var" / f"release-{release.version}"
+    shutil.rmtree(tree, ignore_errors=True)
+    releases.checkout(release, tree, ".")
+    started = time.monotonic()
+    subprocess.run(
+        [sys.executable, "deploy/image.py", "--name", "sentiment-release", "--base-image", BASE_IMAGE],
+        cwd=tree,
+        env={**os.environ, **models_env()},
+        check=True,
+        text=True,
+    )
+    image = (tree / "var" / "image").read_text().strip()
+    record("previous release's image", f"{image} ({release.version}), built in {time.monotonic() - started:.0f} s")
+    return image
+
+
+def _release_replica(image: str, port: int, out: Path) -> Path:
+    """A compose override adding `api-release`: a replica of the air-gapped stack (as
+    deploy/replicas.py writes them) running `image` on `port`."""
+    from deploy import replicas
+
+    replica = {**replicas._service("compose.yaml", "api-1"), **replicas._service("compose.airgap.yaml", "api-1")}
+    replica["image"] = image
+    replica["command"] = ["serve", "--host", "127.0.0.1", "--port", str(port)]
+    replica["healthcheck"]["test"] = [arg.replace(":3101/", f":{port}/") for arg in replica["healthcheck"]["test"]]
+    replica["volumes"] = ["spill-release:/home/bentoml/spill", "/tmp"]
+    out.write_text(json.dumps({"services": {"api-release": replica}, "volumes": {"spill-release": {}}}))
+    return out
+
+
+def test_the_previous_release_and_this_one_serve_together_and_a_job_crosses_the_switch(
+    stack: dict[str, str], release_image: str, tmp_path: Path
+) -> None:
+    """The previous release's image beside this one's replicas, on the stack's PostgreSQL and
+    Redis, under load on both: no 5xx but sheds, a row per answer, one cache across versions; a
+    job submitted to the old replica, which is then stopped (the switch), finishes on the new
+    ones with one result per text, in order."""
+    import sqlalchemy as sa
+
+    step("the previous release beside this one, then switched off")
+    port = 3109
+    compose = [*COMPOSE, "-f", str(_release_replica(release_image, port, tmp_path / "release.yaml"))]
+    sh([*compose, "up", "-d", "--no-deps", "api-release"], env=stack)
+    old, new = f"http://127.0.0.1:{port}", "http://127.0.0.1:8080"
+    wait_ready(f"{old}/readyz", "the previous release's replica", 400, interval=1)
+    version = httpx.get(f"{old}/health", timeout=10).json()["version"]
+    assert version == releases.previous().version, version
+
+    shared = f"One cache across releases {uuid.uuid4().hex[:6]}"
+    first = httpx.post(f"{old}/predict", json={"text": shared}, timeout=60).json()
+    again = httpx.post(f"{new}/predict", json={"text": shared}, timeout=60).json()
+    assert first["cached"] is False and again["cached"] is True and again["label"] == first["label"], (first, again)
+
+    texts = [f"Review {i}: {'loved it' if i % 3 else 'returned it the next day'}." for i in range(30_000)]
+    submitted = httpx.post(f"{old}/jobs", json={"texts": texts}, timeout=60)
+    assert submitted.status_code == 202, submitted.text
+    job, token = submitted.json()["job_id"], submitted.json()["token"]
+    auth = {"Authorization": f"Bearer {token}"}
+
+    statuses: dict[str, dict[int, int]] = {old: {}, new: {}}
+    answered: list[str] = []
+    stop_at = [time.monotonic() + 600.0]
+    run = uuid.uuid4().hex[:6]
+
+    def client(n: int) -> None:
+        url = old if n % 2 else new
+        with httpx.Client(timeout=60) as http:
+            i = 0
+            while time.monotonic() < stop_at[0]:
+                i += 1
+                try:
+                    r = http.post(
+                        f"{url}/predict",
+                        json={"text": f"Upgrade traffic {run} {n} {i}"},
+                        headers={"X-Forwarded-For": f"198.18.{100 + n}.{i % 250}"},
+                    )
+                except httpx.TransportError:  # the old replica stopping: its connections refused
+                    if url == old:
+                        url = new  # a client's retry goes to what still serves
+                        continue
+                    raise
+                statuses[url][r.status_code] = statuses[url].get(r.status_code, 0) + 1
+                if r.status_code == 200:
+                    answered.append(r.json()["request_id"])
+                else:
+                    assert r.status_code == 503 and r.headers.get("Retry-After"), (url, r.status_code, r.text)
+                time.sleep(0.05)
+
+    with cf.ThreadPoolExecutor(8) as pool:
+        load = [pool.submit(client, n) for n in range(8)]
+        time.sleep(8)  # both releases serving, the job under way
+        before = httpx.get(f"{new}/jobs/{job}", headers=auth, timeout=30).json()
+        assert before["status"] in ("queued", "running") and before["done"] < len(texts), before
+        sh([*compose, "stop", "-t", "60", "api-release"], env=stack)  # the switch: SIGTERM, then gone
+        deadline = time.monotonic() + 600
+        while (status := httpx.get(f"{new}/jobs/{job}", headers=auth, timeout=30).json())["status"] != "done":
+            assert status["status"] in ("queued", "running") and time.monotonic() < deadline, status
+            time.sleep(2)
+        stop_at[0] = time.monotonic() + 5  # a little more traffic on the new ones alone
+        for f in load:
+            f.result()
+    results = [
+        json.loads(line) for line in httpx.get(f"{new}/jobs/{job}/results", headers=auth, timeout=60).text.splitlines()
+    ]
+    assert [r["index"] for r in results] == list(range(len(texts)))
+    codes = {url: dict(sorted(s.items())) for url, s in statuses.items()}
+    assert not any(code >= 500 and code != 503 for s in statuses.values() for code in s), codes
+    assert statuses[old].get(200, 0) > 0 and statuses[new].get(200, 0) > 0, codes
+
+    engine = sa.create_engine(f"postgresql+psycopg://sentiment:{SECRETS['postgres_password']}@127.0.0.1:5440/sentiment")
+    deadline = time.monotonic() + 60
+    try:
+        while True:  # the writers ship within a second or so; the stopped one flushed on SIGTERM
+            with engine.connect() as conn:
+                rows = conn.exec_driver_sql(
+                    "SELECT count(*) FROM predictions WHERE request_id = ANY(%s)", (answered,)
+                ).scalar_one()
+            if rows == len(answered) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    finally:
+        engine.dispose()
+    assert rows == len(answered), (rows, len(answered))
+    record(
+        "previous release beside this one",
+        f"{version} and this code on one PostgreSQL and Redis: answers {codes}, {rows} rows for "
+        f"{len(answered)} answers, one cache; a {len(texts):,}-text job at {before['done']} done when the "
+        f"old replica stopped finished on the new ones, {len(results):,} results in order",
+    )
