@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-SETTLE_S = 20.0  # of each step, left out: users spawning, the adaptive limit moving
+SETTLE_S = 20.0  # of each step (a quarter of a shorter one), left out: users spawning, the adaptive limit moving
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -39,8 +39,9 @@ def table(folder: Path, users: int, step_s: float, step_shares: list[float]) -> 
     with (folder / "resources.csv").open() as f:
         samples = list(csv.DictReader(f))
     result = []
+    settle = min(SETTLE_S, step_s / 4)
     for i, share in enumerate(step_shares):
-        lo, hi = start + i * step_s + SETTLE_S, start + (i + 1) * step_s
+        lo, hi = start + i * step_s + settle, start + (i + 1) * step_s
         inside = [(kind, ms) for t, kind, ms in events if lo <= t < hi]
         answered = [ms for kind, ms in inside if kind == "answered"]
         shed = sum(1 for kind, _ in inside if kind == "shed")

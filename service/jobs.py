@@ -459,7 +459,10 @@ class JobRunner:
         self.lease = lease
         self.poll_s = poll_s
         self.quiet_s = quiet_s
-        self.worker = f"{os.uname().nodename}-{os.getpid()}"
+        # The host name and process id alone can repeat: replicas on one host's network (the
+        # air-gapped compose stack) share its name, and each container numbers its processes
+        # alike. A random part keeps one worker from renewing or releasing another's leases.
+        self.worker = f"{os.uname().nodename[:32]}-{os.getpid()}-{secrets.token_hex(4)}"
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._stats_at = self._expired_at = 0.0

@@ -117,46 +117,26 @@ class Reports:
     def _sqlite_sample(conn, since: datetime, rows: int, by_variant: bool) -> list[Any]:
         """About SQLITE_PERCENTILE_ROWS of the window's `rows` rows on SQLite, as (variant,) latency.
 
-        Rows are picked by a multiplicative hash of their rowid: the same rows on every call
-        while the table is unchanged, and no period in the traffic lines up with the picks.
-        - All rows (the summary): rowids follow the order rows were written, which is their time
-          order but for rows replayed from a spill log, so the window is about the rowids from
-          its first row's on. One rowid in each stride of `rows / SQLITE_PERCENTILE_ROWS` is
-          looked up, instead of reading the whole window.
-        - A/B rows, a share of all: their partial index is scanned for the window (index entries
-          only) and only the picked rows are read.
+        The window's rowids are read from an index on `created_at` (all rows, or the A/B rows'
+        partial index) and a row is picked when a multiplicative hash of its rowid falls in the
+        first 1/`step` of its range: the same rows on every call while the table is unchanged,
+        whatever order they were written in (a spill log's replay writes old rows late), and no
+        period in the traffic lines up with the picks. Only the picked rows are read.
         """
-        step = -(-rows // SQLITE_PERCENTILE_ROWS)  # rounded up: at most SQLITE_PERCENTILE_ROWS picks
-        params = {"since": since, "step": step, "first": None}
-        if by_variant:
-            sql = """
-                SELECT p.variant, p.latency_ms FROM predictions AS p WHERE p.rowid IN (
-                    SELECT rowid FROM predictions INDEXED BY ix_predictions_ab_created_at
-                    WHERE variant IS NOT NULL AND created_at >= :since
-                      AND (rowid * 2654435761) % (4294967296 * :step) < 4294967296
-                )
-            """
-        else:
-            params["first"] = conn.execute(
-                select(text("rowid"))
-                .select_from(predictions)
-                .where(predictions.c.created_at >= since)
-                .order_by(predictions.c.created_at)
-                .limit(1)
-            ).scalar()
-            if params["first"] is None:
-                return []
-            sql = """
-                WITH RECURSIVE stride(k) AS (
-                    SELECT 0 UNION ALL SELECT k + 1 FROM stride
-                    WHERE :first + (k + 1) * :step <= (SELECT max(rowid) FROM predictions)
-                )
-                SELECT p.latency_ms FROM stride
-                JOIN predictions AS p ON p.rowid = :first + k * :step + (k * 2654435761) % :step
-                WHERE p.created_at >= :since
-            """
+        step = -(-rows // SQLITE_PERCENTILE_ROWS)  # rounded up: about SQLITE_PERCENTILE_ROWS picks
+        index, variant, ab_only = (
+            ("ix_predictions_ab_created_at", "p.variant, ", "variant IS NOT NULL AND ")
+            if by_variant
+            else ("ix_predictions_created_at", "", "")
+        )
+        sql = f"""
+            SELECT {variant}p.latency_ms FROM predictions AS p WHERE p.rowid IN (
+                SELECT rowid FROM predictions INDEXED BY {index}
+                WHERE {ab_only}created_at >= :since AND (rowid * 2654435761) % (4294967296 * :step) < 4294967296
+            )
+        """
         bound = text(sql).bindparams(bindparam("since", type_=DateTime(timezone=True)))
-        return conn.execute(bound, params).all()
+        return conn.execute(bound, {"since": since, "step": step}).all()
 
     def summary(self, window: timedelta) -> dict[str, Any]:
         since = utcnow() - window

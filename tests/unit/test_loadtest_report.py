@@ -101,3 +101,5 @@ def test_the_steps_table_reads_each_step_past_its_settling_time(tmp_path) -> Non
     assert [r["shed_pct"] for r in rows] == [0.0, 25.0]  # the first step's shed was in its settling time
     assert rows[1]["saturation_queue_delay"] == pytest.approx(0.7) and rows[0]["api_cores"] == pytest.approx(0.5)
     assert "| 100% | 40 | 3.0 |" in steps.write(tmp_path, rows)
+    short = steps.table(tmp_path, users=40, step_s=20, step_shares=[0.5])  # the quick profile's steps
+    assert short[0]["answered_req_s"] == 2.0  # its last 15 s
