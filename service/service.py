@@ -410,6 +410,13 @@ def openapi_document() -> dict[str, Any]:
         answered = next(v for k, v in operation["responses"].items() if str(k) == "200")
         operation["responses"] = {"200": answered, **schemas.openapi_errors(400, 413, 429, 503)}
         operation["requestBody"]["required"] = True  # a request without one is a 400
+        # BentoML writes an optional field (`user_id: str | None`) as a plain string; the
+        # models accept null there, so the document says so, as pydantic does.
+        body = operation["requestBody"]["content"]["application/json"]["schema"]
+        own = api.input_spec.model_json_schema()["properties"]
+        for name in body.get("properties", {}):
+            if any(choice.get("type") == "null" for choice in own.get(name, {}).get("anyOf", [])):
+                body["properties"][name] = own[name]
     return spec
 
 
