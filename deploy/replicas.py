@@ -56,31 +56,40 @@ def airgap_address(i: int) -> str:
     return f"127.0.0.1:{3100 + i}"
 
 
-def upstream(n: int, airgap: bool) -> str:
-    """nginx's upstream servers for `n` replicas."""
+def _listed(n: int, airgap: bool) -> tuple[str, list[str]]:
+    """The comment line heading a generated file, and the `n` replicas' addresses."""
     address = airgap_address if airgap else bridge_address
     head = (
         f"# The air-gapped stack: the {n} replicas on the host's loopback.\n"
         if airgap
         else f"# compose.yaml: the {n} replicas on the stack's network.\n"
     )
-    return head + "".join(UPSTREAM.format(address=address(i)) for i in range(1, n + 1))
+    return head, [address(i) for i in range(1, n + 1)]
+
+
+def upstream(n: int, airgap: bool) -> str:
+    """nginx's upstream servers for `n` replicas."""
+    head, addresses = _listed(n, airgap)
+    return head + "".join(UPSTREAM.format(address=a) for a in addresses)
 
 
 def targets(n: int, airgap: bool) -> str:
     """Prometheus's file_sd targets for `n` replicas (YAML, written as JSON, which YAML reads)."""
-    address = airgap_address if airgap else bridge_address
-    head = (
-        f"# The air-gapped stack: the {n} replicas on the host's loopback.\n"
-        if airgap
-        else f"# compose.yaml: the {n} replicas on the stack's network.\n"
-    )
-    return head + "- targets: " + json.dumps([address(i) for i in range(1, n + 1)]) + "\n"
+    head, addresses = _listed(n, airgap)
+    return head + "- targets: " + json.dumps(addresses) + "\n"
 
 
 def _service(file: str, name: str) -> dict:
     """A service of a compose file as compose reads it (anchors and merge keys resolved)."""
     return copy.deepcopy(yaml.safe_load((ROOT / file).read_text())["services"][name])
+
+
+def airgap_replica(port: int) -> dict:
+    """The air-gapped stack's api-1 (compose.airgap.yaml's part of it) listening on `port`."""
+    replica = _service("compose.airgap.yaml", "api-1")
+    replica["command"] = [str(port) if arg == "3101" else arg for arg in replica["command"]]
+    replica["healthcheck"]["test"] = [arg.replace(":3101/", f":{port}/") for arg in replica["healthcheck"]["test"]]
+    return replica
 
 
 def overrides(n: int, out: Path) -> tuple[dict, dict]:
@@ -100,14 +109,7 @@ def overrides(n: int, out: Path) -> tuple[dict, dict]:
         },
         "volumes": {f"spill-{i}": {} for i in extra},
     }
-    airgap_replicas = {}
-    first = _service("compose.airgap.yaml", "api-1")
-    for i in extra:
-        replica = copy.deepcopy(first)
-        port = str(3100 + i)
-        replica["command"] = [port if arg == "3101" else arg for arg in first["command"]]
-        replica["healthcheck"]["test"] = [arg.replace(":3101/", f":{port}/") for arg in first["healthcheck"]["test"]]
-        airgap_replicas[f"api-{i}"] = replica
+    airgap_replicas = {f"api-{i}": airgap_replica(3100 + i) for i in extra}
     airgap: dict = {
         "services": {
             **airgap_replicas,

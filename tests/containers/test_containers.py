@@ -558,10 +558,8 @@ def _release_replica(image: str, port: int, out: Path) -> Path:
     deploy/replicas.py writes them) running `image` on `port`."""
     from deploy import replicas
 
-    replica = {**replicas._service("compose.yaml", "api-1"), **replicas._service("compose.airgap.yaml", "api-1")}
+    replica = {**replicas._service("compose.yaml", "api-1"), **replicas.airgap_replica(port)}
     replica["image"] = image
-    replica["command"] = ["serve", "--host", "127.0.0.1", "--port", str(port)]
-    replica["healthcheck"]["test"] = [arg.replace(":3101/", f":{port}/") for arg in replica["healthcheck"]["test"]]
     replica["volumes"] = ["spill-release:/home/bentoml/spill", "/tmp"]
     out.write_text(json.dumps({"services": {"api-release": replica}, "volumes": {"spill-release": {}}}))
     return out
