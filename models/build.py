@@ -10,6 +10,7 @@ models.runtime -> store both (all or nothing).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -30,12 +31,13 @@ class Profile:
     max_steps: int | None
     max_examples: int | None
     eval_limit: int | None
+    batch_size: int | None = None
 
 
 PROFILES = {
     "full": Profile(max_steps=None, max_examples=None, eval_limit=None),
     # Enough steps for a clearly-better-than-chance model on obvious texts, in about a minute.
-    "quick": Profile(max_steps=80, max_examples=2560, eval_limit=200),
+    "quick": Profile(max_steps=80, max_examples=2560, eval_limit=200, batch_size=32),
 }
 
 
@@ -69,11 +71,13 @@ def build(
     log("      " + ", ".join(f"{k} {v['total']}" for k, v in splits.items()))
 
     cfg = TrainConfig(max_steps=settings.max_steps, max_examples=settings.max_examples)
+    if settings.batch_size is not None:
+        cfg = dataclasses.replace(cfg, batch_size=settings.batch_size)
     with tempfile.TemporaryDirectory(prefix="sentiment-build-") as work:
         fp32_dir, int8_dir = Path(work) / FP32_NAME, Path(work) / INT8_NAME
         log(f"[2/5] fine-tuning ({profile} profile) on {cfg.threads} threads")
         stats = train(corpus.encoder, read_jsonl(corpus.train), cfg, fp32_dir)
-        runtime.write_info(fp32_dir, runtime.RUNTIME_TORCH, LABELS, cfg.max_length)
+        runtime.write_info(fp32_dir, runtime.RUNTIME_TORCH, LABELS, cfg.max_length, cfg.head_tokens)
         log("      TorchScript trace of the fine-tuned model, the form variant B is served in")
         runtime.trace_torch(fp32_dir)
 
@@ -84,6 +88,7 @@ def build(
         datasets = {
             "validation": read_jsonl(corpus.validation)[: settings.eval_limit],
             "out_of_source": read_jsonl(corpus.out_of_source)[: settings.eval_limit],
+            "reviews_test": read_jsonl(corpus.reviews_test)[: settings.eval_limit],
         }
         predictors = [runtime.load_dir(fp32_dir, FP32_NAME), runtime.load_dir(int8_dir, INT8_NAME)]
         result = evaluate(predictors, datasets, [ex.text for ex in datasets["validation"]])

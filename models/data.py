@@ -33,11 +33,18 @@ from models.sources import (
 
 DEFAULT_DATA_DIR = Path("var/data")
 # Bumped whenever the way the corpus is assembled changes, so a cached corpus is rebuilt.
-CORPUS_FORMAT = 1
+CORPUS_FORMAT = 2
 VALIDATION_SIZE = 2000
 # A whole source kept out of training and validation: the model is judged on product reviews it
 # has never seen a sentence of, as a check on how it does beyond its training domains.
 OUT_OF_SOURCE = ("vader_amazon",)
+# Review sources added after the first release. Validation stays the split of the sources before
+# them, so its figures compare across model versions; these have a test split of their own.
+REVIEW_SOURCES = ("imdb_reviews", "clothing_reviews")
+REVIEW_TEST_PER_LABEL = 250
+# The most texts a source gives the training mix per label (picked by hash, so stable): enough
+# reviews that tweets do not outweigh them, few enough that the build keeps its time budget.
+TRAIN_CAPS = {"imdb_reviews": 4000, "clothing_reviews": 5000}
 
 
 def sha256_of(path: Path) -> str:
@@ -161,6 +168,34 @@ def split(examples: list[Example], validation_size: int = VALIDATION_SIZE) -> tu
     return train, validation
 
 
+def cap(examples: list[Example], caps: dict[str, int]) -> list[Example]:
+    """At most caps[source] examples per label of each capped source, lowest hash first."""
+    taken: Counter = Counter()
+    kept = []
+    for ex in sorted(examples, key=lambda ex: _rank(ex.text)):
+        limit = caps.get(ex.source)
+        if limit is not None:
+            if taken[(ex.source, ex.label)] >= limit:
+                continue
+            taken[(ex.source, ex.label)] += 1
+        kept.append(ex)
+    return kept
+
+
+def held_out(examples: list[Example], per_label: int) -> tuple[list[Example], list[Example]]:
+    """(rest, test): `per_label` texts of each source and label, by hash, set aside as a test."""
+    test, rest = [], []
+    taken: Counter = Counter()
+    for ex in sorted(examples, key=lambda ex: _rank(ex.text)):
+        key = (ex.source, ex.label)
+        if taken[key] < per_label:
+            taken[key] += 1
+            test.append(ex)
+        else:
+            rest.append(ex)
+    return rest, test
+
+
 def write_jsonl(path: Path, examples: Iterable[Example]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for ex in examples:
@@ -201,6 +236,10 @@ class Corpus:
         return self.root / "out_of_source.jsonl"
 
     @property
+    def reviews_test(self) -> Path:
+        return self.root / "reviews_test.jsonl"
+
+    @property
     def encoder(self) -> Path:
         return self.root / "base-encoder"
 
@@ -234,15 +273,32 @@ def prepare(data_dir: Path = DEFAULT_DATA_DIR, log=print) -> Corpus:
                 "rows": dict(Counter(ex.source for ex in rows)),
             }
         )
-    examples, report = dedupe(raw)
-    held_out = [ex for ex in examples if ex.source in OUT_OF_SOURCE]
-    pool = [ex for ex in examples if ex.source not in OUT_OF_SOURCE]
+    # The review sources are deduplicated on their own and against everything else, which keeps
+    # the other sources' texts, and so the validation and out-of-source sets, as they were.
+    examples, report = dedupe(ex for ex in raw if ex.source not in REVIEW_SOURCES)
+    seen = {dedupe_key(ex.text) for ex in examples}
+    reviews_raw = [ex for ex in raw if ex.source in REVIEW_SOURCES]
+    reviews, reviews_report = dedupe(ex for ex in reviews_raw if dedupe_key(ex.text) not in seen)
+    examples += reviews
+    report = DedupeReport(
+        len(examples),
+        report.duplicates
+        + reviews_report.duplicates
+        + len(reviews_raw)
+        - sum(1 for ex in reviews_raw if dedupe_key(ex.text) not in seen),
+        report.conflicts + reviews_report.conflicts,
+    )
+    out_of_source = [ex for ex in examples if ex.source in OUT_OF_SOURCE]
+    pool = [ex for ex in examples if ex.source not in OUT_OF_SOURCE and ex.source not in REVIEW_SOURCES]
     train, validation = split(pool)
+    reviews, reviews_test = held_out(reviews, REVIEW_TEST_PER_LABEL)
+    train = sorted(train + cap(reviews, TRAIN_CAPS), key=lambda ex: _rank(ex.text))
 
     root.mkdir(parents=True, exist_ok=True)
     write_jsonl(root / "train.jsonl", train)
     write_jsonl(root / "validation.jsonl", validation)
-    write_jsonl(root / "out_of_source.jsonl", held_out)
+    write_jsonl(root / "out_of_source.jsonl", out_of_source)
+    write_jsonl(root / "reviews_test.jsonl", reviews_test)
     encoder = PACKAGES[ENCODER_PACKAGE]
     manifest = {
         "spec": spec,
@@ -259,7 +315,8 @@ def prepare(data_dir: Path = DEFAULT_DATA_DIR, log=print) -> Corpus:
             for name, rows in (
                 ("train", train),
                 ("validation", validation),
-                ("out_of_source", held_out),
+                ("out_of_source", out_of_source),
+                ("reviews_test", reviews_test),
             )
         },
     }

@@ -21,6 +21,13 @@ from models.runtime import Predictor
 
 DEFAULT_MODELS = ("sentiment-minilm:latest", "sentiment-minilm-int8:latest")
 CALIBRATION_BINS = 10
+# Text length buckets (words) for accuracy by length: upper bounds, inclusive.
+LENGTH_BUCKETS = ((10, "1-10 words"), (20, "11-20 words"), (40, "21-40 words"), (None, "over 40 words"))
+
+
+def length_bucket(text: str) -> str:
+    words = len(text.split())
+    return next(name for bound, name in LENGTH_BUCKETS if bound is None or words <= bound)
 
 
 def expected_calibration_error(confidences: Sequence[float], correct: Sequence[bool]) -> float:
@@ -43,8 +50,10 @@ def score(predictor: Predictor, examples: Sequence[Example]) -> dict:
     preds = predictor.predict([ex.text for ex in examples])
     correct = [p.label == ex.label for p, ex in zip(preds, examples, strict=True)]
     by_source: dict[str, list[bool]] = defaultdict(list)
+    by_length: dict[str, list[bool]] = defaultdict(list)
     for ok, ex in zip(correct, examples, strict=True):
         by_source[ex.source].append(ok)
+        by_length[length_bucket(ex.text)].append(ok)
     confusion = {t: {p: 0 for p in LABELS} for t in LABELS}
     for p, ex in zip(preds, examples, strict=True):
         confusion[ex.label][p.label] += 1
@@ -55,6 +64,11 @@ def score(predictor: Predictor, examples: Sequence[Example]) -> dict:
             src: {"examples": len(oks), "accuracy": round(sum(oks) / len(oks), 4)}
             for src, oks in sorted(by_source.items())
         },
+        "by_length": {
+            name: {"examples": len(by_length[name]), "accuracy": round(sum(by_length[name]) / len(by_length[name]), 4)}
+            for _, name in LENGTH_BUCKETS
+            if by_length[name]
+        },
         "confusion": confusion,
         "ece": round(expected_calibration_error([p.score for p in preds], correct), 4),
     }
@@ -63,9 +77,9 @@ def score(predictor: Predictor, examples: Sequence[Example]) -> dict:
 def latency(
     predictors: Sequence[Predictor], texts: Sequence[str], single: int = 60, batches: int = 12
 ) -> dict[str, dict[str, float]]:
-    """Median milliseconds per call at batch 1 and batch 32, the models interleaved call by call
+    """Median milliseconds per call at batch 1, 8 and 32, the models interleaved call by call
     so that both see the same machine load."""
-    times: dict[str, dict[str, list[float]]] = {p.name: {"1": [], "32": []} for p in predictors}
+    times: dict[str, dict[str, list[float]]] = {p.name: {"1": [], "8": [], "32": []} for p in predictors}
     for p in predictors:  # warm-up: first calls allocate and pick kernels
         p.predict(texts[:32])
     for i in range(single):
@@ -73,17 +87,15 @@ def latency(
             t = time.perf_counter()
             p.predict([texts[i % len(texts)]])
             times[p.name]["1"].append(time.perf_counter() - t)
-    for i in range(batches):
-        batch = [texts[(i * 32 + j) % len(texts)] for j in range(32)]
-        for p in predictors:
-            t = time.perf_counter()
-            p.predict(batch)
-            times[p.name]["32"].append(time.perf_counter() - t)
+    for size in (8, 32):
+        for i in range(batches):
+            batch = [texts[(i * size + j) % len(texts)] for j in range(size)]
+            for p in predictors:
+                t = time.perf_counter()
+                p.predict(batch)
+                times[p.name][str(size)].append(time.perf_counter() - t)
     return {
-        name: {
-            "batch1_ms": round(statistics.median(t["1"]) * 1000, 2),
-            "batch32_ms": round(statistics.median(t["32"]) * 1000, 2),
-        }
+        name: {f"batch{size}_ms": round(statistics.median(ts) * 1000, 2) for size, ts in t.items()}
         for name, t in times.items()
     }
 
@@ -104,12 +116,12 @@ def evaluate(
 
 def table(result: dict) -> str:
     """The evaluation as a plain-text table, one row per model and dataset."""
-    lines = [f"{'model':<44} {'dataset':<16} {'n':>6} {'acc %':>7} {'ECE':>6} {'b1 ms':>7} {'b32 ms':>7}"]
+    lines = [f"{'model':<44} {'dataset':<16} {'n':>6} {'acc %':>7} {'ECE':>6} {'b1 ms':>7} {'b8 ms':>7} {'b32 ms':>7}"]
     for name, m in result["models"].items():
         for ds, s in m["datasets"].items():
             lines.append(
                 f"{name:<44} {ds:<16} {s['examples']:>6} {s['accuracy'] * 100:>7.2f} "
-                f"{s['ece']:>6.3f} {m['batch1_ms']:>7.1f} {m['batch32_ms']:>7.1f}"
+                f"{s['ece']:>6.3f} {m['batch1_ms']:>7.1f} {m['batch8_ms']:>7.1f} {m['batch32_ms']:>7.1f}"
             )
     lines.append("")
     lines.append("accuracy by source (%):")
@@ -118,6 +130,11 @@ def table(result: dict) -> str:
             parts = ", ".join(
                 f"{src} {v['accuracy'] * 100:.1f} (n={v['examples']})" for src, v in s["by_source"].items()
             )
+            lines.append(f"  {name} / {ds}: {parts}")
+    lines.append("accuracy by length (%):")
+    for name, m in result["models"].items():
+        for ds, s in m["datasets"].items():
+            parts = ", ".join(f"{b} {v['accuracy'] * 100:.1f} (n={v['examples']})" for b, v in s["by_length"].items())
             lines.append(f"  {name} / {ds}: {parts}")
     return "\n".join(lines)
 
@@ -141,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         datasets = {
             "validation": read_jsonl(corpus.validation),
             "out_of_source": read_jsonl(corpus.out_of_source),
+            "reviews_test": read_jsonl(corpus.reviews_test),
         }
     if args.limit:
         datasets = {k: list(v)[: args.limit] for k, v in datasets.items()}

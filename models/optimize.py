@@ -67,7 +67,7 @@ def export_onnx_int8(torch_dir: Path, out_dir: Path, quantize: bool = True) -> P
     for path in Path(torch_dir).iterdir():
         if path.name.startswith(("tokenizer", "special_tokens", "vocab")) or path.name == "config.json":
             shutil.copy2(path, out_dir / path.name)
-    write_info(out_dir, RUNTIME_ONNX, info["labels"], info["max_length"])
+    write_info(out_dir, RUNTIME_ONNX, info["labels"], info["max_length"], info.get("head_tokens"))
     return out_dir
 
 

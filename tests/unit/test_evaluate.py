@@ -54,6 +54,7 @@ def test_score_counts_accuracy_per_source_and_confusion() -> None:
         "s1": {"examples": 2, "accuracy": 1.0},
         "s2": {"examples": 2, "accuracy": 0.5},
     }
+    assert result["by_length"] == {"1-10 words": {"examples": 4, "accuracy": 0.75}}
     assert result["confusion"] == {
         "negative": {"negative": 1, "positive": 1},
         "positive": {"negative": 0, "positive": 2},
@@ -66,6 +67,7 @@ def test_table_lists_every_model_and_dataset() -> None:
             name: {
                 "runtime": "x",
                 "batch1_ms": 1.5,
+                "batch8_ms": 6.5,
                 "batch32_ms": 20.25,
                 "datasets": {
                     ds: {
@@ -73,6 +75,7 @@ def test_table_lists_every_model_and_dataset() -> None:
                         "accuracy": 0.9,
                         "ece": 0.05,
                         "by_source": {"s": {"examples": 10, "accuracy": 0.9}},
+                        "by_length": {"1-10 words": {"examples": 10, "accuracy": 0.9}},
                     }
                     for ds in ("validation", "other")
                 },
@@ -85,6 +88,17 @@ def test_table_lists_every_model_and_dataset() -> None:
     assert len(rows) == 4
     assert "90.00" in rows[0] and "20.2" in rows[0]
     assert "m2 / other: s 90.0 (n=10)" in text
+    assert "m1 / validation: 1-10 words 90.0 (n=10)" in text
+
+
+def test_length_buckets_bound_by_words() -> None:
+    from models.evaluate import length_bucket
+
+    assert length_bucket("one") == "1-10 words"
+    assert length_bucket(" ".join(["w"] * 10)) == "1-10 words"
+    assert length_bucket(" ".join(["w"] * 11)) == "11-20 words"
+    assert length_bucket(" ".join(["w"] * 40)) == "21-40 words"
+    assert length_bucket(" ".join(["w"] * 41)) == "over 40 words"
 
 
 def test_metadata_is_made_storable() -> None:
