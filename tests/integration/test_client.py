@@ -213,7 +213,16 @@ def test_cli_resumes_after_ctrl_c(service: Service, cli: Path, tmp_path: Path) -
     state = tmp_path / "results.jsonl.job"
     before = service.job_ids()
     env = {**os.environ, "PYTHONPATH": str(cli)}
-    first = subprocess.Popen(command(cli, *args), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C's default action in the client, even when this run inherited SIGINT ignored (a shell
+    # starts background commands so, and Python then keeps it ignored).
+    first = subprocess.Popen(
+        command(cli, *args),
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         while not state.exists():
             assert first.poll() is None, f"exited with {first.returncode} before submitting"
