@@ -168,31 +168,30 @@ def split(examples: list[Example], validation_size: int = VALIDATION_SIZE) -> tu
     return train, validation
 
 
+def _first_per_stratum(examples: list[Example], limit) -> tuple[list[Example], list[Example]]:
+    """(taken, rest): lowest hash first, at most `limit(source)` examples of each source and
+    label taken (None: all of them)."""
+    taken: list[Example] = []
+    rest: list[Example] = []
+    counts: Counter = Counter()
+    for ex in sorted(examples, key=lambda ex: _rank(ex.text)):
+        most = limit(ex.source)
+        if most is None or counts[(ex.source, ex.label)] < most:
+            counts[(ex.source, ex.label)] += 1
+            taken.append(ex)
+        else:
+            rest.append(ex)
+    return taken, rest
+
+
 def cap(examples: list[Example], caps: dict[str, int]) -> list[Example]:
     """At most caps[source] examples per label of each capped source, lowest hash first."""
-    taken: Counter = Counter()
-    kept = []
-    for ex in sorted(examples, key=lambda ex: _rank(ex.text)):
-        limit = caps.get(ex.source)
-        if limit is not None:
-            if taken[(ex.source, ex.label)] >= limit:
-                continue
-            taken[(ex.source, ex.label)] += 1
-        kept.append(ex)
-    return kept
+    return _first_per_stratum(examples, caps.get)[0]
 
 
 def held_out(examples: list[Example], per_label: int) -> tuple[list[Example], list[Example]]:
     """(rest, test): `per_label` texts of each source and label, by hash, set aside as a test."""
-    test, rest = [], []
-    taken: Counter = Counter()
-    for ex in sorted(examples, key=lambda ex: _rank(ex.text)):
-        key = (ex.source, ex.label)
-        if taken[key] < per_label:
-            taken[key] += 1
-            test.append(ex)
-        else:
-            rest.append(ex)
+    test, rest = _first_per_stratum(examples, lambda _source: per_label)
     return rest, test
 
 
@@ -278,14 +277,12 @@ def prepare(data_dir: Path = DEFAULT_DATA_DIR, log=print) -> Corpus:
     examples, report = dedupe(ex for ex in raw if ex.source not in REVIEW_SOURCES)
     seen = {dedupe_key(ex.text) for ex in examples}
     reviews_raw = [ex for ex in raw if ex.source in REVIEW_SOURCES]
-    reviews, reviews_report = dedupe(ex for ex in reviews_raw if dedupe_key(ex.text) not in seen)
+    fresh = [ex for ex in reviews_raw if dedupe_key(ex.text) not in seen]
+    reviews, reviews_report = dedupe(fresh)
     examples += reviews
     report = DedupeReport(
         len(examples),
-        report.duplicates
-        + reviews_report.duplicates
-        + len(reviews_raw)
-        - sum(1 for ex in reviews_raw if dedupe_key(ex.text) not in seen),
+        report.duplicates + len(reviews_raw) - len(fresh) + reviews_report.duplicates,
         report.conflicts + reviews_report.conflicts,
     )
     out_of_source = [ex for ex in examples if ex.source in OUT_OF_SOURCE]

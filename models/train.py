@@ -125,6 +125,7 @@ def train(encoder_dir: Path, examples: list[Example], cfg: TrainConfig, out_dir:
     if cfg.freeze_word_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    trainable_weights = [p for _, p in trainable]
     no_decay = ("bias", "LayerNorm.weight")
     params = [
         {"params": [p for n, p in trainable if not n.endswith(no_decay)], "weight_decay": cfg.weight_decay},
@@ -153,7 +154,7 @@ def train(encoder_dir: Path, examples: list[Example], cfg: TrainConfig, out_dir:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 loss = model(**inputs, labels=target).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable_weights, 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
