@@ -99,7 +99,8 @@ class Settings(db.DatabaseSettings):
     max_job_requests_in_flight: int = Field(32, gt=0)
     job_requests_per_client: int = Field(4, gt=0)
     # A leased chunk (256 texts, about half a second of an idle worker) whose worker has not
-    # finished it in this time is taken by another: a dead worker's chunk waits at most this long.
+    # renewed its lease in this time is taken by another: a dead worker's chunk waits at most this
+    # long. A live worker renews it every third of it, waiting or scoring (service/jobs.py).
     job_lease_seconds: float = Field(30.0, gt=0)
     # A job's sub-batch starts only after the instance has served no interactive prediction for
     # this long (service/activity.py): 0 runs jobs beside interactive traffic, at the lowest CPU

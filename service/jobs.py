@@ -46,6 +46,18 @@ IN_FLIGHT = 2
 # traffic, the batcher's full size, the most texts per CPU second.
 LONG_QUIET_S = 1.0
 SMALL_SUB_BATCH = 8
+# The lease of the chunk being scored is renewed every LEASE_RENEWALS-th of JOB_LEASE_SECONDS by
+# a task of its own, whatever the scoring waits for. Renewed only before each sub-batch, it could
+# run out under a healthy worker that was waiting: for a quiet instance (for as long as
+# interactive traffic lasts), or for a forward call in the background lane (at nice 19, beside
+# two busy processes of normal priority a thread got 0.8% of the CPU it gets alone, so one
+# 32-text call can outlast a 10 s lease). Another worker then took the chunk and waited alike,
+# and each such claim counted an attempt: after JOB_MAX_ATTEMPTS of them a healthy job failed
+# ("its lease ran out"). Now a lease runs out when its worker's process or event loop is gone,
+# or when one sub-batch has been in the background lane for HUNG_LEASES leases (a forward call
+# taken for hung: the chunk is left to another worker, as before).
+LEASE_RENEWALS = 3
+HUNG_LEASES = 10
 
 DbCall = Callable[..., Awaitable[Any]]
 
@@ -465,6 +477,9 @@ class JobRunner:
         self.worker = f"{os.uname().nodename[:32]}-{os.getpid()}-{secrets.token_hex(4)}"
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # When the chunk being scored last showed it is not stuck: a sub-batch done, or a turn of
+        # the wait for a quiet instance (_keep_lease)
+        self._alive_at = 0.0
         self._stats_at = self._expired_at = 0.0
 
     def start(self) -> None:
@@ -565,29 +580,70 @@ class JobRunner:
         interactive texts never queue behind."""
         results: list[Result] = []
         running: deque[asyncio.Task[list[Result]]] = deque()
+        # The lease is kept by a task of its own while the chunk waits (LEASE_RENEWALS): a chunk
+        # slowed by interactive traffic or a starved background lane is not taken from its
+        # worker (nor counted an attempt). `lost`: the keeper found the job ended or the chunk
+        # another worker's.
+        lost = asyncio.Event()
+        self._alive_at = time.monotonic()
+        keeper = asyncio.ensure_future(self._keep_lease(chunk, lost))
         try:
             start = 0
             while start < len(chunk.texts):
-                # the lease renewed before each sub-batch: a chunk slowed by interactive traffic
-                # is not taken from its worker (nor counted an attempt) while it is being scored
-                if not await self.db(self.queue.renew, chunk, self.worker, self.lease):
+                # renewed before each sub-batch too: a cancelled job stops at its next sub-batch
+                if lost.is_set() or not await self.db(self.queue.renew, chunk, self.worker, self.lease):
                     return False
                 while (wait := self._wait_s()) > 0:  # interactive requests go first
+                    if lost.is_set():
+                        return False
+                    self._alive_at = time.monotonic()
                     await asyncio.sleep(max(wait, 0.002))
                 texts = chunk.texts[start : start + min(self.sub_batch, self._sub_batch())]
                 running.append(asyncio.ensure_future(self._predict(chunk, texts, chunk.first + start)))
                 start += len(texts)
                 if len(running) >= IN_FLIGHT:
                     results += await running.popleft()
+                    self._alive_at = time.monotonic()
             while running:
                 results += await running.popleft()
+                self._alive_at = time.monotonic()
         finally:
+            keeper.cancel()
             for task in running:  # cancelled, or a sub-batch failed: the others are not awaited
                 task.cancel()
         done = bool(await self.db(self.queue.complete, chunk, results))
         if done:
             metrics.JOB_TEXTS.inc(len(results))
         return done
+
+    async def _keep_lease(self, chunk: Chunk, lost: asyncio.Event) -> None:
+        """Renew the lease of the chunk `score` works on every LEASE_RENEWALS-th of it, until
+        cancelled; `lost` set, and done, once the job has ended or the chunk is another worker's.
+        Not while one sub-batch has been in the background lane for HUNG_LEASES leases."""
+        lease_s = self.lease.total_seconds()
+        hung = False
+        while True:
+            await asyncio.sleep(lease_s / LEASE_RENEWALS)
+            stuck_s = time.monotonic() - self._alive_at
+            if stuck_s > HUNG_LEASES * lease_s:
+                if not hung:
+                    hung = True
+                    log.warning(
+                        "job %s chunk %s: no sub-batch done for %.0f s, its lease is left to run out",
+                        chunk.job_id,
+                        chunk.chunk,
+                        stuck_s,
+                    )
+                continue
+            hung = False
+            try:
+                kept = await self.db(self.queue.renew, chunk, self.worker, self.lease)
+            except Exception as exc:  # the database unavailable: tried again at the next turn
+                log.debug("job %s chunk %s: lease not renewed (%s)", chunk.job_id, chunk.chunk, exc)
+                continue
+            if not kept:
+                lost.set()
+                return
 
     async def _predict(self, chunk: Chunk, texts: list[str], first: int) -> list[Result]:
         answers = await self.predictions.answer(texts, chunk.model, background=True)

@@ -126,7 +126,8 @@ def _wait(url: str, job_id: str, until: Callable[[dict], bool], timeout: float, 
         progress = _progress(url, job_id)
         if until(progress):
             return progress
-        assert progress["status"] in ("queued", "running"), progress
+        status = progress["status"]
+        assert status in ("queued", "running"), f"job {status}: {progress.get('error')} ({progress})"
         assert time.monotonic() < deadline, f"{what} not reached in {timeout:.0f} s: {progress}"
         time.sleep(0.05)
 

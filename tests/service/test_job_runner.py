@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from models.runtime import Prediction
 from service.activity import Activity
@@ -161,3 +162,148 @@ async def test_a_chunk_that_always_fails_ends_its_job_after_its_attempts(
     assert failures.labels("job_failed")._value.get() - before["job_failed"] == 1
     tracebacks = [r for r in caplog.records if r.exc_info and "job" in r.getMessage()]
     assert len(tracebacks) == 1, [r.getMessage() for r in caplog.records]  # one traceback, on the first attempt
+
+
+# --- the lease of a chunk that waits ---------------------------------------------------------
+
+LEASE = timedelta(seconds=1)
+
+
+class Gated(Model):
+    """A model whose forward calls wait until `go` is set: a call in the background lane that
+    takes longer than any lease (the lane starved of CPU, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+        self.go = threading.Event()
+
+    def __call__(self, tag: str, texts: list[str]) -> list[Prediction]:
+        self.started.set()
+        self.go.wait(timeout=60)  # bounded: a failed test does not hold the lane's thread for good
+        return super().__call__(tag, texts)
+
+
+def _runner(queue: JobQueue, model: Model, tmp_path: Path, quiet_s: float = 0.0):  # type: ignore[no-untyped-def]
+    from service.jobs import JobRunner
+    from service.predictions import Predictions
+
+    database, batcher, activity = DatabaseCalls(), Batcher(model, max_batch=32), Activity(tmp_path / "spill")
+    predictions = Predictions(MemoryPredictionCache(60), batcher, Rows(), activity=activity)  # type: ignore[arg-type]
+    runner = JobRunner(queue, database.run, predictions, 32, [MODEL], LEASE, poll_s=0.05, quiet_s=quiet_s)
+
+    async def close() -> None:
+        await runner.stop()
+        batcher.close()
+        database.close()
+        activity.close()
+
+    return runner, close
+
+
+async def _others_never_take_it(queue: JobQueue, seconds: float) -> None:
+    """Another worker tries to claim the chunk for `seconds` (leases long): it never gets it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        taken = await asyncio.to_thread(queue.claim, "other", timedelta(seconds=30), [MODEL], 3)
+        assert taken is None, f"chunk {taken.chunk} taken from its waiting worker (attempt {taken.attempt})"
+        await asyncio.sleep(0.1)
+
+
+def _attempts(queue: JobQueue, job: str) -> list[int]:
+    from storage.tables import job_chunks
+
+    with queue.engine.connect() as conn:
+        return list(conn.execute(sa.select(job_chunks.c.attempts).where(job_chunks.c.job_id == job)).scalars())
+
+
+def _status(queue: JobQueue, job: str) -> str | None:
+    return (queue.status(job, None) or {}).get("status")
+
+
+@pytest.mark.anyio
+async def test_a_chunk_keeps_its_lease_while_its_sub_batch_waits_in_the_background_lane(
+    queue: JobQueue, tmp_path: Path
+) -> None:
+    """A forward call slower than the lease (the nice-19 lane beside busy processes) does not cost
+    the chunk its lease, nor an attempt: before, three such waits failed a healthy job."""
+    model = Gated()
+    runner, close = _runner(queue, model, tmp_path)
+    runner.start()
+    try:
+        job = queue.submit([f"text {i}" for i in range(40)], MODEL, "c", "t" * 64, chunk_texts=40)
+        await _until(model.started.is_set)  # its first sub-batch in the lane, the second behind it
+        await _others_never_take_it(queue, 3 * LEASE.total_seconds())
+        model.go.set()
+        await _until(lambda: _status(queue, job) == "done")
+    finally:
+        model.go.set()
+        await close()
+    assert _attempts(queue, job) == [1] and queue.workers(job) == {runner.worker: 1}
+
+
+@pytest.mark.anyio
+async def test_a_chunk_keeps_its_lease_while_it_waits_for_a_quiet_instance(queue: JobQueue, tmp_path: Path) -> None:
+    """Interactive traffic longer than the lease holds a claimed chunk back without costing it
+    its lease or an attempt."""
+    model = Model()
+    runner, close = _runner(queue, model, tmp_path, quiet_s=QUIET_S)
+    other_worker = Activity(tmp_path / "spill")  # another worker of the instance, serving requests
+    busy = True
+
+    async def traffic() -> None:
+        while busy:
+            other_worker.mark()
+            await asyncio.sleep(0.02)
+
+    marking = asyncio.ensure_future(traffic())
+    runner.start()
+    try:
+        job = queue.submit([f"text {i}" for i in range(40)], MODEL, "c", "t" * 64, chunk_texts=40)
+        await _until(lambda: _status(queue, job) == "running")  # claimed, waiting for a quiet moment
+        await _others_never_take_it(queue, 3 * LEASE.total_seconds())
+        assert model.calls == []  # nothing scored while the instance was busy
+        busy = False
+        await _until(lambda: _status(queue, job) == "done")
+    finally:
+        busy = False
+        await marking
+        await close()
+        other_worker.close()
+    assert _attempts(queue, job) == [1] and queue.workers(job) == {runner.worker: 1}
+
+
+@pytest.mark.anyio
+async def test_a_hung_sub_batch_leaves_its_chunk_to_another_worker(
+    queue: JobQueue, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease is kept only while the chunk's sub-batches come back: one in the lane for
+    HUNG_LEASES leases is taken for hung, and its chunk's lease runs out (another worker's now)."""
+    from service import jobs as job_module
+    from storage.jobs import Result
+
+    monkeypatch.setattr(job_module, "HUNG_LEASES", 2)
+    model = Gated()
+    runner, close = _runner(queue, model, tmp_path)
+    runner.start()
+    try:
+        job = queue.submit([f"text {i}" for i in range(40)], MODEL, "c", "t" * 64, chunk_texts=40)
+        await _until(model.started.is_set)
+        taken = []
+
+        async def claimed() -> bool:
+            taken.append(await asyncio.to_thread(queue.claim, "other", timedelta(seconds=30), [MODEL], 3))
+            return taken[-1] is not None
+
+        async with asyncio.timeout(20):
+            while not await claimed():
+                await asyncio.sleep(0.1)
+        chunk = taken[-1]
+        assert chunk.attempt == 2
+        model.go.set()  # the hung call returns: its worker finds the chunk another's and stops
+        assert queue.complete(chunk, [Result("positive", 0.9, 0.1, 0.9) for _ in chunk.texts])
+        assert _status(queue, job) == "done"
+    finally:
+        model.go.set()
+        await close()
+    assert queue.workers(job) == {"other": 1}
