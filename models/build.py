@@ -53,7 +53,7 @@ def build(
 ) -> list[str]:
     """Build and store both models; return their tags."""
     from models import runtime, store
-    from models.evaluate import evaluate, table
+    from models.evaluate import calibrate, evaluate, table
     from models.optimize import export_onnx_int8
     from models.train import TrainConfig, train
 
@@ -83,6 +83,13 @@ def build(
 
         log("[3/5] exporting the optimized version: ONNX graph, dynamic int8 weights")
         export_onnx_int8(fp32_dir, int8_dir)
+
+        calibration = read_jsonl(corpus.calibration)[: settings.eval_limit]
+        temperatures = [calibrate(folder, calibration) for folder in (fp32_dir, int8_dir)]
+        log(
+            f"      temperatures fitted on {len(calibration)} held-out texts: "
+            + ", ".join(f"{n} {t:.3f}" for n, t in zip(names, temperatures, strict=True))
+        )
 
         log("[4/5] evaluating both models side by side")
         datasets = {

@@ -33,8 +33,11 @@ from models.sources import (
 
 DEFAULT_DATA_DIR = Path("var/data")
 # Bumped whenever the way the corpus is assembled changes, so a cached corpus is rebuilt.
-CORPUS_FORMAT = 2
+CORPUS_FORMAT = 3
 VALIDATION_SIZE = 2000
+# Held out of the training mix (stratified like validation) to fit the models' temperature on:
+# texts of the training domains the model has not learnt from, and not any set it is judged on.
+CALIBRATION_SIZE = 2000
 # A whole source kept out of training and validation: the model is judged on product reviews it
 # has never seen a sentence of, as a check on how it does beyond its training domains.
 OUT_OF_SOURCE = ("vader_amazon",)
@@ -239,6 +242,10 @@ class Corpus:
         return self.root / "reviews_test.jsonl"
 
     @property
+    def calibration(self) -> Path:
+        return self.root / "calibration.jsonl"
+
+    @property
     def encoder(self) -> Path:
         return self.root / "base-encoder"
 
@@ -289,13 +296,14 @@ def prepare(data_dir: Path = DEFAULT_DATA_DIR, log=print) -> Corpus:
     pool = [ex for ex in examples if ex.source not in OUT_OF_SOURCE and ex.source not in REVIEW_SOURCES]
     train, validation = split(pool)
     reviews, reviews_test = held_out(reviews, REVIEW_TEST_PER_LABEL)
-    train = sorted(train + cap(reviews, TRAIN_CAPS), key=lambda ex: _rank(ex.text))
+    train, calibration = split(train + cap(reviews, TRAIN_CAPS), CALIBRATION_SIZE)
 
     root.mkdir(parents=True, exist_ok=True)
     write_jsonl(root / "train.jsonl", train)
     write_jsonl(root / "validation.jsonl", validation)
     write_jsonl(root / "out_of_source.jsonl", out_of_source)
     write_jsonl(root / "reviews_test.jsonl", reviews_test)
+    write_jsonl(root / "calibration.jsonl", calibration)
     encoder = PACKAGES[ENCODER_PACKAGE]
     manifest = {
         "spec": spec,
@@ -314,6 +322,7 @@ def prepare(data_dir: Path = DEFAULT_DATA_DIR, log=print) -> Corpus:
                 ("validation", validation),
                 ("out_of_source", out_of_source),
                 ("reviews_test", reviews_test),
+                ("calibration", calibration),
             )
         },
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from collections import defaultdict
@@ -43,6 +44,51 @@ def expected_calibration_error(confidences: Sequence[float], correct: Sequence[b
         if mask.any():
             total += mask.sum() / conf.size * abs(conf[mask].mean() - hit[mask].mean())
     return float(total)
+
+
+def fit_temperature(logits: np.ndarray, labels: Sequence[int]) -> float:
+    """The temperature T minimising the negative log-likelihood of softmax(logits / T) on a
+    held-out set (Guo et al., 2017). One number for all classes, so the ranking of the classes,
+    and with it every label and the accuracy, is unchanged; only the scores stop being over- or
+    under-confident. The loss is convex in log T, so a golden-section search over a bracket
+    finds it (scipy's `minimize_scalar` does the same, and is not worth a dependency here)."""
+    target = np.asarray(labels, dtype=int)
+    z = np.asarray(logits, dtype=np.float64)
+    rows = np.arange(len(target))
+
+    def nll(log_t: float) -> float:
+        scaled = z / math.exp(log_t)
+        scaled -= scaled.max(axis=1, keepdims=True)
+        log_p = scaled - np.log(np.exp(scaled).sum(axis=1, keepdims=True))
+        return float(-log_p[rows, target].mean())
+
+    lo, hi = math.log(0.05), math.log(20.0)
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = nll(a), nll(b)
+    while hi - lo > 1e-4:
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = nll(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = nll(b)
+    return float(math.exp((lo + hi) / 2))
+
+
+def calibrate(model_dir: Path, examples: Sequence[Example]) -> float:
+    """Fit the model folder's temperature on `examples` (held out from training and from every
+    set it is judged on) and record it in its model.json; the temperature."""
+    from models.runtime import load_dir, set_temperature
+
+    predictor = load_dir(model_dir, Path(model_dir).name)
+    predictor.temperature = 1.0
+    logits = predictor.logits([ex.text for ex in examples])
+    temperature = fit_temperature(logits, [predictor.labels.index(ex.label) for ex in examples])
+    set_temperature(model_dir, temperature)
+    return temperature
 
 
 def score(predictor: Predictor, examples: Sequence[Example]) -> dict:

@@ -23,12 +23,14 @@ def export_onnx_int8(torch_dir: Path, out_dir: Path, quantize: bool = True) -> P
     """Export the PyTorch model in `torch_dir` to ONNX, quantize it, and write a model folder."""
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from models.classifier import load_classifier
 
     info = read_info(torch_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(torch_dir))
     # Eager attention exports to plain ONNX ops; the SDPA path traces shape-specific masks.
-    model = AutoModelForSequenceClassification.from_pretrained(str(torch_dir), attn_implementation="eager").eval()
+    model = load_classifier(torch_dir, attn_implementation="eager").eval()
     sample = tokenizer(
         ["a short text", "a somewhat longer text to give the tracer two lengths"],
         padding=True,

@@ -81,14 +81,28 @@ def read_info(model_dir: Path) -> dict[str, Any]:
 
 
 def write_info(
-    model_dir: Path, runtime: str, labels: Sequence[str], max_length: int, head_tokens: int | None = None
+    model_dir: Path,
+    runtime: str,
+    labels: Sequence[str],
+    max_length: int,
+    head_tokens: int | None = None,
+    temperature: float | None = None,
 ) -> None:
     """The folder's model.json; `head_tokens` (how a long text is cut, `head_and_tail`) is
-    left out for a plain cut, as folders written before it have it."""
-    info = {"runtime": runtime, "labels": list(labels), "max_length": max_length}
+    left out for a plain cut, and `temperature` (what the logits are divided by before the
+    softmax, `models.evaluate.fit_temperature`) when it is 1, as folders written before them have it."""
+    info: dict[str, Any] = {"runtime": runtime, "labels": list(labels), "max_length": max_length}
     if head_tokens is not None and head_tokens < max_length:
         info["head_tokens"] = head_tokens
+    if temperature is not None and temperature != 1.0:
+        info["temperature"] = round(float(temperature), 4)
     (Path(model_dir) / MODEL_INFO).write_text(json.dumps(info, indent=2))
+
+
+def set_temperature(model_dir: Path, temperature: float) -> None:
+    """Record a fitted temperature in the folder's model.json, the rest kept."""
+    info = read_info(model_dir)
+    write_info(model_dir, info["runtime"], info["labels"], info["max_length"], info.get("head_tokens"), temperature)
 
 
 def quiet_transformers() -> None:
@@ -141,6 +155,7 @@ class _Predictor:
         self.labels: tuple[str, ...] = tuple(info["labels"])
         self.max_length: int = int(info["max_length"])
         self.head_tokens: int = int(info.get("head_tokens", self.max_length))
+        self.temperature: float = float(info.get("temperature", 1.0))
         self.threads = threads
         # The Rust tokenizer the folder was saved with (tokenizer.json, which transformers' fast
         # tokenizer loads unchanged), with truncation and padding set once: its batch call skips
@@ -228,7 +243,8 @@ class _Predictor:
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         if not texts:
             return []
-        probs = _softmax(self.logits(texts))
+        logits = self.logits(texts)
+        probs = _softmax(logits / self.temperature if self.temperature != 1.0 else logits)
         results = []
         for row in probs:
             best = int(row.argmax())
@@ -278,7 +294,7 @@ class TorchPredictor(_Predictor):
             self._take_inputs(json.loads(recorded[TRACE_INPUTS]))
             _map_weights(self.model, self.model_dir / TORCH_WEIGHTS)
         else:
-            from transformers import AutoModelForSequenceClassification
+            from models.classifier import load_classifier
 
             log.warning(
                 "%s: no %s, loading through transformers (more memory per worker; runtime.trace_torch writes it)",
@@ -286,7 +302,7 @@ class TorchPredictor(_Predictor):
                 TORCHSCRIPT,
             )
             quiet_transformers()
-            self.model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+            self.model = load_classifier(model_dir).eval()
             self._take_inputs(self._tokenizer_inputs())
 
     def _forward(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
@@ -321,10 +337,11 @@ def trace_torch(model_dir: Path) -> Path:
     """Write the TorchScript trace of the folder's classifier (its logits) beside its weights,
     checked against the eager model on a batch of another shape than the one traced."""
     import torch
-    from transformers import AutoModelForSequenceClassification
+
+    from models.classifier import load_classifier
 
     quiet_transformers()
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir)).eval()
+    model = load_classifier(model_dir).eval()
     encoder = _Predictor(Path(model_dir), "trace", 1)
     names = encoder._tokenizer_inputs()
     encoder._take_inputs(names)

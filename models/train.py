@@ -14,9 +14,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 from models import cpus  # noqa: E402
+from models.classifier import new_classifier  # noqa: E402
 from models.data import LABELS, Example  # noqa: E402
 from models.runtime import head_and_tail, quiet_transformers  # noqa: E402
 
@@ -42,7 +43,7 @@ class TrainConfig:
     precision: str = "auto"
     # The word-embedding matrix (11.7M of the encoder's 22.7M weights) stays as pre-trained: its
     # dense gradient and optimizer update were a quarter of each step's time.
-    freeze_word_embeddings: bool = True
+    freeze_word_embeddings: bool = False
     # A text longer than max_length keeps its first head_tokens and its last tokens (as served).
     head_tokens: int = 16
     # The saved weights are the mean of snapshots taken every average_every steps over the last
@@ -89,14 +90,11 @@ def length_grouped_batches(lengths: list[int], cfg: TrainConfig, rng: random.Ran
 
 
 def load_base(encoder_dir: Path):
-    """Tokenizer and a fresh two-label classifier on top of the base encoder."""
+    """Tokenizer and a fresh two-label classifier on top of the base encoder (models/classifier.py)."""
     quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(encoder_dir),
-        num_labels=len(LABELS),
-        id2label=ID2LABEL,
-        label2id={v: k for k, v in ID2LABEL.items()},
+    model = new_classifier(
+        encoder_dir, num_labels=len(LABELS), id2label=ID2LABEL, label2id={v: k for k, v in ID2LABEL.items()}
     )
     return tokenizer, model
 

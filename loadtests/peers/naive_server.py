@@ -21,21 +21,23 @@ from starlette.routing import Route
 def build_app() -> Starlette:
     import bentoml
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from models.classifier import load_classifier
     from models.runtime import read_info
 
     torch.set_num_threads(1)
     folder = bentoml.models.get(os.environ["PEER_MODEL"]).path
-    max_length = int(read_info(Path(folder))["max_length"])
+    info = read_info(Path(folder))
+    max_length, temperature = int(info["max_length"]), float(info.get("temperature", 1.0))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    model = load_classifier(Path(folder)).eval()
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
 
     def forward(text: str) -> dict:
         with torch.inference_mode():
             enc = tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
-            probs = model(**enc).logits.softmax(-1)[0].tolist()
+            probs = (model(**enc).logits / temperature).softmax(-1)[0].tolist()
         best = max(range(len(probs)), key=probs.__getitem__)
         return {"label": labels[best], "score": probs[best], "probabilities": dict(zip(labels, probs, strict=True))}
 

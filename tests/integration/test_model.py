@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import bentoml
+import numpy as np
 import pytest
 
 from models import data, runtime, store
@@ -51,13 +52,34 @@ def test_build_stores_both_models_with_metadata(quick_models: list[str]) -> None
         assert meta["training"]["steps"] == 80
         assert 0.5 < meta["evaluation"]["datasets"]["validation"]["accuracy"] <= 1.0
         assert meta["evaluation"]["batch32_ms"] > 0
+        # fitted on the held-out calibration split, recorded with the folder and applied
+        assert 0.05 < meta["temperature"] < 20 and meta["temperature"] != 1.0
+        assert runtime.load(tag, threads=1).temperature == meta["temperature"]
+
+
+def test_temperature_changes_scores_not_labels(quick_models: list[str], tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(store.path_of(quick_models[1]), folder)
+    texts = [*NEGATIVE, *POSITIVE]
+    runtime.set_temperature(folder, 1.0)
+    plain = runtime.load_dir(folder, threads=1).predict(texts)
+    runtime.set_temperature(folder, 4.0)
+    assert runtime.read_info(folder)["temperature"] == 4.0
+    softer = runtime.load_dir(folder, threads=1).predict(texts)
+    assert [p.label for p in softer] == [p.label for p in plain]
+    for a, b in zip(plain, softer, strict=True):
+        assert 0.5 <= b.score < a.score
+        logit_gap = np.log(a.score / (1 - a.score))
+        assert np.log(b.score / (1 - b.score)) == pytest.approx(logit_gap / 4, rel=1e-3)
 
 
 def test_corpus_manifest_counts(quick_models: list[str]) -> None:
     manifest = store.metadata_of(quick_models[0])["data"]
     splits = manifest["splits"]
-    assert 55_000 < splits["train"]["total"] + splits["validation"]["total"] < 62_000
+    assert 55_000 < sum(splits[s]["total"] for s in ("train", "calibration", "validation")) < 64_000
     assert 1900 <= splits["validation"]["total"] <= 2100
+    assert 1900 <= splits["calibration"]["total"] <= 2100
+    assert set(splits["calibration"]["by_source"]) <= set(splits["train"]["by_source"])
     assert set(splits["out_of_source"]["by_source"]) == set(data.OUT_OF_SOURCE)
     assert not set(data.OUT_OF_SOURCE) & set(splits["train"]["by_source"])
     # the review sources train the model and have a test split, but stay out of validation

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 
 from models.data import Example
-from models.evaluate import expected_calibration_error, score, table
+from models.evaluate import expected_calibration_error, fit_temperature, score, table
 from models.runtime import Prediction
 
 
@@ -106,3 +107,16 @@ def test_metadata_is_made_storable() -> None:
 
     cfg = {"max_steps": None, "epochs": 1.0, "nested": {"a": None, "b": [1, None, {"c": None}]}}
     assert storable(cfg) == {"epochs": 1.0, "nested": {"b": [1, {}]}}
+
+
+@pytest.mark.parametrize("true_temperature", [0.5, 1.0, 3.0])
+def test_fit_temperature_recovers_how_far_logits_were_scaled(true_temperature: float) -> None:
+    """Labels drawn from softmax(z), logits shown as z * T: the fit finds T again, and the
+    ranking (every label) is the same after dividing by it."""
+    rng = np.random.default_rng(7)
+    z = rng.normal(0, 2.5, size=(20_000, 2))
+    p_positive = 1 / (1 + np.exp(z[:, 0] - z[:, 1]))
+    labels = (rng.random(len(z)) < p_positive).astype(int)
+    fitted = fit_temperature(z * true_temperature, labels)
+    assert fitted == pytest.approx(true_temperature, rel=0.06)
+    assert ((z * true_temperature / fitted).argmax(1) == z.argmax(1)).all()
