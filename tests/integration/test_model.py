@@ -57,6 +57,31 @@ def test_build_stores_both_models_with_metadata(quick_models: list[str]) -> None
         assert runtime.load(tag, threads=1).temperature == meta["temperature"]
 
 
+def test_the_head_is_the_masked_mean_and_cls_folders_still_load(quick_models: list[str], tmp_path: Path) -> None:
+    """A text's logits do not depend on the padding beside it (the mean counts its own tokens
+    only), and a folder of transformers' [CLS] classifier (own models, 0.2's) loads as that."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from models.classifier import POOLING_KEY, MeanPooledClassifier, load_classifier
+
+    folder = Path(store.path_of(quick_models[0]))
+    model = load_classifier(folder).eval()
+    assert isinstance(model, MeanPooledClassifier)
+    assert json.loads((folder / "config.json").read_text())[POOLING_KEY] == "mean"
+    tokenizer = runtime.load_dir(folder, threads=1).tokenizer
+    with torch.inference_mode():
+        alone = model(**tokenizer(["Dull."], return_tensors="pt")).logits[0]
+        padded = model(**tokenizer(["Dull.", runtime.WARM_UP_TEXT], padding=True, return_tensors="pt")).logits[0]
+    assert torch.allclose(alone, padded, atol=1e-4)
+
+    cls_folder = tmp_path / "cls"
+    BertForSequenceClassification(
+        BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(cls_folder)
+    assert type(load_classifier(cls_folder)) is BertForSequenceClassification
+
+
 def test_temperature_changes_scores_not_labels(quick_models: list[str], tmp_path: Path) -> None:
     folder = tmp_path / "model"
     shutil.copytree(store.path_of(quick_models[1]), folder)
