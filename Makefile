@@ -1,6 +1,8 @@
 # The verbs the README names. Everything runs from the project venv (.venv).
 SHELL := /bin/bash
-PYTHON ?= python3
+# The project runs on Python 3.11: python3 when it is 3.11, else a python3.11 on the PATH.
+PYTHON ?= $(shell for p in python3 python3.11; do $$p -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' \
+	2>/dev/null && { echo $$p; break; }; done)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BENTOML := $(VENV)/bin/bentoml
@@ -22,9 +24,21 @@ PROFILE ?= full
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install lock audit model eval serve migrate bento test lint bench bench-analytics loadtest chaos abuse prometheus image up down test-containers
+.PHONY: preflight install lock audit model eval serve migrate bento test lint bench bench-analytics loadtest chaos abuse prometheus image up down test-containers
+
+# The pins a fresh machine most often cannot meet, checked in seconds before anything installs.
+TORCH_PIN := $(shell grep -m1 '^torch==' $(LOCK_DEV) | cut -d' ' -f1)
+preflight:  ## checks make install runs first: Python 3.11, and a source for the locked CPU build of torch
+	@[ -n "$(PYTHON)" ] || { echo "error: this project needs Python 3.11 and found none (python3 is" \
+		"$$(python3 -V 2>&1)). Install python3.11 (with its venv module) or name it: make ... PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' 2>/dev/null || { echo "error: PYTHON=$(PYTHON)" \
+		"is $$($(PYTHON) -V 2>&1); this project needs Python 3.11: make ... PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@if $(PYTHON) -m pip --version >/dev/null 2>&1 && ! $(PYTHON) -m pip install --dry-run --no-deps --ignore-installed \
+		--quiet $(TORCH_INDEX) "$(TORCH_PIN)" >/dev/null 2>&1; then echo "error: pip finds no $(TORCH_PIN), the CPU build of" \
+		"PyTorch the lock pins. Name PyTorch's CPU wheel index: make ... TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" >&2; exit 1; fi
 
 $(STAMP): pyproject.toml $(LOCK_DEV)
+	@$(MAKE) --no-print-directory preflight
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# Every package at its locked version, each file checked against the lock's hashes; torch is
 	@# locked to its CPU build, found through pip's find-links or TORCH_INDEX_URL (README, Upgrading).
