@@ -15,7 +15,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, BertModel, BertPreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    BertModel,
+    BertPreTrainedModel,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 POOLING_KEY = "classifier_pooling"
@@ -44,6 +50,8 @@ class MeanPooledClassifier(BertPreTrainedModel):
         labels: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> SequenceClassifierOutput:
+        if input_ids is None:
+            raise ValueError("the classifier takes input_ids")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         hidden = self.bert(
@@ -58,7 +66,7 @@ class MeanPooledClassifier(BertPreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def new_classifier(encoder_dir: Path, **settings: Any) -> nn.Module:
+def new_classifier(encoder_dir: Path, **settings: Any) -> PreTrainedModel:
     """A fresh mean-pooled classifier on the base encoder's weights (`settings`: its config's
     labels); the head is recorded in its config for `load_classifier`."""
     config = AutoConfig.from_pretrained(str(encoder_dir), **settings)
@@ -66,7 +74,7 @@ def new_classifier(encoder_dir: Path, **settings: Any) -> nn.Module:
     return MeanPooledClassifier.from_pretrained(str(encoder_dir), config=config)
 
 
-def load_classifier(model_dir: Path, **kwargs: Any) -> nn.Module:
+def load_classifier(model_dir: Path, **kwargs: Any) -> PreTrainedModel:
     """A fine-tuned classifier folder, with the head its config.json names ([CLS] when none)."""
     config = AutoConfig.from_pretrained(str(model_dir))
     if getattr(config, POOLING_KEY, None) == MEAN:

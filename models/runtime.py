@@ -425,7 +425,7 @@ def default_threads() -> int:
     return cpus.available().cpus
 
 
-def load_dir(model_dir: Path, name: str | None = None, threads: int | None = None) -> Predictor:
+def load_dir(model_dir: Path, name: str | None = None, threads: int | None = None) -> _Predictor:
     """A predictor for the model folder, with the runtime `model.json` names."""
     runtime = read_info(model_dir)["runtime"]
     if runtime not in RUNTIMES:
