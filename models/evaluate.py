@@ -84,8 +84,7 @@ def calibrate(model_dir: Path, examples: Sequence[Example]) -> float:
     from models.runtime import load_dir, set_temperature
 
     predictor = load_dir(model_dir, Path(model_dir).name)
-    predictor.temperature = 1.0
-    logits = predictor.logits([ex.text for ex in examples])
+    logits = predictor.logits([ex.text for ex in examples])  # raw: the temperature is predict's
     temperature = fit_temperature(logits, [predictor.labels.index(ex.label) for ex in examples])
     set_temperature(model_dir, temperature)
     return temperature

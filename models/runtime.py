@@ -243,8 +243,7 @@ class _Predictor:
     def predict(self, texts: Sequence[str]) -> list[Prediction]:
         if not texts:
             return []
-        logits = self.logits(texts)
-        probs = _softmax(logits / self.temperature if self.temperature != 1.0 else logits)
+        probs = _softmax(self.logits(texts) / self.temperature)
         results = []
         for row in probs:
             best = int(row.argmax())
