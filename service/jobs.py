@@ -639,7 +639,7 @@ class JobRunner:
             try:
                 kept = await self.db(self.queue.renew, chunk, self.worker, self.lease)
             except Exception as exc:  # the database unavailable: tried again at the next turn
-                log.debug("job %s chunk %s: lease not renewed (%s)", chunk.job_id, chunk.chunk, exc)
+                log.warning("job %s chunk %s: lease not renewed (%s)", chunk.job_id, chunk.chunk, exc)
                 continue
             if not kept:
                 lost.set()
