@@ -32,12 +32,9 @@ class DatabaseCalls:
         self._unfinished = 0
         self._lock = threading.Lock()
 
-    def _tracked(self, call: Callable[..., T], *args: object) -> T:
-        try:
-            return call(*args)
-        finally:
-            with self._lock:
-                self._unfinished -= 1
+    def _finished(self, _: object) -> None:
+        with self._lock:
+            self._unfinished -= 1
 
     async def run(self, call: Callable[..., T], *args: object, timeout_s: float | None = None) -> T:
         """`call(*args)` on the pool; ApiError 503 when the database fails, is slow or is stuck."""
@@ -46,13 +43,24 @@ class DatabaseCalls:
                 raise ApiError(503, "analytics database not answering, retry later", {"Retry-After": "5"})
             self._unfinished += 1
         try:
-            future = asyncio.get_running_loop().run_in_executor(self._pool, self._tracked, call, *args)
-            return await asyncio.wait_for(future, timeout_s or self.timeout_s)
+            # counted out when the call ends, or when a timeout cancels it before it started
+            try:
+                submitted = self._pool.submit(call, *args)
+            except RuntimeError:  # the pool is shut down: the service is stopping
+                self._finished(None)
+                raise ApiError(503, "service stopping, retry later", {"Retry-After": "5"}) from None
+            submitted.add_done_callback(self._finished)
+            return await asyncio.wait_for(asyncio.wrap_future(submitted), timeout_s or self.timeout_s)
         except TimeoutError as exc:
             raise ApiError(503, "analytics database not answering, retry later", {"Retry-After": "5"}) from exc
         except SQLAlchemyError as exc:
             log.warning("analytics database call failed: %s", exc)
             raise ApiError(503, "analytics database unavailable, retry later", {"Retry-After": "5"}) from exc
+
+    @property
+    def unfinished(self) -> int:
+        """Calls submitted and neither finished nor cancelled before they started."""
+        return self._unfinished
 
     @property
     def stuck(self) -> bool:

@@ -481,6 +481,8 @@ class JobRunner:
         # the wait for a quiet instance (_keep_lease)
         self._alive_at = 0.0
         self._stats_at = self._expired_at = 0.0
+        self._claim_warned_at = -60.0
+        self._claim_failures = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="job-runner")
@@ -523,13 +525,15 @@ class JobRunner:
                 await self._upkeep()
                 # a chunk is leased while no interactive text waits; each sub-batch of it waits for a quiet moment
                 idle = self.predictions.batcher.queued_texts() == 0
+                # sole: this worker holds no chunk now, so the claim first queues again one it
+                # took in a call that timed out here after it committed (not counted an attempt)
                 chunk = (
-                    await self.db(self.queue.claim, self.worker, self.lease, self.models, self.max_attempts)
+                    await self.db(self.queue.claim, self.worker, self.lease, self.models, self.max_attempts, True)
                     if idle
                     else None
                 )
-            except Exception as exc:  # the database is down: try again later
-                log.debug("no job chunk claimed: %s", exc)
+            except Exception as exc:  # the database is down or slow: try again later
+                self._claim_failed(exc)
                 chunk = None
             if chunk is None:
                 await asyncio.sleep(self.poll_s)
@@ -544,6 +548,17 @@ class JobRunner:
                     await self.db(self.queue.give_back, chunk, self.worker)
             except Exception as exc:
                 await self._failed(chunk, exc)
+
+    def _claim_failed(self, exc: Exception) -> None:
+        """A warning a minute at most while claims fail (each poll tries again)."""
+        self._claim_failures += 1
+        now = time.monotonic()
+        if now - self._claim_warned_at >= 60:
+            self._claim_warned_at = now
+            log.warning(
+                "no job chunk claimed (%d failed claim(s) since the last warning): %s", self._claim_failures, exc
+            )
+            self._claim_failures = 0
 
     async def _failed(self, chunk: Chunk, exc: Exception) -> None:
         """A chunk's attempt failed: queued again, or its job failed after JOB_MAX_ATTEMPTS. One

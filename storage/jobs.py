@@ -276,12 +276,18 @@ class JobQueue:
 
     # --- workers ---------------------------------------------------------------------------
 
-    def claim(self, worker: str, lease: timedelta, models: Sequence[str], max_attempts: int) -> Chunk | None:
+    def claim(
+        self, worker: str, lease: timedelta, models: Sequence[str], max_attempts: int, sole: bool = False
+    ) -> Chunk | None:
         """Lease a claimable chunk (queued, or leased with its lease run out) of a job whose
         model is one of `models`: the oldest chunk of the client whose jobs were claimed least
         recently (never first), so clients take turns chunk by chunk. A chunk whose lease ran
         out on its last allowed attempt fails its job instead (its status says why), and the
-        next chunk is looked at."""
+        next chunk is looked at.
+
+        `sole`: the worker holds no chunk while it claims, so a chunk leased in its name is one
+        whose claim it never saw answered (the call timed out after it committed). Such a chunk
+        is queued again first, its attempt not counted: left to run out, it would cost one."""
         now = utcnow()
         claimable = sa.or_(
             job_chunks.c.state == "queued", sa.and_(job_chunks.c.state == "leased", job_chunks.c.lease_until < now)
@@ -315,6 +321,9 @@ class JobQueue:
         )
         for _ in range(8):  # past chunks that have used up their attempts
             with self.engine.begin() as conn:
+                if sole:
+                    conn.execute(_requeue(job_chunks.c.worker == worker[:64], job_chunks.c.state == "leased"))
+                    sole = False
                 row = conn.execute(stmt).first()
                 if row is None:
                     return None
@@ -369,11 +378,7 @@ class JobQueue:
         """Queue a chunk again without counting the attempt: its worker could not finish it for
         a reason of its own (the database unavailable), not the chunk's."""
         with self.engine.begin() as conn:
-            conn.execute(
-                job_chunks.update()
-                .where(_this_attempt(chunk, worker))
-                .values(state="queued", lease_until=None, attempts=job_chunks.c.attempts - 1)
-            )
+            conn.execute(_requeue(_this_attempt(chunk, worker)))
 
     def fail_unserved(self, models: Sequence[str], idle: timedelta) -> list[str]:
         """Fail the active jobs whose model is not among `models` and that have not advanced
@@ -404,11 +409,7 @@ class JobQueue:
         """Give a stopping worker's leased chunks back to the queue, in their place, so a restart
         does not wait for the leases to run out; the number of chunks released."""
         with self.engine.begin() as conn:
-            return conn.execute(
-                job_chunks.update()
-                .where(job_chunks.c.worker == worker[:64], job_chunks.c.state == "leased")
-                .values(state="queued", lease_until=None, attempts=job_chunks.c.attempts - 1)  # not the chunk's fault
-            ).rowcount
+            return conn.execute(_requeue(job_chunks.c.worker == worker[:64], job_chunks.c.state == "leased")).rowcount
 
     def active(self, job_id: str) -> bool:
         """False once the job is cancelled (or gone): a worker stops scoring its chunk."""
@@ -523,6 +524,13 @@ def _this_attempt(chunk: Chunk, worker: str) -> sa.ColumnElement[bool]:
         job_chunks.c.state == "leased",
         job_chunks.c.worker == worker[:64],
         job_chunks.c.attempts == chunk.attempt,
+    )
+
+
+def _requeue(*where: sa.ColumnElement[bool]) -> sa.Update:
+    """Queue leased chunks again in their place, their attempt not counted: not their fault."""
+    return (
+        job_chunks.update().where(*where).values(state="queued", lease_until=None, attempts=job_chunks.c.attempts - 1)
     )
 
 

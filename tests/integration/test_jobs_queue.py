@@ -269,3 +269,17 @@ def test_chunks_given_back_or_released_do_not_use_up_attempts(queue: JobQueue) -
     last = _claim(queue, "w", timedelta(seconds=30), max_attempts=1)
     assert last is not None and last.attempt == 1 and queue.complete(last, _score(last.texts))
     assert queue.status(job, TOKEN)["status"] == "done"  # type: ignore[index]
+
+
+def test_a_sole_claim_first_queues_again_a_chunk_its_worker_never_saw_claimed(queue: JobQueue) -> None:
+    """A worker holding no chunk claims with sole=True: a chunk leased in its name is from a claim
+    whose answer it lost (the call timed out), queued again in its place without an attempt."""
+    job = _submit(queue, [f"good {i}" for i in range(20)], "c", chunk_texts=10)
+    lost = _claim(queue, "w", timedelta(minutes=10))
+    assert lost is not None and lost.attempt == 1
+    again = queue.claim("w", timedelta(seconds=30), MODELS, 3, sole=True)
+    assert again is not None and (again.chunk, again.attempt) == (lost.chunk, 1)  # the oldest chunk, uncounted
+    other = queue.claim("x", timedelta(seconds=30), MODELS, 3, sole=True)  # another worker's lease is left alone
+    assert other is not None and other.chunk != again.chunk
+    assert queue.complete(again, _score(again.texts)) and queue.complete(other, _score(other.texts))
+    assert queue.status(job, TOKEN)["status"] == "done"  # type: ignore[index]

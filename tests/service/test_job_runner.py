@@ -22,6 +22,7 @@ from models.runtime import Prediction
 from service.activity import Activity
 from service.batching import Batcher
 from service.database import DatabaseCalls
+from service.errors import ApiError
 from storage import migrate
 from storage.analytics.records import PredictionRecord
 from storage.cache import MemoryPredictionCache
@@ -184,11 +185,12 @@ class Gated(Model):
         return super().__call__(tag, texts)
 
 
-def _runner(queue: JobQueue, model: Model, tmp_path: Path, quiet_s: float = 0.0):  # type: ignore[no-untyped-def]
+def _runner(queue: JobQueue, model: Model, tmp_path: Path, quiet_s: float = 0.0, timeout_s: float = 10.0):  # type: ignore[no-untyped-def]
     from service.jobs import JobRunner
     from service.predictions import Predictions
 
-    database, batcher, activity = DatabaseCalls(), Batcher(model, max_batch=32), Activity(tmp_path / "spill")
+    database = DatabaseCalls(timeout_s=timeout_s)
+    batcher, activity = Batcher(model, max_batch=32), Activity(tmp_path / "spill")
     predictions = Predictions(MemoryPredictionCache(60), batcher, Rows(), activity=activity)  # type: ignore[arg-type]
     runner = JobRunner(queue, database.run, predictions, 32, [MODEL], LEASE, poll_s=0.05, quiet_s=quiet_s)
 
@@ -307,3 +309,56 @@ async def test_a_hung_sub_batch_leaves_its_chunk_to_another_worker(
         model.go.set()
         await close()
     assert queue.workers(job) == {"other": 1}
+
+
+class LateClaims(JobQueue):
+    """A queue whose first `late` claims commit, then answer after `delay_s`: past the caller's
+    timeout (a database slowed by load)."""
+
+    def __init__(self, queue: JobQueue, late: int, delay_s: float) -> None:
+        super().__init__(queue.engine)
+        self.late, self.delay_s = late, delay_s
+
+    def claim(self, *args: Any, **kwargs: Any) -> Any:
+        chunk = super().claim(*args, **kwargs)
+        if chunk is not None and self.late > 0:
+            self.late -= 1
+            time.sleep(self.delay_s)
+        return chunk
+
+
+@pytest.mark.anyio
+async def test_a_claim_answered_after_its_timeout_costs_its_chunk_no_attempt(queue: JobQueue, tmp_path: Path) -> None:
+    """A claim that commits but answers too late leaves a lease its worker never saw: the worker's
+    next claim queues that chunk again, uncounted. Before, each such lease ran out and counted an
+    attempt: three slow claims failed a healthy job ("its lease ran out")."""
+    late = LateClaims(queue, late=3, delay_s=0.6)
+    runner, close = _runner(late, Model(), tmp_path, timeout_s=0.3)
+    runner.start()
+    try:
+        job = queue.submit([f"text {i}" for i in range(40)], MODEL, "c", "t" * 64, chunk_texts=40)
+        await _until(lambda: _status(queue, job) in ("done", "failed"))
+    finally:
+        await close()
+    assert late.late == 0  # the three late claims happened
+    assert (queue.status(job, None) or {}).get("error") is None
+    assert _status(queue, job) == "done" and _attempts(queue, job) == [1]
+
+
+@pytest.mark.anyio
+async def test_a_database_call_given_up_before_it_started_is_not_left_counted() -> None:
+    """Calls queued behind a stuck thread and given up on by their timeout leave the count of
+    unfinished calls, or the service would soon refuse every database call as stuck."""
+    database = DatabaseCalls(threads=1, timeout_s=0.1)
+    release = threading.Event()
+    try:
+        for _ in range(2):  # the stuck call, and one queued behind it
+            with pytest.raises(ApiError):
+                await database.run(release.wait, 5)
+        assert database.unfinished == 1  # the running one; the queued one was cancelled
+        release.set()
+        await _until(lambda: database.unfinished == 0)
+        assert await database.run(lambda: 42) == 42 and not database.stuck
+    finally:
+        release.set()
+        database.close()
