@@ -1,5 +1,5 @@
-"""Bulk jobs in a worker: the runner that scores leased chunks on idle capacity, and the
-parsing of a submitted job's body.
+"""Bulk jobs in a worker: the runner that scores leased chunks on idle capacity (a job's body is
+parsed by service/job_uploads.py, its results streamed by service/job_results.py).
 
 Interactive traffic first: the runner hands the batcher one sub-batch (at most the batcher's
 batch size) at a time, and only while the batcher's queue is empty, so an interactive request
@@ -11,30 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import io
-import json
 import logging
 import os
 import secrets
-import struct
-import tempfile
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
-from typing import IO, Any
+from typing import Any
 
-import ijson
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
 
 from service import metrics
+from service.activity import Activity
+from service.batching import Batcher
 from service.errors import ApiError
 from service.predictions import Predictions
-from service.schemas import check_text
-from storage.jobs import Chunk, JobQueue, Result
+from storage.analytics.records import AnalyticsStore
+from storage.job_leases import Chunk, Result
+from storage.jobs import JobQueue
 
 log = logging.getLogger(__name__)
 # Sub-batches of a chunk in the batcher at once: one running, the next queued behind it.
@@ -46,402 +41,14 @@ IN_FLIGHT = 2
 # traffic, the batcher's full size, the most texts per CPU second.
 LONG_QUIET_S = 1.0
 SMALL_SUB_BATCH = 8
-# The lease of the chunk being scored is renewed every LEASE_RENEWALS-th of JOB_LEASE_SECONDS by
-# a task of its own, whatever the scoring waits for. Renewed only before each sub-batch, it could
-# run out under a healthy worker that was waiting: for a quiet instance (for as long as
-# interactive traffic lasts), or for a forward call in the background lane (at nice 19, beside
-# two busy processes of normal priority a thread got 0.8% of the CPU it gets alone, so one
-# 32-text call can outlast a 10 s lease). Another worker then took the chunk and waited alike,
-# and each such claim counted an attempt: after JOB_MAX_ATTEMPTS of them a healthy job failed
-# ("its lease ran out"). Now a lease runs out when its worker's process or event loop is gone,
-# or when one sub-batch has been in the background lane for HUNG_LEASES leases (a forward call
-# taken for hung: the chunk is left to another worker, as before).
+# A chunk's lease is renewed every LEASE_RENEWALS-th of JOB_LEASE_SECONDS by a task of its own,
+# whatever the scoring waits for, until one sub-batch has been in the background lane for
+# HUNG_LEASES leases (taken for hung: the chunk is left to another worker). Why: docs/decisions.md,
+# "A chunk's lease is kept while its worker lives".
 LEASE_RENEWALS = 3
 HUNG_LEASES = 10
 
 DbCall = Callable[..., Awaitable[Any]]
-
-
-NDJSON_TYPES = ("application/x-ndjson", "application/jsonl")
-# Bytes handed to the parser at once, on a worker thread: a hop per quarter MiB of body.
-FEED_BYTES = 256 * 1024
-# The parser takes a body a step at a time and lets the GIL go between steps, for as long as the
-# step held it (at least YIELD_S): the event loop, waiting for it, runs then instead of after the
-# interpreter's 5 ms switch interval, and a body's parse takes at most half the GIL (make abuse:
-# interactive p95 with eight 64 MiB bodies parsing, x2.04-2.19 of quiet with 50 us yields after
-# each step). A step of tiny texts is about 0.8 ms of CPU, of long texts 0.01 ms: the yields add
-# about a second to the largest body, 64 MiB, of long texts, and double a tiny-texts body's time.
-# A value may run for at most a text's most bytes (MAX_TEXT_CHARS characters of \\uXXXX escapes,
-# surrogate pairs at 12 bytes) plus a step: past that the body holds an oversized text or
-# padding, and is refused before the parser buffers more of it.
-STEP_BYTES = 4 * 1024
-YIELD_S = 0.00005
-# A results page (RESULTS_PAGE lines) takes a few milliseconds to read and encode: the pause
-# after it, as long as it took, is capped here.
-PAGE_PAUSE_S = 0.05
-
-
-class SpooledTexts:
-    """A job's texts as they are parsed, in a temporary file past their first MiB (length-prefixed
-    UTF-8), so a legitimate 64 MiB body costs a worker a MiB of memory, not 64: the texts are read
-    back a batch at a time as they are stored."""
-
-    def __init__(self, memory_bytes: int = 1 << 20) -> None:
-        self.memory_bytes = memory_bytes
-        self._buffer = bytearray()
-        self._file: IO[bytes] | None = None
-        self._count = 0
-
-    def append(self, text: str) -> None:
-        data = text.encode()
-        self._buffer += LENGTH.pack(len(data))
-        self._buffer += data
-        self._count += 1
-        if len(self._buffer) > self.memory_bytes:
-            if self._file is None:
-                # held across the request and closed by the endpoint (close), not a with block
-                self._file = tempfile.TemporaryFile()  # noqa: SIM115
-            self._file.write(self._buffer)
-            self._buffer.clear()
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __iter__(self) -> Iterator[str]:
-        parts: list[IO[bytes]] = [io.BytesIO(self._buffer)]
-        if self._file is not None:
-            self._file.seek(0)
-            parts.insert(0, self._file)
-        for part in parts:
-            while header := part.read(LENGTH.size):
-                (size,) = LENGTH.unpack(header)
-                yield part.read(size).decode()
-        if self._file is not None:
-            self._file.seek(0, io.SEEK_END)
-
-    @property
-    def on_disk(self) -> bool:
-        return self._file is not None
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-LENGTH = struct.Struct("<I")
-
-
-class JobBody:
-    """A job's texts, parsed as its body arrives by ijson's C event parser (yajl, without the
-    event prefixes, whose length grows with the nesting: a body of `[[[[...` built gigabytes of
-    them): `{"texts": [str, ...]}`, or NDJSON, a `{"text": str}` value a line. Each text is checked
-    as it comes, and the body is refused (ApiError 400/413, naming the limit) at the first text
-    past `max_texts`, at a value that runs longer than a text may be, at a value the schema does
-    not allow (nesting included: the schema's depth is two), or past `max_bytes`. Its texts go to
-    a file past their first MiB (SpooledTexts), so a request's memory stays small whatever it
-    sends. Not thread-safe: `feed` and `close` are called one at a time (on a worker thread)."""
-
-    def __init__(self, content_type: str, max_texts: int, max_text_chars: int, max_bytes: int) -> None:
-        self.ndjson = content_type.split(";")[0].strip().lower() in NDJSON_TYPES
-        self.max_texts = max_texts
-        self.max_bytes = max_bytes
-        self.max_value_bytes = 12 * max_text_chars + 1024
-        self.texts = SpooledTexts()
-        self.size = 0
-        self._events = ijson.sendable_list()
-        self._parser = ijson.basic_parse_coro(self._events, multiple_values=self.ndjson)
-        # JSON: start -> object -> key -> array -> end_object -> end.
-        # NDJSON, per line: start -> object -> key -> value -> start.
-        self._state = "start"
-        self._quiet = 0  # bytes fed since the parser last completed a value
-        self._lines = 0  # NDJSON values complete (blank lines are not counted)
-        self._last_step = b""
-
-    @property
-    def _where(self) -> str:
-        return f"line {self._lines + 1}" if self.ndjson else f"texts: item {len(self.texts)}"
-
-    def feed(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.max_bytes:
-            raise ApiError(413, f"request body exceeds {self.max_bytes} bytes (MAX_JOB_BODY_BYTES)")
-        held = 0.0
-        for at in range(0, len(data), STEP_BYTES):
-            step = data[at : at + STEP_BYTES]
-            if at:
-                time.sleep(max(YIELD_S, held))
-            began = time.thread_time()  # this thread's CPU: not the time it waited for the GIL
-            self._send(step)
-            self._last_step = step
-            if self._events:
-                self._quiet = 0
-                self._take_events()
-            else:
-                self._quiet += len(step)
-                if self._quiet > self.max_value_bytes:
-                    raise _invalid(f"{self._where}: a value runs past {self.max_value_bytes} bytes (MAX_TEXT_CHARS)")
-            held = time.thread_time() - began
-
-    def close(self) -> SpooledTexts:
-        """The texts, once the whole body is in."""
-        try:
-            self._parser.close()
-        except ijson.JSONError:
-            self._take_events()  # the values before the error first: their error, or its place
-            # yajl's end of a stream of values with nothing after the last one but whitespace
-            # (or nothing at all): NDJSON that ended where it should
-            tail = self._last_step.rstrip()
-            if not (self.ndjson and self._state == "start" and (not tail or tail.endswith(b"}"))):
-                raise self._not_json() from None
-        self._take_events()
-        if self._state != ("start" if self.ndjson else "end"):
-            raise _invalid(_LINE if self.ndjson else _SHAPE)
-        if not self.texts:
-            raise _invalid(f"texts: must hold 1 to {self.max_texts} texts (MAX_JOB_TEXTS), got 0")
-        return self.texts
-
-    def _send(self, data: bytes) -> None:
-        try:
-            self._parser.send(data)
-        except ijson.JSONError:
-            self._take_events()
-            raise self._not_json() from None
-
-    def _not_json(self) -> ApiError:
-        return _invalid(f"{self._where}: not valid JSON" if self.ndjson else "body: request body is not valid JSON")
-
-    def _take_events(self) -> None:
-        """The parser's events so far: the common ones (a text of the array, a whole
-        `{"text": str}` line) in a tight loop, the rest one at a time through the state machine
-        (a 64 MiB body of tiny texts costs about half the CPU this way)."""
-        events, i, n = self._events, 0, len(self._events)
-        step = self._line_event if self.ndjson else self._json_event
-        add = self._add
-        while i < n:
-            if self.ndjson and self._state == "start" and i + 3 < n:
-                a, b, c, d = events[i], events[i + 1], events[i + 2], events[i + 3]
-                if a == _START_MAP and b == _TEXT_KEY and c[0] == "string" and d == _END_MAP:
-                    add(c[1])
-                    self._lines += 1
-                    i += 4
-                    continue
-            elif not self.ndjson and self._state == "array" and events[i][0] == "string":
-                add(events[i][1])
-                i += 1
-                continue
-            step(*events[i])
-            i += 1
-        del events[:]
-
-    def _json_event(self, event: str, value: Any) -> None:
-        state = self._state
-        if state == "array" and event == "string":
-            self._add(value)
-        elif state == "array" and event == "end_array":
-            self._state = "end_object"
-        elif state == "array":
-            raise _invalid(f"{self._where}: must be a string")
-        elif (state, event) == ("start", "start_map"):
-            self._state = "object"
-        elif (state, event, value) == ("object", "map_key", "texts"):
-            self._state = "key"
-        elif (state, event) == ("key", "start_array"):
-            self._state = "array"
-        elif (state, event) == ("end_object", "end_map"):
-            self._state = "end"
-        else:
-            raise _invalid(_SHAPE)
-
-    def _line_event(self, event: str, value: Any) -> None:
-        state = self._state
-        if (state, event) == ("key", "string"):
-            self._add(value)
-            self._state = "value"
-        elif (state, event) == ("start", "start_map"):
-            self._state = "object"
-        elif (state, event, value) == ("object", "map_key", "text"):
-            self._state = "key"
-        elif (state, event) == ("value", "end_map"):
-            self._state = "start"
-            self._lines += 1
-        else:
-            raise _invalid(f"{self._where}: {_LINE}")
-
-    def _add(self, text: str) -> None:
-        if len(self.texts) >= self.max_texts:
-            raise _invalid(f"texts: must hold 1 to {self.max_texts} texts (MAX_JOB_TEXTS), got more")
-        try:
-            self.texts.append(check_text(text))
-        except ValueError as exc:
-            raise _invalid(f"{self._where}: {exc}") from None
-
-
-_LINE = 'expected {"text": str}'
-_START_MAP, _END_MAP, _TEXT_KEY = ("start_map", None), ("end_map", None), ("map_key", "text")
-_SHAPE = 'texts: expected {"texts": [str, ...]}'
-
-
-def _invalid(message: str) -> ApiError:
-    return ApiError(400, f"invalid request: {message}")
-
-
-# One body parsed at a time per worker: its thread holds the GIL while it parses, and more than
-# one such thread per worker kept the event loop from interactive requests (make abuse: eight
-# 64 MiB bodies at once). A body waiting here is not read meanwhile, so it costs no memory.
-_PARSING: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
-# Likewise one page of job results read and encoded at a time per worker (ResultsStream).
-_READING: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
-
-
-async def _feed(body: JobBody, data: bytes) -> None:
-    parsing = _PARSING.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(1))
-    async with parsing:
-        fed = asyncio.ensure_future(asyncio.to_thread(body.feed, data))
-        try:
-            await asyncio.shield(fed)
-        except asyncio.CancelledError:
-            # a thread cannot be stopped: the next body waits until this one's step is done,
-            # and the endpoint closes the texts' file only after it
-            await asyncio.wait({fed})
-            raise
-
-
-async def read_job_body(request: Request, body: JobBody, timeout_s: float) -> SpooledTexts:
-    """Feed `body` the request's bytes as they arrive, a quarter MiB at a time on a worker
-    thread, one body's at a time; 408 if the bytes have not all arrived within `timeout_s`
-    (counted while waiting for them, not for the parser), 400 if the client went away."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    stream = request.stream().__aiter__()
-    pending = bytearray()
-    while True:
-        try:
-            data = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - loop.time()))
-        except StopAsyncIteration:
-            break
-        except TimeoutError:
-            raise ApiError(
-                408,
-                f"request body not received within {timeout_s:g} s (JOB_UPLOAD_TIMEOUT_SECONDS)",
-                {"Connection": "close"},
-            ) from None
-        except ClientDisconnect:
-            raise ApiError(400, "invalid request: body: the client went away before sending all of it") from None
-        pending += data
-        if len(pending) >= FEED_BYTES or body.size + len(pending) > body.max_bytes:
-            chunk, pending = bytes(pending), bytearray()
-            await _feed(body, chunk)
-    await _feed(body, bytes(pending))
-    return body.close()
-
-
-def new_token() -> tuple[str, str]:
-    """A job's bearer token (256 random bits) and the SHA-256 the database keeps of it."""
-    token = secrets.token_urlsafe(32)
-    return token, token_hash(token)
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def results_ndjson(queue: JobQueue, job_id: str, after: int, size: int) -> tuple[bytes, int, int]:
-    """Up to `size` of a job's results after index `after` as NDJSON lines: (the lines, the last
-    index, how many). Run on a database thread, the encoding too: encoded on the event loop, the
-    pages of 34 readers at once held it for seconds (make abuse, readers that stop reading)."""
-    rows = queue.results_page(job_id, after, size)
-    lines = "".join(
-        f'{{"index":{r["index"]},"label":{json.dumps(r["label"])},"score":{r["score"]!r},"probabilities":'
-        f'{{"negative":{r["probabilities"]["negative"]!r},"positive":{r["probabilities"]["positive"]!r}}}}}\n'
-        for r in rows
-    )
-    return lines.encode(), (rows[-1]["index"] if rows else after), len(rows)
-
-
-class ResultsStream(Response):
-    """A job's results as NDJSON, read and encoded a page at a time through `page` (on the
-    database threads), each page sent before the next is read. A reader that takes no bytes for
-    `send_timeout_s` (the socket's buffers full) is cut off: the request ends, freeing its slot."""
-
-    media_type = "application/x-ndjson"
-
-    def __init__(
-        self, page: Callable[[int], Awaitable[tuple[bytes, int, int]]], size: int, send_timeout_s: float
-    ) -> None:
-        super().__init__(media_type=self.media_type)
-        del self.headers["content-length"]  # streamed; FastAPI adds the endpoint's headers (RateLimit)
-        self.page = page
-        self.size = size
-        self.send_timeout_s = send_timeout_s
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        """Pages until the last; the response ends early when the client goes away (no page is
-        read for nobody), takes no bytes for the send timeout, or has taken ten send timeouts in
-        all (a reader that takes a few bytes now and then would otherwise hold its slot for hours)."""
-        gone = asyncio.Event()
-
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            gone.set()
-
-        watcher = asyncio.ensure_future(watch())
-        try:
-            await self._stream(send, gone, asyncio.get_running_loop().time() + 10 * self.send_timeout_s)
-        finally:
-            watcher.cancel()
-
-    async def _stream(self, send: Any, gone: asyncio.Event, deadline: float) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        after = -1
-        loop = asyncio.get_running_loop()
-        while True:
-            if gone.is_set():
-                return
-            if loop.time() > deadline:
-                metrics.JOB_READERS_CUT.inc()
-                log.warning("a results reader cut off after %g s in all", 10 * self.send_timeout_s)
-                return
-            page = await self._read(after)
-            if page is None:
-                log.warning("job results cut off: the database did not answer for %g s", self.send_timeout_s)
-                return  # the server closes the unfinished response; the client reads again later
-            body, after, count = page
-            last = count < self.size
-            try:
-                await asyncio.wait_for(
-                    send({"type": "http.response.body", "body": body, "more_body": not last}), self.send_timeout_s
-                )
-            except TimeoutError:
-                metrics.JOB_READERS_CUT.inc()
-                log.warning("a results reader took nothing for %g s: cut off", self.send_timeout_s)
-                return  # the server closes the unfinished response
-            if last:
-                return
-
-    async def _read(self, after: int) -> tuple[bytes, int, int] | None:
-        """The next page, one stream's at a time per worker (its read and encoding hold the GIL,
-        as a body's parsing does), and no stream's next page for as long again: results take at
-        most half of a worker, the rest is left to interactive requests (make abuse, 50 readers
-        that stop reading: p95 x2.11 of quiet without the pause). Tried again while the database
-        threads refuse it (busy, 503) for up to the send timeout, since the answer has begun and
-        cannot become a 503 now."""
-        loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + self.send_timeout_s
-        reading = _READING.setdefault(loop, asyncio.Semaphore(1))
-        while True:
-            try:
-                async with reading:
-                    began = loop.time()
-                    page = await self.page(after)
-                    # at most PAGE_PAUSE_S: a page slow for the database's sake (its threads
-                    # busy, PostgreSQL slow) would otherwise pause every stream of the worker
-                    await asyncio.sleep(min(loop.time() - began, PAGE_PAUSE_S))
-                    return page
-            except ApiError:
-                if time.monotonic() >= deadline:
-                    return None
-                await asyncio.sleep(0.2)
 
 
 class JobRunner:
@@ -452,6 +59,9 @@ class JobRunner:
         queue: JobQueue,
         db: DbCall,
         predictions: Predictions,
+        batcher: Batcher,
+        activity: Activity,
+        analytics: AnalyticsStore,
         sub_batch: int,
         models: Sequence[str],
         lease: timedelta = timedelta(seconds=120),
@@ -460,10 +70,16 @@ class JobRunner:
         max_attempts: int = 3,
         unserved: timedelta = timedelta(minutes=10),
     ) -> None:
-        """`models`: the tags this worker serves; it takes only chunks of jobs queued under one."""
+        """`predictions` scores texts (the cache, then the batcher's background lane); `batcher`
+        says whether interactive texts wait, `activity` how long the instance has been quiet;
+        `analytics` takes a row per text scored. `models`: the tags this worker serves; it takes
+        only chunks of jobs queued under one."""
         self.queue = queue
         self.db = db
         self.predictions = predictions
+        self.batcher = batcher
+        self.activity = activity
+        self.analytics = analytics
         self.sub_batch = sub_batch
         self.models = tuple(models)
         self.max_attempts = max_attempts
@@ -524,7 +140,7 @@ class JobRunner:
             try:
                 await self._upkeep()
                 # a chunk is leased while no interactive text waits; each sub-batch of it waits for a quiet moment
-                idle = self.predictions.batcher.queued_texts() == 0
+                idle = self.batcher.queued_texts() == 0
                 # sole: this worker holds no chunk now, so the claim first queues again one it
                 # took in a call that timed out here after it committed (not counted an attempt)
                 chunk = (
@@ -580,12 +196,12 @@ class JobRunner:
 
     def _wait_s(self) -> float:
         """0 when a job's sub-batch may start now, else how long at least until it may."""
-        if self.predictions.batcher.queued_texts():
+        if self.batcher.queued_texts():
             return 0.005
-        return max(0.0, self.quiet_s - self.predictions.activity.quiet_for())
+        return max(0.0, self.quiet_s - self.activity.quiet_for())
 
     def _sub_batch(self) -> int:
-        return self.sub_batch if self.predictions.activity.quiet_for() >= LONG_QUIET_S else SMALL_SUB_BATCH
+        return self.sub_batch if self.activity.quiet_for() >= LONG_QUIET_S else SMALL_SUB_BATCH
 
     async def score(self, chunk: Chunk) -> bool:
         """Score a chunk a sub-batch at a time, interactive texts first; False if the job was
@@ -664,7 +280,7 @@ class JobRunner:
         answers = await self.predictions.answer(texts, chunk.model, background=True)
         # one row per (job, index): a chunk scored twice is recorded once
         ids = [f"{chunk.job_id[:24]}-{first + i:011d}" for i in range(len(texts))]
-        self.predictions.analytics.record(answers.records(texts, chunk.model, "/jobs", ids))
+        self.analytics.record(answers.records(texts, chunk.model, "/jobs", ids))
         probabilities = [v["probabilities"] for v in answers.values]
         return [
             Result(v["label"], v["score"], p["negative"], p["positive"])

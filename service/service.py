@@ -43,7 +43,9 @@ from service.guards import (
     route_paths,
     trusted_networks,
 )
-from service.jobs import JobBody, JobRunner, ResultsStream, new_token, read_job_body, results_ndjson, token_hash
+from service.job_results import ResultsStream, results_ndjson
+from service.job_uploads import JobBody, new_token, read_job_body, token_hash
+from service.jobs import JobRunner
 from service.predictions import Predictions, make_batcher
 from service.request_ids import RequestIds, load_key
 from storage import migrate
@@ -160,6 +162,9 @@ class Sentiment:
             self.jobs,
             self.database.run,
             self.predictions,
+            self.batcher,
+            self.predictions.activity,
+            self.analytics,
             settings.batch_max_texts,
             models=list(self.predictors),
             lease=timedelta(seconds=settings.job_lease_seconds),

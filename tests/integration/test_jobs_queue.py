@@ -13,7 +13,8 @@ import sqlalchemy as sa
 
 from storage import migrate
 from storage.db import make_engine
-from storage.jobs import JobQueue, QuotaExceeded, Quotas, Result
+from storage.job_leases import Result
+from storage.jobs import JobQueue, QuotaExceeded, Quotas
 
 pytestmark = pytest.mark.integration
 MODELS = ("m:1",)

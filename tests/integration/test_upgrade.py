@@ -28,7 +28,8 @@ from datetime import timedelta
 import storage
 from storage.analytics import PredictionRecord, SqlAnalyticsStore
 from storage.db import make_engine
-from storage.jobs import JobQueue, Result
+from storage.job_leases import Result
+from storage.jobs import JobQueue
 
 url, spill, tag = sys.argv[1:4]
 store = SqlAnalyticsStore(url, spill_dir=spill)

@@ -88,7 +88,17 @@ async def test_job_sub_batches_wait_for_a_quiet_instance_and_grow_after_a_long_q
     activity = Activity(tmp_path / "spill")
     predictions = Predictions(MemoryPredictionCache(60), batcher, rows, activity=activity)  # type: ignore[arg-type]
     runner = JobRunner(
-        queue, database.run, predictions, 32, [MODEL], timedelta(seconds=30), poll_s=0.05, quiet_s=QUIET_S
+        queue,
+        database.run,
+        predictions,
+        batcher,
+        activity,
+        rows,
+        32,
+        [MODEL],
+        timedelta(seconds=30),
+        poll_s=0.05,
+        quiet_s=QUIET_S,
     )
     busy_until = time.monotonic() + 1.0
     runner.start()
@@ -136,12 +146,23 @@ async def test_a_chunk_that_always_fails_ends_its_job_after_its_attempts(
     from service.jobs import JobRunner
     from service.predictions import Predictions
 
-    model, database = Broken(), DatabaseCalls()
+    model, rows, database = Broken(), Rows(), DatabaseCalls()
     batcher = Batcher(model, max_batch=32)
     activity = Activity(tmp_path / "spill")
-    predictions = Predictions(MemoryPredictionCache(60), batcher, Rows(), activity=activity)  # type: ignore[arg-type]
+    predictions = Predictions(MemoryPredictionCache(60), batcher, rows, activity=activity)  # type: ignore[arg-type]
     runner = JobRunner(
-        queue, database.run, predictions, 32, [MODEL], timedelta(seconds=30), poll_s=0.05, quiet_s=0, max_attempts=3
+        queue,
+        database.run,
+        predictions,
+        batcher,
+        activity,
+        rows,
+        32,
+        [MODEL],
+        timedelta(seconds=30),
+        poll_s=0.05,
+        quiet_s=0,
+        max_attempts=3,
     )
     failures = metrics.JOB_CHUNK_FAILURES
     before = {o: failures.labels(o)._value.get() for o in ("retried", "job_failed")}
@@ -190,9 +211,11 @@ def _runner(queue: JobQueue, model: Model, tmp_path: Path, quiet_s: float = 0.0,
     from service.predictions import Predictions
 
     database = DatabaseCalls(timeout_s=timeout_s)
-    batcher, activity = Batcher(model, max_batch=32), Activity(tmp_path / "spill")
-    predictions = Predictions(MemoryPredictionCache(60), batcher, Rows(), activity=activity)  # type: ignore[arg-type]
-    runner = JobRunner(queue, database.run, predictions, 32, [MODEL], LEASE, poll_s=0.05, quiet_s=quiet_s)
+    batcher, activity, rows = Batcher(model, max_batch=32), Activity(tmp_path / "spill"), Rows()
+    predictions = Predictions(MemoryPredictionCache(60), batcher, rows, activity=activity)  # type: ignore[arg-type]
+    runner = JobRunner(
+        queue, database.run, predictions, batcher, activity, rows, 32, [MODEL], LEASE, poll_s=0.05, quiet_s=quiet_s
+    )
 
     async def close() -> None:
         await runner.stop()
@@ -282,7 +305,7 @@ async def test_a_hung_sub_batch_leaves_its_chunk_to_another_worker(
     """The lease is kept only while the chunk's sub-batches come back: one in the lane for
     HUNG_LEASES leases is taken for hung, and its chunk's lease runs out (another worker's now)."""
     from service import jobs as job_module
-    from storage.jobs import Result
+    from storage.job_leases import Result
 
     monkeypatch.setattr(job_module, "HUNG_LEASES", 2)
     model = Gated()

@@ -9,8 +9,8 @@ import pytest
 
 
 def _parse(body: bytes, content_type: str = "application/json", step: int = 7, **limits: int) -> list[str]:
-    # imported here: service.jobs reads the settings, which the service tests set first
-    from service.jobs import JobBody
+    # imported here: service.job_uploads reads the settings, which the service tests set first
+    from service.job_uploads import JobBody
 
     parser = JobBody(content_type, limits.get("texts", 100), limits.get("chars", 50), limits.get("bytes", 1 << 20))
     for at in range(0, len(body), step):
@@ -28,7 +28,7 @@ def test_texts_come_back_in_order_whatever_the_pieces() -> None:
 
 
 def test_spooled_texts_leave_memory_past_their_first_mib() -> None:
-    from service.jobs import SpooledTexts
+    from service.job_uploads import SpooledTexts
 
     texts = SpooledTexts(memory_bytes=1000)
     for i in range(500):
@@ -72,7 +72,7 @@ def test_a_body_is_refused_naming_the_limit(body: bytes, content_type: str, stat
 
 def test_a_body_past_its_bytes_is_a_413_as_it_arrives() -> None:
     from service.errors import ApiError
-    from service.jobs import JobBody
+    from service.job_uploads import JobBody
 
     parser = JobBody("application/x-ndjson", 100, 50, 1000)
     parser.feed(b'{"text": "a"}\n' * 70)
