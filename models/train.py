@@ -19,7 +19,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from models import cpus  # noqa: E402
 from models.classifier import new_classifier  # noqa: E402
 from models.data import LABELS, Example  # noqa: E402
-from models.runtime import head_and_tail, quiet_transformers  # noqa: E402
+from models.tokens import head_and_tail, quiet_transformers  # noqa: E402
 
 ID2LABEL = dict(enumerate(LABELS))
 
