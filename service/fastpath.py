@@ -10,10 +10,16 @@ Here the body is validated once, with the contract's model, the same handler the
 calls is awaited, and errors are the contract's JSON (errors.py). One exception passes on to
 BentoML: its pickled calls between the services of one deployment (`bentoml.depends` under
 `bentoml serve`), which BentoML itself refuses on the entry service, as this middleware does.
+
+FastAPI's dependency machinery never runs here: `routes_of` refuses, when the service module is
+imported, any API whose request would need a dependency resolved (a `Depends` in its method's or
+its handler's signature, an app-wide dependency, or an app route on its path that the short path
+would shadow), rather than answer it without that dependency.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -22,14 +28,14 @@ from typing import Any
 
 import bentoml
 from bentoml._internal.context import server_context
-from fastapi import FastAPI
+from fastapi import FastAPI, params
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import ApiError, api_error_response, error_response, invalid_response, scope_request_id
-from service.workarounds import newline_alias
+from service.workarounds import api_routes, newline_alias
 
 log = logging.getLogger("sentiment.errors")
 
@@ -142,9 +148,34 @@ def _problems(model: type[BaseModel], raw: bytes, exc: ValidationError) -> list[
     return errors
 
 
+def _depends(func: Any) -> list[str]:
+    """The parameters of `func` whose default is a FastAPI dependency (Depends, Security)."""
+    return [p.name for p in inspect.signature(func).parameters.values() if isinstance(p.default, params.Depends)]
+
+
 def routes_of(service: Any, app: FastAPI, handlers: Mapping[str, tuple[type[BaseModel], Handler]]) -> dict[str, Route]:
-    """{path: Route} for the service's APIs named in `handlers` ({API name: (body model, handler)})."""
+    """{path: Route} for the service's APIs named in `handlers` ({API name: (body model, handler)}).
+
+    RuntimeError, at import, for an API the short path would answer without a dependency its
+    request needs: the short path calls the handler directly, and FastAPI resolves nothing."""
     missing = set(handlers) - set(service.apis)
     if missing:
         raise RuntimeError(f"no @bentoml.api named {sorted(missing)}")
-    return {service.apis[name].route: Route(body, handler) for name, (body, handler) in handlers.items()}
+    routes = {service.apis[name].route: Route(body, handler) for name, (body, handler) in handlers.items()}
+    if app.router.dependencies:
+        raise RuntimeError(f"the app's dependencies would not run for {sorted(routes)} (service/fastpath.py)")
+    for name, (body, handler) in handlers.items():
+        api = service.apis[name]
+        skipped = [f"{name}({p})" for p in _depends(api.func)]
+        skipped += [f"{handler.__qualname__}({p})" for p in _depends(handler)]
+        if skipped:
+            raise RuntimeError(f"{api.route}: the short path would not resolve the dependencies of {skipped}")
+        if not issubclass(api.input_spec, body):  # BentoML's input_spec subclasses the model it was given
+            raise RuntimeError(f"{api.route}: the short path validates {body.__name__}, the API {api.input_spec}")
+    for route in api_routes(app.routes):
+        if route.path in routes and "POST" in (route.methods or ()):
+            raise RuntimeError(
+                f"POST {route.path} ({route.name}): the short path answers it, so this route and its"
+                f" dependencies would never run"
+            )
+    return routes

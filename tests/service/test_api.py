@@ -432,6 +432,38 @@ def test_prediction_apis_are_answered_without_bentomls_api_layer(
     assert handled == []
 
 
+def test_the_short_path_refuses_the_apis_once_a_dependency_would_be_skipped(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service's own wiring passes the short path's check (service/fastpath.py, routes_of,
+    run when service.py is imported); a `Depends` added to /predict, or to the whole app, fails it."""
+    from fastapi import Depends
+    from fastapi.routing import APIRoute
+
+    from service import fastpath
+    from service import service as module
+    from service.clients import require_admin
+
+    def check() -> dict:
+        return fastpath.routes_of(module.Sentiment, module.app, module.SHORT_PATH)
+
+    assert set(check()) == {"/predict", "/predict/ab", "/batch"}
+
+    async def predict() -> dict:
+        return {}
+
+    guarded = APIRoute("/predict", predict, methods=["POST"], dependencies=[Depends(require_admin)])
+    with monkeypatch.context() as patch:
+        patch.setattr(module.app.router, "routes", [*module.app.router.routes, guarded])
+        with pytest.raises(RuntimeError, match=r"POST /predict \(predict\).*would never run"):
+            check()
+    with monkeypatch.context() as patch:
+        patch.setattr(module.app.router, "dependencies", [Depends(require_admin)])
+        with pytest.raises(RuntimeError, match="the app's dependencies would not run"):
+            check()
+    assert set(check()) == {"/predict", "/predict/ab", "/batch"}
+
+
 def test_an_unexpected_failure_on_the_prediction_path_is_the_contracts_500(
     client: TestClient, headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
