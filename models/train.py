@@ -42,8 +42,8 @@ class TrainConfig:
     # "auto" does so where the CPU computes in bfloat16 natively (AVX512-BF16, AMX).
     precision: str = "auto"
     # Whether the word-embedding matrix (11.7M of the encoder's 22.7M weights) stays as
-    # pre-trained. Training it cost 5% more per step on an AMD EPYC (AVX512-BF16) and 27% on a
-    # Xeon with AMX, and gained 0.45 points of validation accuracy (models/README.md).
+    # pre-trained; training it costs a little time per step for accuracy (docs/decisions.md, "Two
+    # epochs in the build's time").
     freeze_word_embeddings: bool = False
     # A text longer than max_length keeps its first head_tokens and its last tokens (as served).
     head_tokens: int = 16
