@@ -45,8 +45,9 @@ Admin = [Depends(require_admin)]
     name="sentiment",
     workers=settings.service_workers,
     traffic={"timeout": 60},
-    # BentoML's access log, request metrics and tracing span cost CPU on every request
-    # (docs/performance.md): the public routes have their own metrics; ACCESS_LOG=true logs them.
+    # BentoML's access log, request metrics and tracing span cost CPU per request (docs/performance.md):
+    # the public routes skip them (they have their own metrics). ACCESS_LOG=true logs them; to trace
+    # them, set tracing.excluded_urls in a BentoML config.
     logging={
         "access": {"enabled": settings.access_log, "skip_paths": [] if settings.access_log else GUARDS.bentoml_skip}
     },
