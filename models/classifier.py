@@ -2,9 +2,8 @@
 
 The base encoder (all-MiniLM-L6-v2) was trained as a sentence encoder whose sentence vector is
 the mean of its token vectors; transformers' `BertForSequenceClassification` classifies the
-[CLS] token's vector through a pooler layer instead. Fine-tuned for the same 600 steps on the same
-batches, the mean scored 89.51% on validation and 86.28% out of source against 88.46% and 84.90%
-for [CLS] (docs/decisions.md, Mean pooling). A folder's config.json says which head its weights
+[CLS] token's vector through a pooler layer instead. The mean learns quicker (docs/decisions.md,
+"The mean of the token vectors, not the [CLS] token"). A folder's config.json says which head its weights
 are for (`classifier_pooling`); folders without it are [CLS] models and load as before.
 """
 

@@ -13,7 +13,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from models.runtime import ENCODING_FIELDS, RUNTIME_ONNX, read_info, write_info
+from models.runtime import RUNTIME_ONNX, read_info, write_info
+from models.tokens import ENCODING_FIELDS
 
 ONNX_OPSET = 17
 INPUTS = tuple(ENCODING_FIELDS)

@@ -7,7 +7,6 @@ model store keeps, so a model is evaluated before it is stored through exactly t
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -21,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from models import cpus
+from models.tokens import Tokenized, quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +63,6 @@ class Predictor(Protocol):
     def predict(self, texts: Sequence[str]) -> list[Prediction]: ...
 
 
-def head_and_tail(ids: Sequence[int], max_length: int, head: int) -> list[int]:
-    """`ids` cut to `max_length` tokens: its first `head` and its last `max_length - head`.
-
-    A long review's verdict is usually at its end; the head keeps [CLS] and the opening, the tail
-    the closing sentences and [SEP]. With `head` equal to `max_length` this is a plain cut, with
-    the last token ([SEP]) kept."""
-    if len(ids) <= max_length:
-        return list(ids)
-    if head >= max_length:
-        return [*ids[: max_length - 1], ids[-1]]
-    return [*ids[:head], *ids[len(ids) - (max_length - head) :]]
-
-
 def read_info(model_dir: Path) -> dict[str, Any]:
     return json.loads((Path(model_dir) / MODEL_INFO).read_text())
 
@@ -105,14 +92,6 @@ def set_temperature(model_dir: Path, temperature: float) -> None:
     write_info(model_dir, info["runtime"], info["labels"], info["max_length"], info.get("head_tokens"), temperature)
 
 
-def quiet_transformers() -> None:
-    """Silence transformers' per-load reports and progress bars; ours say what matters."""
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-
-
 def plan_chunks(lengths: Sequence[int], call_cost: float, max_size: int) -> list[tuple[int, int]]:
     """[start, end) slices of ascending `lengths` that minimise the total cost of their forward
     calls, each `call_cost` plus its size times its longest length (the padded tokens)."""
@@ -139,91 +118,20 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-# The model inputs a tokenizer encoding provides, by the attribute holding each.
-ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+class _Predictor(Tokenized):
+    """A model folder's predictor: its tokenizer (models/tokens.py), then the runtime's forward
+    calls (`_forward`) in chunks, then probabilities."""
 
-
-class _Predictor:
     runtime = ""
 
     def __init__(self, model_dir: Path, name: str, threads: int) -> None:
-        from tokenizers import Tokenizer
-
         info = read_info(model_dir)
-        self.model_dir = Path(model_dir)
+        max_length = int(info["max_length"])
+        super().__init__(Path(model_dir), max_length, int(info.get("head_tokens", max_length)))
         self.name = name
         self.labels: tuple[str, ...] = tuple(info["labels"])
-        self.max_length: int = int(info["max_length"])
-        self.head_tokens: int = int(info.get("head_tokens", self.max_length))
         self.temperature: float = float(info.get("temperature", 1.0))
         self.threads = threads
-        # The Rust tokenizer the folder was saved with (tokenizer.json, which transformers' fast
-        # tokenizer loads unchanged), with truncation and padding set once: its batch call skips
-        # the wrapper's per-call Python work, and a worker never imports transformers'
-        # tokenizer classes (280 modules, 36 MB with the wrapper's own copy; docs/performance.md).
-        tokenizer_file = self.model_dir / "tokenizer.json"
-        if not tokenizer_file.is_file():
-            raise ValueError(f"{self.model_dir}: no tokenizer.json (the fast tokenizer save_pretrained writes)")
-        self._rust = Tokenizer.from_file(str(tokenizer_file))
-        config = self.model_dir / "tokenizer_config.json"
-        pad = json.loads(config.read_text()).get("pad_token") if config.is_file() else None
-        pad = pad.get("content") if isinstance(pad, dict) else pad
-        pad_id = self._rust.token_to_id(pad) if pad else 0  # no pad token: 0, as transformers pads
-        if pad_id is None:
-            raise ValueError(
-                f"{self.model_dir}: the pad token {pad!r} of tokenizer_config.json is not in tokenizer.json"
-            )
-        self._pad_id = int(pad_id)
-        # Encoded whole (a text is at most MAX_TEXT_CHARS), then cut by head_and_tail: the Rust
-        # tokenizer's truncation keeps only a head.
-        self._rust.no_truncation()
-        self._rust.no_padding()
-        self._fields: list[tuple[str, str]] = []  # set by the runtime, from the inputs its model takes
-
-    def _take_inputs(self, names: Sequence[str]) -> None:
-        """Encode the model inputs `names`, in that order."""
-        unknown = [n for n in names if n not in ENCODING_FIELDS]
-        if unknown:
-            raise ValueError(f"{self.model_dir}: the model takes inputs a tokenizer does not give: {unknown}")
-        self._fields = [(n, ENCODING_FIELDS[n]) for n in names]
-
-    def _tokenizer_inputs(self) -> list[str]:
-        """The inputs transformers' tokenizer of the folder gives its model, in our order."""
-        return [n for n in ENCODING_FIELDS if n in self.tokenizer.model_input_names]
-
-    @functools.cached_property
-    def tokenizer(self) -> Any:
-        """transformers' tokenizer of the folder, for tools and tests that compare with it. The
-        predictor loads it only for a PyTorch model without its trace."""
-        from transformers import AutoTokenizer
-
-        quiet_transformers()
-        return AutoTokenizer.from_pretrained(str(self.model_dir))
-
-    def _length(self, encoding: Any) -> int:
-        return min(len(encoding.ids), self.max_length)
-
-    def _values(self, encoding: Any, attr: str) -> Sequence[int]:
-        values = getattr(encoding, attr)
-        if len(values) > self.max_length:
-            return head_and_tail(values, self.max_length, self.head_tokens)
-        return values
-
-    def _pack(self, encodings: Sequence[Any]) -> dict[str, np.ndarray]:
-        """The model's inputs for `encodings`, each cut to max_length, padded to the longest."""
-        width = max(self._length(e) for e in encodings)
-        out = {}
-        for name, attr in self._fields:
-            array = np.full((len(encodings), width), self._pad_id if name == "input_ids" else 0, dtype=np.int64)
-            for row, e in enumerate(encodings):
-                values = self._values(e, attr)
-                array[row, : len(values)] = values
-            out[name] = array
-        return out
-
-    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Token ids, attention mask and token types of `texts`, padded to the longest."""
-        return self._pack(self._rust.encode_batch(list(texts)))
 
     def _forward(self, encoded: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError
@@ -262,11 +170,10 @@ class TorchPredictor(_Predictor):
 
     Served from its TorchScript trace (`TORCHSCRIPT`, written by `trace_torch` when the model is
     built) when the folder has one: the same operations on the same weights, without importing
-    transformers' modeling code, which brings about 1,040 more modules (torch.distributed, sympy,
-    torch._dynamo) and 68 MB more memory into every worker that only runs the model; and 15-19%
-    faster per call at batches of 1 to 8 texts (less Python per layer). The trace's
-    parameters are then pointed at the safetensors weights, memory-mapped, so the workers share
-    one copy from the page cache instead of holding one each (docs/performance.md). A folder
+    transformers' modeling code into every worker, and faster per call at small batches (less
+    Python per layer; docs/performance.md). The trace's parameters are then pointed at the
+    safetensors weights, memory-mapped, so the workers share one copy from the page cache
+    instead of holding one each. A folder
     without a trace (a store built before it) loads through transformers as before.
     """
 
@@ -284,7 +191,7 @@ class TorchPredictor(_Predictor):
         if self.traced:
             recorded = {TRACE_INPUTS: ""}
             # torch 2.13 warns that TorchScript is deprecated for torch.export, whose loader would
-            # import the 800 modules and 70 MB this avoids (docs/performance.md); torch is pinned.
+            # import the modules this avoids (docs/performance.md); torch is pinned.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.model = torch.jit.load(str(trace), _extra_files=recorded).eval()

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from models import cpus  # noqa: E402
 from models.classifier import new_classifier  # noqa: E402
 from models.data import LABELS, Example  # noqa: E402
-from models.runtime import head_and_tail, quiet_transformers  # noqa: E402
+from models.tokens import head_and_tail, quiet_transformers  # noqa: E402
 
 ID2LABEL = dict(enumerate(LABELS))
 
@@ -42,8 +42,8 @@ class TrainConfig:
     # "auto" does so where the CPU computes in bfloat16 natively (AVX512-BF16, AMX).
     precision: str = "auto"
     # Whether the word-embedding matrix (11.7M of the encoder's 22.7M weights) stays as
-    # pre-trained. Training it cost 5% more per step on an AMD EPYC (AVX512-BF16) and 27% on a
-    # Xeon with AMX, and gained 0.45 points of validation accuracy (models/README.md).
+    # pre-trained; training it costs a little time per step for accuracy (docs/decisions.md, "Two
+    # epochs in the build's time").
     freeze_word_embeddings: bool = False
     # A text longer than max_length keeps its first head_tokens and its last tokens (as served).
     head_tokens: int = 16

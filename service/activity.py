@@ -2,14 +2,14 @@
 
 Bulk jobs run on idle capacity. A job's forward calls slow interactive requests even from a
 thread at the lowest CPU priority: the two cores share caches and memory bandwidth, and the
-event loops share the GIL with it (the baseline scenario's p95 doubled beside a job in the
-background lane, docs/performance.md). So a worker starts a job's sub-batch only once the whole
-instance has been quiet for a moment, which its workers can tell only together: each marks the
-start and end of every interactive prediction in one shared 8-byte slot (CLOCK_MONOTONIC, the
-same clock in every process of the machine), a single aligned store in a file mapped by all of
-them (SPILL_DIR/activity). A store that races another keeps one of two times a few microseconds
-apart. No library offers a cross-process "last seen" this cheap (a lock or a Redis round trip per
-request would cost more than the store).
+event loops share the GIL with it (docs/performance.md, Bulk jobs beside interactive traffic).
+So a worker starts a job's sub-batch only once the whole instance has been quiet for a moment,
+which its workers can tell only together: each marks the start and end of every interactive
+prediction in one shared 8-byte slot (CLOCK_MONOTONIC, the same clock in every process of the
+machine), a single aligned store in a file mapped by all of them (SPILL_DIR/activity). A store
+that races another keeps one of two times a few microseconds apart. No library offers a
+cross-process "last seen" this cheap (a lock or a Redis round trip per request would cost more than
+the store).
 """
 
 from __future__ import annotations

@@ -3,10 +3,9 @@ queue, and the worker's inference thread runs them as one forward call, off the 
 
 BentoML batches only what reaches a `batchable` API over HTTP: from inside the service that is
 its self-proxy, a full request into the service's own ASGI app (JSON both ways, every
-middleware twice). Measured with the same int8 model, that round trip cost about a third of the
-service's throughput, and BentoML offers no in-process route to its dispatcher (its class is
-private API). So the grouping lives here; `make bench` measures the result against a lean
-batching server of the same model (docs/performance.md).
+middleware twice), and BentoML offers no in-process route to its dispatcher (its class is
+private API). So the grouping lives here (docs/decisions.md, "One batcher per worker, not
+BentoML's `batchable`").
 
 How a batch forms: while the model runs one batch, new texts queue; when it is done, the
 inference thread takes everything queued, up to `max_batch` texts. The batch therefore grows

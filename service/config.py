@@ -16,20 +16,16 @@ from pydantic_settings import NoDecode
 from models import cpus
 from storage import db
 
-# Measured with `make bench` on 2 cores, int8 model, unique texts at 64 clients
-# (docs/performance.md, knob table): 2 workers x 1 inference thread served 431 req/s, p95 180 ms; 1 worker
-# x 2 inference threads 402 (p95 235, but half the memory); 2 workers x 2 threads 393 (p95 310).
-# Batches of at most 16 texts or a 2 ms wait for a fuller batch changed nothing measurable.
+# The best of `make bench`'s knob table on 2 cores (docs/performance.md; docs/decisions.md, "Sized
+# by the CPUs the instance may use").
 DEFAULT_WORKERS = 2
 # The CPUs this instance may use (affinity and cgroup quota, models/cpus.py): never more workers
 # than CPUs, and the threads below share these out, not the host's cores.
 CPUS = cpus.available()
 DEFAULT_BATCH_MAX_TEXTS = 32
 DEFAULT_BATCH_WAIT_MS = 0.0
-# The spike's target is a p99 of 350 ms for answered requests: a 200 ms queue budget leaves room
-# for one full batch's forward call (about 100 ms) and HTTP. 100 ms shed over half the requests
-# of 64 closed-loop clients; 400 ms shed none there, but its bound (400 ms of queue, then the
-# forward call) is over the spike's 350 ms.
+# Room, within the spike's p99 target of 350 ms, for one full batch's forward call and HTTP
+# (docs/performance.md).
 DEFAULT_MAX_QUEUE_DELAY_MS = 200.0
 DEFAULT_SPILL_MAX_BYTES = 1 << 30
 # An analytics key anyone could guess is refused at start: too short, or an example's value.

@@ -1,4 +1,5 @@
-"""The contract's error responses: 400 naming the field, 413, 429, 503, and a generic 500."""
+"""The contract's errors: ApiError, the one body every error answer has, and its one writer
+(`error_response`), which the app's exception handlers return and the guards outside the app send."""
 
 from __future__ import annotations
 
@@ -27,15 +28,9 @@ class ApiError(Exception):
         self.extra = extra
 
 
-def request_id(request: Request) -> str:
-    rid = getattr(request.state, "request_id", None)
-    if rid is None:
-        rid = request.state.request_id = random_uuid()
-    return rid
-
-
 def scope_request_id(scope: MutableMapping[str, Any]) -> str:
-    """The request's id, as RequestContext set it in the ASGI scope (a new one outside it)."""
+    """The request's id, as RequestContext set it in the ASGI scope (`request.state`); a new
+    one outside it."""
     state = scope.setdefault("state", {})
     if "request_id" not in state:
         state["request_id"] = random_uuid()
@@ -45,6 +40,21 @@ def scope_request_id(scope: MutableMapping[str, Any]) -> str:
 def error_body(message: str, rid: str, **extra: Any) -> dict[str, Any]:
     """The contract's error body, the one shape every error answer of the service has."""
     return {"error": message, "request_id": rid, **extra}
+
+
+def error_response(
+    scope: MutableMapping[str, Any], status: int, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    """The one writer of the service's error answers: the contract's body (with `extra` fields)
+    and the request's id in it and in X-Request-ID. The app's handlers return it; the guards,
+    outside the app, send it: `await error_response(scope, ...)(scope, receive, send)`."""
+    rid = scope_request_id(scope)
+    return JSONResponse(error_body(message, rid, **extra), status, {**(headers or {}), "X-Request-ID": rid})
+
+
+def api_error_response(scope: MutableMapping[str, Any], exc: ApiError) -> JSONResponse:
+    """The answer to an ApiError."""
+    return error_response(scope, exc.status, exc.message, exc.headers, **exc.extra)
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -68,8 +78,10 @@ def invalid_fields(errors: Sequence[Any]) -> tuple[str, list[dict[str, str]]]:
     return "invalid request: " + "; ".join(f"{e['field']}: {e['message']}" for e in fields), fields
 
 
-async def api_error_response(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, request_id(request), **exc.extra), exc.status, exc.headers)
+def invalid_response(scope: MutableMapping[str, Any], errors: Sequence[Any]) -> JSONResponse:
+    """The contract's 400 for a body that does not validate."""
+    message, fields = invalid_fields(errors)
+    return error_response(scope, 400, message, fields=fields)
 
 
 def install(app: FastAPI) -> None:
@@ -77,44 +89,18 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, fields = invalid_fields(exc.errors())
-        return JSONResponse(error_body(message, request_id(request), fields=fields), 400)
+        return invalid_response(request.scope, exc.errors())
 
-    app.add_exception_handler(ApiError, api_error_response)  # type: ignore[arg-type]  # Starlette's handler type is wider
+    @app.exception_handler(ApiError)
+    async def _refused(request: Request, exc: ApiError) -> JSONResponse:
+        return api_error_response(request.scope, exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        headers = dict(getattr(exc, "headers", None) or {})
-        if exc.status_code == 405:
-            # Starlette's Allow names the methods of the first route whose path matched only
-            # (GET for /jobs/{id}, which DELETE shares with another route): every route's here.
-            headers["Allow"] = ", ".join(allowed_methods(request.app, request.scope))
-        return JSONResponse(error_body(str(exc.detail), request_id(request)), exc.status_code, headers)
-
-    @app.exception_handler(RecursionError)
-    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
-        # json.loads of a body nested thousands deep (FastAPI parses /predict's this way when
-        # the short path refused it): the client's error, not the service's.
-        return JSONResponse(error_body("invalid request: body: nested too deeply", request_id(request)), 400)
+        return error_response(request.scope, exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        rid = request_id(request)
+        rid = scope_request_id(request.scope)
         log.error("unhandled error on %s %s (request %s)", request.method, request.url.path, rid, exc_info=exc)
-        return JSONResponse(error_body("internal server error", rid), 500, {"X-Request-ID": rid})
-
-
-def allowed_methods(app: Any, scope: MutableMapping[str, Any]) -> list[str]:
-    """Every method some route of `app` takes at the request's path (OPTIONS and HEAD included
-    where Starlette adds them)."""
-    from starlette.routing import Match
-
-    methods: set[str] = set()
-    stack = list(app.routes)
-    while stack:
-        route = stack.pop()
-        stack.extend(getattr(getattr(route, "original_router", None), "routes", []))
-        route_methods = getattr(route, "methods", None)
-        if route_methods and route.matches({**scope, "method": next(iter(route_methods))})[0] == Match.FULL:
-            methods |= set(route_methods)
-    return sorted(methods)
+        return error_response(request.scope, 500, "internal server error")

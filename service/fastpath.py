@@ -10,10 +10,16 @@ Here the body is validated once, with the contract's model, the same handler the
 calls is awaited, and errors are the contract's JSON (errors.py). One exception passes on to
 BentoML: its pickled calls between the services of one deployment (`bentoml.depends` under
 `bentoml serve`), which BentoML itself refuses on the entry service, as this middleware does.
+
+FastAPI's dependency machinery never runs here: `routes_of` refuses, when the service module is
+imported, any API whose request would need a dependency resolved (a `Depends` in its method's or
+its handler's signature, an app-wide dependency, or an app route on its path that the short path
+would shadow), rather than answer it without that dependency.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -22,13 +28,14 @@ from typing import Any
 
 import bentoml
 from bentoml._internal.context import server_context
+from fastapi import FastAPI, params
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ApiError, invalid_fields, scope_request_id
-from service.guards import send_error, send_json_bytes
+from service.errors import ApiError, api_error_response, error_response, invalid_response, scope_request_id
+from service.workarounds import api_routes, newline_alias
 
 log = logging.getLogger("sentiment.errors")
 
@@ -71,10 +78,9 @@ class ShortPath:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         route = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if route is None:
-            if scope["type"] == "http" and scope["path"].endswith("\n") and scope["path"][:-1] in self.routes:
-                # Starlette's route pattern ends in `$`, which matches before a final newline
-                # (`/predict%0A`): BentoML's endpoint would answer it, past this path's checks.
-                await send_error(scope, send, 404, f"not found: {scope['method']} {scope['path']!r}", {})
+            if scope["type"] == "http" and newline_alias(scope["path"], self.routes):
+                unknown = f"not found: {scope['method']} {scope['path']!r}"
+                await error_response(scope, 404, unknown)(scope, receive, send)
                 return
             await self.app(scope, receive, send)
             return
@@ -93,13 +99,13 @@ class ShortPath:
         if not is_json(media):
             given = media.decode("latin-1") if media else ""
             problem = {"loc": ("body",), "msg": f"must be application/json, not {given}"}
-            await _send_invalid(scope, send, [problem])
+            await invalid_response(scope, [problem])(scope, receive, send)
             return
         raw = b"".join(m.get("body", b"") for m in messages)
         try:
             body = route.body.model_validate_json(raw)
         except ValidationError as exc:
-            await _send_invalid(scope, send, _problems(route.body, raw, exc))
+            await invalid_response(scope, _problems(route.body, raw, exc))(scope, receive, send)
             return
         request = Request(scope, receive)  # its body already read, above
         carrier = Response()  # headers the handler sets (RateLimit)
@@ -107,16 +113,19 @@ class ShortPath:
         try:
             result = await route.handler(bentoml.get_current_service(), body, request, carrier)
         except ApiError as exc:
-            await send_error(scope, send, exc.status, exc.message, exc.headers, **exc.extra)
+            await api_error_response(scope, exc)(scope, receive, send)
             return
         except Exception:
             # Outside the FastAPI app no handler of errors.py is behind this: BentoML's outer
             # app would answer a plain-text 500 (an HTML traceback in its debug mode).
             log.exception("unhandled error on POST %s (request %s)", scope["path"], scope_request_id(scope))
-            await send_error(scope, send, 500, "internal server error", {})
+            await error_response(scope, 500, "internal server error")(scope, receive, send)
             return
         payload = result.__pydantic_serializer__.to_json(result, by_alias=True)
-        await send_json_bytes(send, 200, payload, carrier.headers.raw)
+        length = str(len(payload)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", length), *carrier.headers.raw]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
 
 
 def _problems(model: type[BaseModel], raw: bytes, exc: ValidationError) -> list[Any]:
@@ -139,14 +148,34 @@ def _problems(model: type[BaseModel], raw: bytes, exc: ValidationError) -> list[
     return errors
 
 
-async def _send_invalid(scope: Scope, send: Send, problems: list[Any]) -> None:
-    message, fields = invalid_fields(problems)
-    await send_error(scope, send, 400, message, {}, fields=fields)
+def _depends(func: Any) -> list[str]:
+    """The parameters of `func` whose default is a FastAPI dependency (Depends, Security)."""
+    return [p.name for p in inspect.signature(func).parameters.values() if isinstance(p.default, params.Depends)]
 
 
-def routes_of(service: Any, handlers: Mapping[str, tuple[type[BaseModel], Handler]]) -> dict[str, Route]:
-    """{path: Route} for the service's APIs named in `handlers` ({API name: (body model, handler)})."""
+def routes_of(service: Any, app: FastAPI, handlers: Mapping[str, tuple[type[BaseModel], Handler]]) -> dict[str, Route]:
+    """{path: Route} for the service's APIs named in `handlers` ({API name: (body model, handler)}).
+
+    RuntimeError, at import, for an API the short path would answer without a dependency its
+    request needs: the short path calls the handler directly, and FastAPI resolves nothing."""
     missing = set(handlers) - set(service.apis)
     if missing:
         raise RuntimeError(f"no @bentoml.api named {sorted(missing)}")
-    return {service.apis[name].route: Route(body, handler) for name, (body, handler) in handlers.items()}
+    routes = {service.apis[name].route: Route(body, handler) for name, (body, handler) in handlers.items()}
+    if app.router.dependencies:
+        raise RuntimeError(f"the app's dependencies would not run for {sorted(routes)} (service/fastpath.py)")
+    for name, (body, handler) in handlers.items():
+        api = service.apis[name]
+        skipped = [f"{name}({p})" for p in _depends(api.func)]
+        skipped += [f"{handler.__qualname__}({p})" for p in _depends(handler)]
+        if skipped:
+            raise RuntimeError(f"{api.route}: the short path would not resolve the dependencies of {skipped}")
+        if not issubclass(api.input_spec, body):  # BentoML's input_spec subclasses the model it was given
+            raise RuntimeError(f"{api.route}: the short path validates {body.__name__}, the API {api.input_spec}")
+    for route in api_routes(app.routes):
+        if route.path in routes and "POST" in (route.methods or ()):
+            raise RuntimeError(
+                f"POST {route.path} ({route.name}): the short path answers it, so this route and its"
+                f" dependencies would never run"
+            )
+    return routes

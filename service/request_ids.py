@@ -26,9 +26,8 @@ class RandomBytes:
     os.urandom releases the GIL around its getrandom(2) call. On a busy worker another thread
     (the inference thread between forward calls, the analytics writer) takes the GIL then, and
     the event loop waits for it to come back, up to the interpreter's switch interval (5 ms) per
-    call: with one thread busy in Python, a uuid4() on another took 0.4-1.1 ms on average and
-    5.2-5.3 ms at p99 here, against 2.4 us alone (python -m loadtests.gil_handover). Two such calls per prediction (its
-    request id and the response's X-Request-ID) become one per 128 predictions.
+    call (`python -m loadtests.gil_handover`). Two such calls per prediction (its request id and
+    the response's X-Request-ID) become one per 128 predictions.
     """
 
     def __init__(self, chunk: int = 4096) -> None:

@@ -3,7 +3,7 @@
 Keys come from the model tag and a hash of the text exactly as the model sees it, so a model
 never reads another model's entry and no raw text is kept in a key. The methods are coroutines
 run on the worker's event loop: Redis is reached with redis-py's asyncio client, so a lookup
-costs no thread hand-off (measured: docs/performance.md).
+costs no thread hand-off (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class RedisPredictionCache:
         )
         self._down_since: float | None = None
         # After a failure, lookups and fills skip Redis for `backoff_s`: a hung Redis then costs
-        # one timeout a second, not two per request (the chaos run measured 0.56 s p50 without).
+        # one timeout a second, not two per request (docs/chaos.md).
         self.backoff_s = backoff_s
         self._retry_at = 0.0
         self._probing = False

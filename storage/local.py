@@ -75,9 +75,8 @@ class LocalPredictionCache:
 
     Fills are written together, once per turn of the event loop: the requests that one forward
     call answers resume in the same turn, and their fills go in one transaction at the next
-    turn instead of one commit each (the per-miss commit was 4% of the CPU of an uncached
-    request, docs/performance.md). Each `set_many` returns once its fill is in the file, so an
-    answer leaves only after every worker can hit it."""
+    turn instead of one commit each (cheaper in CPU, docs/performance.md). Each `set_many`
+    returns once its fill is in the file, so an answer leaves only after every worker can hit it."""
 
     backend = "memory"  # the contract's name for the embedded cache (/health, gauges)
 

@@ -13,6 +13,8 @@ _HOME = Path(tempfile.mkdtemp(prefix="sentiment-tests-bentoml-"))
 os.environ["BENTOML_HOME"] = str(_HOME)
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The environment every test starts from: a test that sets settings puts them back after it.
+ENVIRON_AT_START = dict(os.environ)
 
 import pytest  # noqa: E402
 

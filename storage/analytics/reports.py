@@ -20,9 +20,8 @@ from storage.tables import feedback, prediction_counts, predictions, request_err
 # Up to this many rows in a window, latency percentiles are exact; beyond, they may come from
 # a page sample of about this many rows (Reports._percentiles).
 EXACT_PERCENTILE_ROWS = 20_000
-# The same on SQLite, where the rows are sorted in Python: reading 16,000 rows took 30-90 ms of a
-# 5-minute summary under the baseline load test (p99 180 ms), 5,000 a third of that. A p99 from
-# 5,000 rows is within about 0.3 percentile points of the window's.
+# The same on SQLite, where the rows are sorted in Python (docs/decisions.md, "SQLite percentiles
+# from a rowid sample").
 SQLITE_PERCENTILE_ROWS = 5_000
 
 

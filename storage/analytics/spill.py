@@ -49,8 +49,7 @@ def _libc_write() -> Callable[[int, bytes], int] | None:
     The append runs on a worker's event loop for every prediction. os.write releases the GIL for
     the call, and when another thread of the worker wants it meanwhile (the analytics writer, the
     inference thread between forward calls) the event loop gets it back only after that thread's
-    switch interval: 5.2 ms at the median, against 3.3 us held (a 300-byte append with one other
-    thread busy in Python, on this project's 2-core machine). A page-cache append is a few
+    switch interval (up to 5 ms). A page-cache append is a few
     microseconds: holding the GIL for it costs the other threads less than the hand-over costs the
     loop. None where the process's own symbols hold no write(2) (os.write then).
 

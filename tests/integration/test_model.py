@@ -14,7 +14,7 @@ import bentoml
 import numpy as np
 import pytest
 
-from models import data, runtime, store
+from models import data, runtime, store, tokens
 from models.build import FP32_NAME, INT8_NAME, build
 from models.evaluate import main as evaluate_main
 from models.train import TrainConfig
@@ -152,7 +152,7 @@ def test_batch_tokenizer_matches_transformers(quick_models: list[str], which: in
     width = predictor.max_length
     for name, values in ours.items():
         pad = predictor.tokenizer.pad_token_id if name == "input_ids" else 0
-        cut = [runtime.head_and_tail(v, width, predictor.head_tokens) for v in theirs[name]]
+        cut = [tokens.head_and_tail(v, width, predictor.head_tokens) for v in theirs[name]]
         assert values.tolist() == [v + [pad] * (width - len(v)) for v in cut], name
     assert ours["input_ids"].shape[1] == width  # the long text was cut
     tail = predictor.tokenizer.decode(ours["input_ids"][1][-8:].tolist())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,9 +14,10 @@ from tests.support.serving import IN_PROCESS_ONLY
 _clients = itertools.count(1)
 
 
-@pytest.fixture(scope="session")
-def service_env(model_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Environment read by service.config before the service module is first imported."""
+@pytest.fixture(scope="package")
+def service_env(model_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Environment read by service.config before the service module is first imported, set
+    for this folder's tests only: put back as it was once they are done."""
     db = Path(tmp_path_factory.mktemp("analytics")) / "analytics.db"
     env = {
         "DATABASE_URL": f"sqlite:///{db}",
@@ -33,20 +33,27 @@ def service_env(model_env: dict[str, str], tmp_path_factory: pytest.TempPathFact
         # room for the rate limit test's ten jobs from one client (the quota test fills it itself)
         "MAX_ACTIVE_JOBS_PER_CLIENT": "12",
     }
-    os.environ.update(env)
-    IN_PROCESS_ONLY.update(env)  # not for the instances other tests serve
     # A test module imported earlier (service.jobs, through service.schemas) may have read the
-    # settings already, before this environment: the service must read them again.
+    # settings already, before this environment: the service must read them again, and so must
+    # whatever runs after these tests.
     from service.config import get_settings
 
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        IN_PROCESS_ONLY.update(env)  # not for the instances other tests serve
+        get_settings.cache_clear()
+        from storage import migrate
+
+        migrate.upgrade(env["DATABASE_URL"])  # what the on_deployment hook does under bentoml serve
+        try:
+            yield env
+        finally:
+            IN_PROCESS_ONLY.difference_update(env)
     get_settings.cache_clear()
-    from storage import migrate
-
-    migrate.upgrade(env["DATABASE_URL"])  # what the on_deployment hook does under bentoml serve
-    return env
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def client(service_env: dict[str, str]) -> Iterator[TestClient]:
     from service.service import Sentiment
 

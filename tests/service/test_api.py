@@ -34,12 +34,12 @@ def test_endpoints_get_the_service_without_a_thread_hop(
     client: TestClient, headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """BentoML's `self` dependency is a plain function, which FastAPI runs in its thread pool:
-    the service points it at a coroutine (service/deps.py), so no request waits for a thread,
+    the service points it at a coroutine (service/workarounds.py), so no request waits for a thread,
     and in the routes themselves, so no request rebuilds its dependency tree either (as FastAPI
     does for every request while any dependency override is set)."""
     import fastapi.dependencies.utils
 
-    from service import service
+    from service import service, workarounds
 
     hops: list[str] = []
     rebuilt: list[str] = []
@@ -65,7 +65,8 @@ def test_endpoints_get_the_service_without_a_thread_hop(
     assert hops == []
     assert rebuilt == []
     assert service.app.dependency_overrides == {}
-    assert service.SELF_DEPENDENCIES == len(service.route_paths(service.app.routes)) == 8  # every FastAPI endpoint
+    routes = workarounds.route_paths(service.app.routes)
+    assert service.GUARDS.self_dependencies == len(routes) == 8  # every FastAPI endpoint
 
 
 def test_repeat_is_served_from_cache(client: TestClient, headers: dict[str, str]) -> None:
@@ -345,11 +346,11 @@ def test_the_guards_and_labels_cover_every_route_of_the_contract(client: TestCli
 
     contract = {"/predict", "/predict/ab", "/batch", "/feedback", "/analytics/summary", "/analytics/ab"}
     contract |= {"/jobs", "/jobs/{job_id}", "/jobs/{job_id}/results"}
-    assert set(module.PUBLIC_PATHS) == contract
+    assert set(module.GUARDS.public_paths) == contract
     assert metrics.endpoint_label("/jobs/1f0c/results") == "/jobs/{job_id}/results"
     assert metrics.endpoint_label("/jobs/1f0c") == "/jobs/{job_id}" and metrics.endpoint_label("/nope") == "other"
     assert set(metrics.ENDPOINTS) == contract | {"/health"}
-    assert set(module.BENTOML_SKIP) == contract | {"/health"}
+    assert set(module.GUARDS.bentoml_skip) == contract | {"/health"}
     exposed = generate_latest().decode()
     for path in contract:  # every refusal series exists from the start, at zero or more
         assert f'sentiment_overload_rejections_total{{endpoint="{path}",reason="loop_lag"}}' in exposed
@@ -359,20 +360,20 @@ def test_each_worker_limits_its_requests_adaptively_and_exposes_the_limit(client
     from prometheus_client import generate_latest
 
     from service import service as module
-    from service.guards import InFlightLimit
+    from service.overload import InFlightLimit
 
     guard = next(options for cls, options in module.Sentiment.middlewares if cls is InFlightLimit)
-    assert guard["adaptive"] is module.CONCURRENCY
+    assert guard["adaptive"] is module.GUARDS.concurrency
     assert guard["sampled"] == ("/predict", "/batch")
-    assert module.CONCURRENCY.target_s == module.settings.max_queue_delay_ms / 1000
+    assert module.GUARDS.concurrency.target_s == module.settings.max_queue_delay_ms / 1000
     exposed = 0.0
     for _ in range(50):  # the gauge watcher refreshes every 2 s; earlier tests may have moved the limit
         line = next(x for x in generate_latest().decode().splitlines() if x.startswith("sentiment_concurrency_limit "))
         exposed = float(line.split()[1])
-        if exposed == pytest.approx(module.CONCURRENCY.limit):
+        if exposed == pytest.approx(module.GUARDS.concurrency.limit):
             break
         time.sleep(0.1)
-    assert exposed == pytest.approx(module.CONCURRENCY.limit)
+    assert exposed == pytest.approx(module.GUARDS.concurrency.limit)
 
 
 def test_prediction_apis_are_answered_without_bentomls_api_layer(
@@ -431,6 +432,38 @@ def test_prediction_apis_are_answered_without_bentomls_api_layer(
     assert handled == []
 
 
+def test_the_short_path_refuses_the_apis_once_a_dependency_would_be_skipped(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service's own wiring passes the short path's check (service/fastpath.py, routes_of,
+    run when service.py is imported); a `Depends` added to /predict, or to the whole app, fails it."""
+    from fastapi import Depends
+    from fastapi.routing import APIRoute
+
+    from service import fastpath
+    from service import service as module
+    from service.clients import require_admin
+
+    def check() -> dict:
+        return fastpath.routes_of(module.Sentiment, module.app, module.SHORT_PATH)
+
+    assert set(check()) == {"/predict", "/predict/ab", "/batch"}
+
+    async def predict() -> dict:
+        return {}
+
+    guarded = APIRoute("/predict", predict, methods=["POST"], dependencies=[Depends(require_admin)])
+    with monkeypatch.context() as patch:
+        patch.setattr(module.app.router, "routes", [*module.app.router.routes, guarded])
+        with pytest.raises(RuntimeError, match=r"POST /predict \(predict\).*would never run"):
+            check()
+    with monkeypatch.context() as patch:
+        patch.setattr(module.app.router, "dependencies", [Depends(require_admin)])
+        with pytest.raises(RuntimeError, match="the app's dependencies would not run"):
+            check()
+    assert set(check()) == {"/predict", "/predict/ab", "/batch"}
+
+
 def test_an_unexpected_failure_on_the_prediction_path_is_the_contracts_500(
     client: TestClient, headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -475,7 +508,7 @@ def test_every_error_status_carries_a_request_id(
     # (the 408 of a trickled upload needs a real socket: tests/integration/test_abuse.py)
     monkeypatch.setattr(module.settings, "admin_api_key", SecretStr("k" * 40))
     got["401"] = client.get("/analytics/summary", headers=headers)
-    monkeypatch.setattr(module.CONCURRENCY, "limit", 0)  # the door refuses every prediction
+    monkeypatch.setattr(module.GUARDS.concurrency, "limit", 0)  # the door refuses every prediction
     got["503 door"] = client.post("/predict", json={"text": "refused at the door"}, headers=headers)
     for name, r in got.items():
         assert r.status_code == int(name[:3]), (name, r.status_code, r.text)

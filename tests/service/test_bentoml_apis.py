@@ -69,7 +69,7 @@ def test_a_service_composing_it_in_one_process(service_env: dict[str, str]) -> N
             many = await self.sentiment.batch(texts=texts)
             return {"one": one, "many": many}
 
-    sink = module.ERRORS.sink
+    sink = module.GUARDS.errors.sink
     reviews = Reviews()
     try:
         text = f"Lovely staff, a spotless room, and breakfast was superb. {uuid.uuid4()}"
@@ -84,7 +84,7 @@ def test_a_service_composing_it_in_one_process(service_env: dict[str, str]) -> N
         inner = reviews.sentiment
         inner.batcher.close()
         inner.analytics.close()
-        module.ERRORS.sink = sink
+        module.GUARDS.errors.sink = sink
 
 
 @pytest.mark.integration

@@ -163,7 +163,7 @@ def test_cap_and_held_out_pick_by_hash_per_source_and_label() -> None:
 
 
 def test_head_and_tail_keeps_both_ends_of_a_long_text() -> None:
-    from models.runtime import head_and_tail
+    from models.tokens import head_and_tail
 
     ids = list(range(100))
     assert head_and_tail(ids, 10, 3) == [0, 1, 2, 93, 94, 95, 96, 97, 98, 99]

@@ -1,4 +1,5 @@
-"""The ASGI guards in front of the endpoints, on a small app of their own."""
+"""The ASGI guards in front of the endpoints (overload, intake, clients, workarounds), on a small
+app of their own."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
-from service import guards
-from service.guards import AdaptiveLimit, BodySizeLimit, InFlightLimit, Occupancy, client_address, trusted_networks
+from service import overload
+from service.clients import client_address, trusted_networks
+from service.intake import BodySizeLimit
+from service.overload import AdaptiveLimit, InFlightLimit, Occupancy
 
 
 async def _slow(request: Request) -> JSONResponse:
@@ -83,7 +86,7 @@ async def test_in_flight_limit_adapts_to_slow_predictions_and_refuses_the_rest_a
 
 def test_occupancy_is_the_time_weighted_mean_in_flight_between_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [100.0]
-    monkeypatch.setattr(guards.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(overload.time, "monotonic", lambda: clock[0])
     occupancy = Occupancy()
     occupancy.change(1)  # one request for the whole 4 s
     clock[0] += 1
@@ -158,7 +161,7 @@ def anyio_backend() -> str:
 @pytest.mark.anyio
 async def test_request_context_tags_answers_counts_and_records_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     from service import metrics
-    from service.guards import RequestContext
+    from service.intake import RequestContext
 
     monkeypatch.setattr(metrics, "ENDPOINTS", ("/predict",))  # service.py registers the app's routes
 
@@ -184,7 +187,7 @@ async def test_request_context_tags_answers_counts_and_records_errors(monkeypatc
 
 @pytest.mark.anyio
 async def test_unknown_paths_and_methods_get_json_errors_and_other_answers_pass_untouched() -> None:
-    from service.guards import JsonErrors
+    from service.workarounds import JsonErrors
 
     async def found(request: Request) -> JSONResponse:
         return JSONResponse({"error": "no such request id"}, status_code=404)
@@ -206,7 +209,7 @@ async def test_a_lagging_event_loop_sheds_new_requests_at_the_door() -> None:
     import asyncio
     import time
 
-    from service.guards import InFlightLimit, LoopLag
+    from service.overload import InFlightLimit, LoopLag
 
     async def ok(request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})
@@ -280,7 +283,7 @@ async def test_a_connection_back_before_its_429s_retry_after_is_refused_after_a_
     from fastapi import FastAPI
 
     from service import errors
-    from service.deps import ClientLimits
+    from service.clients import ClientLimits
     from storage.ratelimit import make_limiter, parse_limit
 
     limits = ClientLimits(make_limiter(None), {"reads": parse_limit("1/minute")}, [], pace_s=0.2)
@@ -307,7 +310,7 @@ def test_send_buffers_capped_on_listening_sockets_and_inherited() -> None:
     accepts inherit it: an unread response fills a small buffer, not the kernel's 4 MiB."""
     import socket
 
-    from service.guards import cap_send_buffers
+    from service.workarounds import cap_send_buffers
 
     listener = socket.create_server(("127.0.0.1", 0))
     client = socket.socket()
