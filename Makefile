@@ -24,7 +24,7 @@ PROFILE ?= full
 export HF_HUB_OFFLINE := 1
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: preflight install lock audit model eval serve migrate bento test lint bench bench-analytics loadtest chaos abuse prometheus image up down test-containers
+.PHONY: preflight install lock audit model eval serve migrate bento test lint bench bench-analytics bench-jobs loadtest chaos abuse prometheus image up down test-containers
 
 # The pins a fresh machine most often cannot meet, checked in seconds before anything installs.
 TORCH_PIN := $(shell grep -m1 '^torch==' $(LOCK_DEV) | cut -d' ' -f1)
@@ -96,12 +96,18 @@ test:  ## the whole suite: lint, unit, service and integration tests (installs w
 	$(MAKE) --no-print-directory audit
 	$(PY) -m pytest
 
-bench: model  ## the service against LitServe and the naive server, side by side: throughput, latency, CPU split, memory
+bench: model  ## the service against LitServe and the naive server, side by side: throughput, latency, CPU split, memory; the chart in docs/img/bench.png
 	$(PY) -c "import litserve" 2>/dev/null || $(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) -m loadtests.bench $(BENCH_ARGS)
 
-bench-analytics: install  ## /analytics query times over a seeded million-row table (DATABASE_URL, or a throwaway PostgreSQL)
-	$(PY) -m loadtests.analytics_bench $(if $(DATABASE_URL),--url $(DATABASE_URL),)
+bench-analytics: install  ## /analytics query times over a seeded million-row table (DATABASE_URL, or a throwaway PostgreSQL) [ANALYTICS=spill-cap: the analytics log's cap under a 10-minute outage; ANALYTICS_ARGS=]
+	$(PY) -m loadtests.analytics $(ANALYTICS) $(if $(DATABASE_URL),$(if $(filter spill-cap,$(ANALYTICS)),,--url $(DATABASE_URL)),) $(ANALYTICS_ARGS)
+
+# The bulk jobs' standing measurements, one after the other: a job against the raw model
+# (throughput, about 5 minutes), interactive latency with and without jobs (beside, about 25).
+JOBS ?= throughput beside
+bench-jobs: install  ## bulk jobs against the raw model, and interactive p95 beside them: JOBS=throughput|beside (default both) [JOBS_ARGS=]
+	for job in $(JOBS); do $(PY) -m loadtests.jobs.$$job $(JOBS_ARGS) || exit 1; done
 
 loadtest: $(if $(URL),install,model)  ## the original plan: SCENARIO=baseline|spike|cache|all|steps PROFILE=full|quick [URL= USERS= DURATION= OUT= EMBEDDED=1 ANALYTICS_ROWS=]
 	$(PY) -m loadtests.run $(SCENARIO) --profile $(PROFILE) $(if $(URL),--url $(URL),) \

@@ -1,16 +1,19 @@
-"""Run the original deployment's load-test plan (loadtests/plan.py) and write a report per scenario.
+"""`make loadtest`: the original deployment's load-test plan, run, with a report per scenario.
 
     python -m loadtests.run baseline|spike|cache|all|steps [--profile full|quick] [--url URL]
                             [--users N] [--duration 10m] [--out DIR] [--no-thresholds]
 
-`make loadtest SCENARIO=... [URL=...] [USERS=...] [DURATION=...] [PROFILE=quick]` calls this.
-Without --url it starts the service itself (`bentoml serve` with its defaults, the models in the
-BentoML store) on throwaway Redis and PostgreSQL servers, and a Prometheus when one is
-installed; it samples CPU and memory of the API, PostgreSQL, Redis and Locust every second.
-Each scenario runs Locust headless (loadtests/locustfile.py; the options common to every
-scenario in loadtests/locust.conf), then loadtests/report.py writes `<out>/<scenario>/report.md`
-with tables and plots; <out> is var/loadtests/<time> unless --out. `steps` (not in `all`: it is
-not the original's) also writes `<out>/steps/steps.md`, the saturation table (loadtests/steps.py).
+The plan is here: `PLAN`, the original's scenarios at full scale, `QUICK` the same mix at a small
+scale (for CI), and `STEPS` (not in `all`: it is not the original's) one replica's saturation at
+shares of its capacity. `make loadtest SCENARIO=... [URL=...] [USERS=...] [DURATION=...]
+[PROFILE=quick]` calls this. Without --url it starts the service itself (`bentoml serve` with its
+defaults, the models in the BentoML store) on throwaway Redis and PostgreSQL servers, and a
+Prometheus when one is installed; it samples CPU and memory of the API, PostgreSQL, Redis and
+Locust every second. Each scenario runs Locust headless (loadtests/locustfile.py's SentimentUser;
+the options common to every scenario in loadtests/locust.conf), then loadtests/report/ writes
+`<out>/<scenario>/report.md` with tables and plots, judged against the original's figures and
+this project's targets; <out> is var/loadtests/<time> unless --out. `steps` also writes
+`<out>/steps/steps.md`, the saturation table.
 
 Exit status: 1 when a scenario's errors other than 429 exceed 1% of its requests or its p95
 exceeds the scenario's limit (--p95-limit-ms overrides it), unless --no-thresholds.
@@ -23,20 +26,17 @@ import json
 import os
 import re
 import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
 
-from loadtests import report, steps
-from loadtests.figures import write_csv
-from loadtests.plan import PLAN, QUICK, QUICK_STEPS, STEPS, Scenario
+from loadtests.harness import ResourceSampler, log, metric_sum, parse_metrics, read_metrics, start_locust, stopped
+from loadtests.report import figures, markdown
 from tests.support.serving import ROOT, Served, free_port
 
 # Locust's options common to every scenario; each run's own go on the command line.
@@ -50,124 +50,142 @@ def parse_duration(text: str) -> float:
     return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
 
 
-# --- resources --------------------------------------------------------------------------
+# --- the plan -----------------------------------------------------------------------------
 
 
-@dataclass
-class ResourceSampler:
-    """CPU (cores in use) and memory (PSS, so shared pages count once) of process groups,
-    each given by its root pid, sampled every `interval` seconds in a thread."""
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    users: int
+    spawn_rate: float
+    duration_s: float
+    repeat_share: float
+    repeat_pool: int = 200
+    shape: str = ""  # the locustfile's PlanShape drives users and duration: "spike" or "steps"
+    ramp_s: float = 0
+    hold_s: float = 0
+    step_s: float = 0  # steps: seconds at each share of `users`
+    step_shares: tuple[float, ...] = ()
+    p95_limit_ms: float = 120.0
+    description: str = ""
 
-    roots: dict[str, int]
-    interval: float = 1.0
-    extras: dict[str, Callable[[], float]] = field(default_factory=dict)  # more columns, e.g. Redis memory
-    rows: list[dict] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self._stop = threading.Event()
-        self._last: dict[int, float] = {}
-        self._thread = threading.Thread(target=self._run, daemon=True)
+# The original plan. p95 limits: baseline's target on 2 cores, and the original's own p95 elsewhere.
+PLAN = {
+    "baseline": Scenario(
+        "baseline", 100, 10, 600, 0.72, p95_limit_ms=60, description="100 users, spawn 10/s, 10 minutes"
+    ),
+    "spike": Scenario(
+        "spike",
+        500,
+        0,
+        420,
+        0.72,
+        shape="spike",
+        ramp_s=120,
+        hold_s=300,
+        p95_limit_ms=140,
+        description="0 to 500 users over 2 minutes, 500 held for 5 minutes",
+    ),
+    "cache": Scenario(
+        "cache",
+        50,
+        10,
+        300,
+        1.0,
+        repeat_pool=100,
+        p95_limit_ms=120,
+        description="50 users, 5 minutes, only repeated texts",
+    ),
+}
+# About two minutes for all three: the same mix at a small scale, for CI.
+QUICK = {
+    "baseline": replace(PLAN["baseline"], users=20, spawn_rate=10, duration_s=40, description="quick: 20 users, 40 s"),
+    "spike": replace(
+        PLAN["spike"], users=60, duration_s=40, ramp_s=15, hold_s=25, description="quick: 0 to 60 users in 15 s, 25 s"
+    ),
+    "cache": replace(PLAN["cache"], users=10, duration_s=30, repeat_pool=20, description="quick: 10 users, 30 s"),
+}
 
-    def _group(self, root: int) -> list[psutil.Process]:
-        try:
-            proc = psutil.Process(root)
-            return [proc, *proc.children(recursive=True)]
-        except psutil.Error:
-            return []
-
-    def _sample(self, previous: float) -> float:
-        now = time.monotonic()
-        row: dict = {"t": time.time()}
-        for name, root in self.roots.items():
-            cpu = mem = 0.0
-            for proc in self._group(root):
-                try:
-                    times = proc.cpu_times()
-                    total = times.user + times.system
-                    if proc.pid in self._last and now > previous:
-                        cpu += (total - self._last[proc.pid]) / (now - previous)
-                    self._last[proc.pid] = total
-                    mem += proc.memory_full_info().pss
-                except psutil.Error:
-                    continue
-            row[f"{name}_cores"] = round(cpu, 3)
-            row[f"{name}_mb"] = round(mem / 2**20, 1)
-        for name, read in self.extras.items():
-            try:
-                row[name] = read()
-            except Exception:
-                row[name] = None
-        self.rows.append(row)
-        return now
-
-    def _run(self) -> None:
-        previous = self._sample(time.monotonic())
-        while not self._stop.wait(self.interval):
-            previous = self._sample(previous)
-
-    def start(self) -> ResourceSampler:
-        self._thread.start()
-        return self
-
-    def stop(self) -> list[dict]:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        return self.rows
+# Beyond the original plan: one replica's saturation at fixed shares of its capacity, for the
+# autoscaler's target (docs/scaling.md). 400 users of the original's traffic (about 400
+# requests a second, 72% of texts repeated) are 100%: the spike sheds beyond that.
+STEPS = Scenario(
+    "steps",
+    400,
+    0,
+    6 * 90,
+    0.72,
+    shape="steps",
+    step_s=90,
+    # 87.5%: between the last step without sheds and the first with, where the target lies.
+    step_shares=(0.25, 0.5, 0.75, 0.875, 1.0, 1.25),
+    p95_limit_ms=float("inf"),  # the last step is meant to overload it
+    description="25, 50, 75, 87.5, 100 and 125% of 400 users, 90 s each",
+)
+QUICK_STEPS = replace(STEPS, users=40, duration_s=6 * 20, step_s=20, description="quick: 10 to 50 users, 20 s each")
 
 
 # --- one scenario -----------------------------------------------------------------------
 
 
 def run_locust(scenario: Scenario, url: str, out: Path, admin_key: str | None) -> subprocess.Popen[bytes]:
-    shape_file = {"spike": ",loadtests/shapes.py", "steps": ",loadtests/step_shape.py"}.get(scenario.shape, "")
-    files = "loadtests/locustfile.py" + shape_file
-    cmd = [
-        sys.executable,
-        "-m",
-        "locust",
-        "--config",
-        str(LOCUST_CONF),
-        "-f",
-        files,
-        "--host",
-        url,
-        "--csv",
-        str(out / "locust"),
-        "--repeat-share",
-        str(scenario.repeat_share),
-        "--repeat-pool",
-        str(scenario.repeat_pool),
-        "--outcomes",
-        str(out / "outcomes.json"),
-    ]
+    options = ["--config", str(LOCUST_CONF), "--csv", str(out / "locust"), "--outcomes", str(out / "outcomes.json")]
+    options += ["--repeat-share", str(scenario.repeat_share), "--repeat-pool", str(scenario.repeat_pool)]
     if not scenario.shape:
-        cmd += ["-u", str(scenario.users), "-r", str(scenario.spawn_rate), "-t", f"{int(scenario.duration_s)}s"]
-    env = {**os.environ, **({"LOCUST_ADMIN_KEY": admin_key} if admin_key else {})}
+        options += ["-u", str(scenario.users), "-r", str(scenario.spawn_rate), "-t", f"{int(scenario.duration_s)}s"]
+    env = {"LOCUST_ADMIN_KEY": admin_key} if admin_key else {}
     if scenario.shape == "spike":
         env |= {
+            "LOADTEST_SHAPE": "spike",
             "SPIKE_USERS": str(scenario.users),
             "SPIKE_RAMP_S": str(scenario.ramp_s),
             "SPIKE_HOLD_S": str(scenario.hold_s),
         }
     if scenario.shape == "steps":
         env |= {
+            "LOADTEST_SHAPE": "steps",
             "STEP_USERS": str(scenario.users),
             "STEP_S": str(scenario.step_s),
             "STEP_SHARES": ",".join(map(str, scenario.step_shares)),
         }
-        cmd += ["--timeline", str(out / "timeline.csv")]
-    log = (out / "locust.log").open("wb")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        options += ["--timeline", str(out / "timeline.csv")]
+    return start_locust("SentimentUser", url, options, out / "locust.log", env)
 
 
-def _get(url: str, path: str, **kw) -> httpx.Response | None:
-    """An answer of 200, or None: a proxy in front (nginx refuses /metrics from outside) or a
-    failing call leaves that part out of the report."""
+SIGNALS = ("in_flight", "queue_delay")  # sentiment_saturation's, sampled during the steps
+
+
+def saturation_reader(url: str) -> dict[str, Any]:
+    """ResourceSampler columns: each saturation signal, read from the service's /metrics."""
+    last: dict[str, Any] = {"at": 0.0, "values": {}}
+
+    def read(signal: str) -> float | None:
+        if time.monotonic() - last["at"] > 0.5:  # one /metrics read per sample for both columns
+            samples = parse_metrics(read_metrics(url, timeout=2))
+            values = {s: metric_sum(samples, "sentiment_saturation", signal=s) for s in SIGNALS}
+            last.update(at=time.monotonic(), values=values)
+        return last["values"].get(signal)
+
+    return {f"saturation_{s}": (lambda s=s: read(s)) for s in SIGNALS}
+
+
+def _get(url: str, path: str, **kw: Any) -> httpx.Response | None:
+    """An answer of 200, or None: a failing call leaves that part out of the report."""
     try:
         r = httpx.get(f"{url}{path}", timeout=30, **kw)
     except httpx.HTTPError:
         return None
     return r if r.status_code == 200 else None
+
+
+def _metrics_text(url: str) -> str:
+    """/metrics, or nothing: a proxy in front (nginx refuses /metrics from outside) leaves the
+    service's own figures out of the report."""
+    try:
+        return read_metrics(url, timeout=30)
+    except httpx.HTTPError:
+        return ""
 
 
 def run_scenario(
@@ -181,8 +199,7 @@ def run_scenario(
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
-    metrics_before = _get(url, "/metrics")
-    (out / "metrics_before.txt").write_text(metrics_before.text if metrics_before else "")
+    (out / "metrics_before.txt").write_text(_metrics_text(url))
     started = time.time()
     locust = run_locust(scenario, url, out, admin_key)
     extras = {}
@@ -192,14 +209,13 @@ def run_scenario(
         client = redis.Redis.from_url(redis_url, socket_timeout=1)
         extras["redis_used_mb"] = lambda: round(client.info("memory")["used_memory"] / 2**20, 2)
     if scenario.shape == "steps":
-        extras |= steps.saturation_reader(url)
+        extras |= saturation_reader(url)
     sampler = ResourceSampler({**roots, "locust": locust.pid}, extras=extras).start()
     locust.wait()
     ended = time.time()
     rows = sampler.stop()
     time.sleep(2)  # the analytics writer flushes every 0.5 s
-    metrics_after = _get(url, "/metrics")
-    (out / "metrics_after.txt").write_text(metrics_after.text if metrics_after else "")
+    (out / "metrics_after.txt").write_text(_metrics_text(url))
     window = f"{int(ended - started) + 5}s"
     analytics = _get(url, "/analytics/summary", params={"window": window}, headers=headers)
     run = {
@@ -218,14 +234,15 @@ def run_scenario(
         "sampled": sorted(roots) + ["locust"],
     }
     (out / "run.json").write_text(json.dumps(run, indent=2))
-    write_csv(out / "resources.csv", rows)
+    figures.write_csv(out / "resources.csv", rows)
     return run
 
 
 # --- the whole run ----------------------------------------------------------------------
 
 
-def _redis_flush(redis_url: str) -> None:
+def redis_flush(redis_url: str) -> None:
+    """An empty cache and fresh limits."""
     import redis
 
     redis.Redis.from_url(redis_url).flushdb()
@@ -239,7 +256,7 @@ def start_stack(
     appended to `started` before its start, so the caller stops a failed start's servers too."""
     from tests.support.servers import serve_on_backends
 
-    print("starting Redis, PostgreSQL and the service (bentoml serve) ...", flush=True)
+    log("starting Redis, PostgreSQL and the service (bentoml serve) ...")
     served, redis_server, postgres = serve_on_backends(
         out, started, {"TRUSTED_PROXIES": "127.0.0.1", **(env or {})}, workers
     )
@@ -254,11 +271,11 @@ def start_embedded(out: Path, workers: int | None, started: list, analytics_rows
     predictions over 30 days when asked: the service and the pids to sample."""
     url = f"sqlite:///{out / 'analytics.db'}"
     if analytics_rows:
-        from loadtests.analytics_bench import seed
+        from loadtests.analytics import seed
 
-        print(f"seeding {analytics_rows:,} predictions into {url} ...", flush=True)
+        log(f"seeding {analytics_rows:,} predictions into {url} ...")
         seed(url, analytics_rows, 30)
-    print("starting the service on its embedded defaults (bentoml serve) ...", flush=True)
+    log("starting the service on its embedded defaults (bentoml serve) ...")
     env = {"DATABASE_URL": url, "SPILL_DIR": str(out / "spill"), "TRUSTED_PROXIES": "127.0.0.1"}
     served = Served({**env, "REDIS_URL": ""}, out / "serve.log", workers=workers)
     started.append(served)
@@ -297,12 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     from service.config import Settings
     from tests.support.prometheus import Prometheus
 
-    started: list = []
     roots: dict[str, int] = {}
     url = args.url
     redis_url = None
     prometheus = None
-    try:
+    with stopped() as started:
         if url is None and args.embedded:
             served, roots = start_embedded(out, args.workers, started, args.analytics_rows)
             url = served.url
@@ -314,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 started.append(prometheus)
                 prometheus.start()
             except RuntimeError as exc:
-                print(f"no Prometheus for the dashboard plot: {exc}", flush=True)
+                log(f"no Prometheus for the dashboard plot: {exc}")
         failed: list[str] = []
         for name in names:
             scenario = plan[name]
@@ -325,27 +341,21 @@ def main(argv: list[str] | None = None) -> int:
             if args.p95_limit_ms is not None:
                 scenario = replace(scenario, p95_limit_ms=args.p95_limit_ms)
             if redis_url:
-                _redis_flush(redis_url)  # each scenario starts with a cold cache and fresh limits
-            print(f"[{name}] {scenario.description} against {url}", flush=True)
+                redis_flush(redis_url)  # each scenario starts with a cold cache and fresh limits
+            log(f"[{name}] {scenario.description} against {url}")
             workers = (args.workers or Settings().service_workers) if roots else None
             run_scenario(scenario, url, out / name, roots, admin_key, redis_url, workers)
-            result = report.build(out / name, prometheus_url=prometheus.url if prometheus else None)
-            print(report.console_summary(result), flush=True)
+            result = markdown.build(out / name, prometheus_url=prometheus.url if prometheus else None)
+            log(markdown.console_summary(result))
             if scenario.shape == "steps":
-                rows = steps.table(out / name, scenario.users, scenario.step_s, list(scenario.step_shares))
-                print(steps.write(out / name, rows), flush=True)
+                rows = figures.steps_table(out / name, scenario.users, scenario.step_s, list(scenario.step_shares))
+                log(markdown.write_steps(out / name, rows))
             failed += [f"{name}: {v}" for v in result["violations"]]
-        print(f"reports: {out}/<scenario>/report.md", flush=True)
+        log(f"reports: {out}/<scenario>/report.md")
         if failed and not args.no_thresholds:
-            print("thresholds not met:\n  " + "\n  ".join(failed), flush=True)
+            log("thresholds not met:\n  " + "\n  ".join(failed))
             return 1
         return 0
-    finally:
-        for proc in reversed(started):
-            try:
-                proc.stop()
-            except Exception as exc:  # keep tearing down the rest
-                print(f"stopping {type(proc).__name__}: {exc}", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from loadtests.bench import metric_totals
+from loadtests.harness import metric_totals
 from tests.support.jobs import done_job
 from tests.support.prometheus import Prometheus
 from tests.support.servers import PostgresServer, RedisServer, scratch_database

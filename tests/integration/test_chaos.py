@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.chaos.plan import QUICK
+from loadtests.chaos.__main__ import QUICK
 from tests.support.serving import ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

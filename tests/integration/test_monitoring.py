@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from loadtests.dashboard import plot_dashboard
+from loadtests.report.plots import plot_dashboard
 from tests.support.prometheus import (
     PROMETHEUS_DIR,
     Prometheus,

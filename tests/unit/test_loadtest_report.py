@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from loadtests.bench import median_case
-from loadtests.figures import _failures, endpoint_names
-from loadtests.plan import PLAN, QUICK
-from loadtests.report import target_lines, violations
-from loadtests.run import parse_duration
+from loadtests.bench.__main__ import median_case
+from loadtests.report.figures import endpoint_names, failures, steps_table
+from loadtests.report.markdown import target_lines, violations, write_steps
+from loadtests.run import PLAN, QUICK, parse_duration
 
 
 def _figures(**kw):
@@ -45,7 +44,7 @@ def test_failures_tell_rate_limits_and_sheds_from_errors() -> None:
         {"Name": "/predict", "Error": "HTTP 500: boom", "Occurrences": "1"},
         {"Name": "/health", "Error": "invalid answer: status 'x'", "Occurrences": "3"},
     ]
-    limited, shed, server, other, by_error = _failures(rows)
+    limited, shed, server, other, by_error = failures(rows)
     assert (limited, shed, server, other) == (7, 5, 3, 3)
     assert by_error["/predict: shed (503, Retry-After)"] == 5
 
@@ -76,8 +75,6 @@ def test_bench_takes_the_median_of_each_figure_over_its_rounds() -> None:
 
 
 def test_the_steps_table_reads_each_step_past_its_settling_time(tmp_path) -> None:
-    from loadtests import steps
-
     start = 1_000.0
     lines = [f"start,{start},"]
     # Step 0 (0-100 s): 2 answered a second at 10 ms, and a shed in its settling time only.
@@ -94,12 +91,45 @@ def test_the_steps_table_reads_each_step_past_its_settling_time(tmp_path) -> Non
         for s in range(200)
     ]
     (tmp_path / "resources.csv").write_text("\n".join(samples) + "\n")
-    rows = steps.table(tmp_path, users=40, step_s=100, step_shares=[0.5, 1.0])
+    rows = steps_table(tmp_path, users=40, step_s=100, step_shares=[0.5, 1.0])
     assert [r["users"] for r in rows] == [20, 40]
     assert [r["answered_req_s"] for r in rows] == [2.0, 3.0]
     assert [r["p95_ms"] for r in rows] == [10.0, 30.0]
     assert [r["shed_pct"] for r in rows] == [0.0, 25.0]  # the first step's shed was in its settling time
     assert rows[1]["saturation_queue_delay"] == pytest.approx(0.7) and rows[0]["api_cores"] == pytest.approx(0.5)
-    assert "| 100% | 40 | 3.0 |" in steps.write(tmp_path, rows)
-    short = steps.table(tmp_path, users=40, step_s=20, step_shares=[0.5])  # the quick profile's steps
+    assert "| 100% | 40 | 3.0 |" in write_steps(tmp_path, rows)
+    short = steps_table(tmp_path, users=40, step_s=20, step_shares=[0.5])  # the quick profile's steps
     assert short[0]["answered_req_s"] == 2.0  # its last 15 s
+
+
+def test_the_bench_chart_is_drawn_from_the_result_of_a_run(tmp_path) -> None:
+    from loadtests.report.plots import bench_chart
+
+    cases = [
+        {"server": server, "mode": mode, "users": users, "req_per_s": rate, "p95_ms": p95}
+        for server, mode, users, rate, p95 in [
+            ("service", "unique", 8, 300.0, 40.0),
+            ("service", "unique", 32, 440.0, 100.0),
+            ("service", "repeated", 32, 3000.0, 12.0),
+            ("litserve", "unique", 8, 280.0, 45.0),
+            ("litserve", "unique", 32, 400.0, 110.0),
+            ("naive", "unique", 8, 90.0, 120.0),
+            ("naive", "unique", 32, 95.0, 400.0),
+        ]
+    ]
+    path = bench_chart({"model": "m:1", "cases": cases, "settings": {"rounds": 3, "seconds": 30}}, tmp_path / "b.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_metrics_are_summed_over_the_labels_asked_for() -> None:
+    from loadtests.harness import metric_sum, parse_metrics, percentile
+
+    text = (
+        "# TYPE sentiment_cache_lookups_total counter\n"
+        'sentiment_cache_lookups_total{result="hit"} 3.0\n'
+        'sentiment_cache_lookups_total{result="miss"} 2.0\n'
+    )
+    samples = parse_metrics(text)
+    assert metric_sum(samples, "sentiment_cache_lookups_total") == 5.0
+    assert metric_sum(samples, "sentiment_cache_lookups_total", result="hit") == 3.0
+    assert (percentile([5, 1, 4, 2, 3], 0.5), percentile([], 0.95)) == (3, None)

@@ -4,10 +4,10 @@ side by side in one run on this machine.
 Servers, all started here and left idle while another is measured:
 - `service`: `bentoml serve` of this service with its defaults (the int8 model, embedded cache
   and SQLite analytics), rate limits off;
-- `litserve`: a lean batching server of the same ONNX int8 model (loadtests/peers/litserve_server.py);
-- `naive`: one PyTorch fp32 forward per request (loadtests/peers/naive_server.py).
+- `litserve`: a lean batching server of the same ONNX int8 model;
+- `naive`: one PyTorch fp32 forward per request.
 
-Each case is closed-loop Locust users (loadtests/bench_locustfile.py) sending `POST /predict`
+Each case is closed-loop Locust users (loadtests/locustfile.py's PredictUser) sending `POST /predict`
 with a text never sent before, drawn from the model build's out-of-source reviews (a source
 never used in training). Cases run in rounds, the servers' order rotating each round, and the
 figures are medians over the rounds. Per case: requests/s, latency percentiles, errors, CPU
@@ -16,8 +16,10 @@ one more case of the service at `--profile-clients`, sampled with py-spy, splits
 the model (tokenizer and forward pass) and everything else. Memory is the PSS of each server's
 processes at the end.
 
-The servers and the peers are in loadtests/peers/, the py-spy split in loadtests/cpu_profile.py
-and the texts in loadtests/texts.py.
+The result goes to --json (var/bench.json), and a chart of it, each server's requests/s and p95
+by client count, to --chart (docs/img/bench.png, the results page's); `--chart-only` redraws the
+chart from an existing --json without running anything. The servers, the peers and the py-spy
+split are in loadtests/bench/peers.py.
 """
 
 from __future__ import annotations
@@ -28,53 +30,15 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
-import psutil
 
-from loadtests.cpu_profile import profile_service
-from loadtests.peers import SERVERS, Server, focus, start_peer
-from loadtests.texts import OUT_OF_SOURCE, load_texts
+from loadtests.bench.peers import SERVERS, Server, focus, profile_service, raw_throughput, start_peer
+from loadtests.harness import OUT_OF_SOURCE, MachineLoad, load_texts, log, metric_totals, start_locust, stopped
+from loadtests.report.plots import bench_chart
 from tests.support.serving import ROOT, Served, wait_ready
-
-
-def raw_throughput(tag: str, texts: list[str], seconds: float, threads: int, batch: int = 32) -> dict[str, float]:
-    """Texts per second of batch forward passes in a loop: no HTTP, no queue."""
-    from models import runtime
-
-    predictor = runtime.load(tag, threads)
-    predictor.predict(texts[:batch])
-    done, times, i = 0, [], 0
-    cpu0, started = time.process_time(), time.perf_counter()
-    while time.perf_counter() - started < seconds:
-        chunk = [f"{texts[(i * batch + j) % len(texts)]} [{i}-{j}]" for j in range(batch)]
-        t = time.perf_counter()
-        predictor.predict(chunk)
-        times.append(time.perf_counter() - t)
-        done += batch
-        i += 1
-    elapsed = time.perf_counter() - started
-    return {
-        "texts_per_s": round(done / elapsed, 1),
-        "batch_ms_median": round(statistics.median(times) * 1000, 2),
-        "cpu_ms_per_text": round((time.process_time() - cpu0) * 1000 / done, 3),
-    }
-
-
-def metric_totals(url: str, names: tuple[str, ...]) -> dict[str, float]:
-    """Sums of the named series (all labels) on /metrics."""
-    totals = dict.fromkeys(names, 0.0)
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        for name in names:
-            if line.startswith(name) and line[len(name)] in " {":
-                totals[name] += float(line.rsplit(" ", 1)[1])
-    return totals
-
 
 BATCH_SERIES = (
     "sentiment_inference_batch_texts_sum",
@@ -84,30 +48,10 @@ BATCH_SERIES = (
 
 
 def run_locust(url: str, mode: str, users: int, seconds: int, prefix: Path, texts: str) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "locust",
-        "-f",
-        str(ROOT / "loadtests" / "bench_locustfile.py"),
-        "--headless",
-        "--only-summary",
-        "-u",
-        str(users),
-        "-r",
-        str(users),
-        "-t",
-        f"{seconds}s",
-        "--host",
-        url,
-        "--csv",
-        str(prefix),
-        "--loglevel",
-        "WARNING",
-    ]
-    env = {**os.environ, "BENCH_MODE": mode, "BENCH_TEXTS": texts}
+    options = ["--headless", "--only-summary", "-u", str(users), "-r", str(users), "-t", f"{seconds}s"]
+    options += ["--csv", str(prefix), "--loglevel", "WARNING"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run(cmd, cwd=ROOT, env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start_locust("PredictUser", url, options, None, {"BENCH_MODE": mode, "BENCH_TEXTS": texts}).wait()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     locust_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     with open(f"{prefix}_stats.csv") as f:
@@ -126,12 +70,10 @@ def run_locust(url: str, mode: str, users: int, seconds: int, prefix: Path, text
 def measure(server: Server, mode: str, users: int, seconds: int, workdir: Path, texts: str, tag: str) -> dict:
     focus(server)
     batches = metric_totals(server.url, BATCH_SERIES) if server.served is not None else None
-    cpu0, machine0 = server.cpu_seconds(), psutil.cpu_times()
+    cpu0, machine = server.cpu_seconds(), MachineLoad().start()
     stats = run_locust(server.url, mode, users, seconds, workdir / f"{server.name}-{mode}-{users}-{tag}", texts)
-    cpu, machine1 = server.cpu_seconds() - cpu0, psutil.cpu_times()
-    idle = (machine1.idle + machine1.iowait) - (machine0.idle + machine0.iowait)
-    total = sum(machine1) - sum(machine0)
-    stats["machine_busy"] = round(1 - idle / total, 3) if total else None
+    cpu = server.cpu_seconds() - cpu0
+    stats["machine_busy"] = machine.stop()
     stats["cpu_ms_per_request"] = round(cpu * 1000 / stats["requests"], 2) if stats["requests"] else None
     stats["cores_busy"] = round(cpu / seconds, 2)
     if batches is not None:
@@ -200,6 +142,8 @@ def main() -> int:
     parser.add_argument("--raw-seconds", type=float, default=15, help="0: no raw model measurement")
     parser.add_argument("--texts", default=OUT_OF_SOURCE, help="JSON lines with a text field")
     parser.add_argument("--json", type=Path, default=Path("var/bench.json"))
+    parser.add_argument("--chart", type=Path, default=Path("docs/img/bench.png"), help="the chart of --json's cases")
+    parser.add_argument("--chart-only", action="store_true", help="draw --chart from an existing --json, run nothing")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the service (repeatable)")
     parser.add_argument(
         "--variant",
@@ -215,6 +159,9 @@ def main() -> int:
         " this one as NAME ('before' unless given); repeatable",
     )
     args = parser.parse_args()
+    if args.chart_only:
+        log(f"wrote {bench_chart(json.loads(args.json.read_text()), args.chart)}")
+        return 0
     clients = [int(c) for c in args.clients.split(",") if c]
     peers = [p for p in args.peers.split(",") if p]
 
@@ -223,13 +170,12 @@ def main() -> int:
         parser.error("--seconds must be positive, --raw-seconds and --profile-seconds 0 or more")
     raw: dict[int, dict[str, float]] = {}
     if args.raw_seconds:
-        print(f"raw model: {args.model}, batch 32, no HTTP, {args.raw_seconds:.0f} s per thread count ...", flush=True)
+        log(f"raw model: {args.model}, batch 32, no HTTP, {args.raw_seconds:.0f} s per thread count ...")
         raw = {n: raw_throughput(args.model, texts, args.raw_seconds, n) for n in (1, 2)}
     for n, r in raw.items():
-        print(
+        log(
             f"  {n} thread(s): {r['texts_per_s']} texts/s, batch in {r['batch_ms_median']} ms, "
             f"{r['cpu_ms_per_text']} CPU ms per text",
-            flush=True,
         )
 
     workdir = Path(tempfile.mkdtemp(prefix="sentiment-bench-"))
@@ -241,7 +187,7 @@ def main() -> int:
         **dict(e.split("=", 1) for e in args.env),
     }
     servers = SERVERS
-    try:
+    with stopped() as started:
         variants = [("service", {})] + [
             (spec.split(":", 1)[0], dict(kv.split("=", 1) for kv in spec.split(":", 1)[1].split(",") if kv))
             for spec in args.variant
@@ -256,21 +202,20 @@ def main() -> int:
             folder.mkdir()
             own = {"DATABASE_URL": f"sqlite:///{folder / 'analytics.db'}", "SPILL_DIR": str(folder / "spill")}
             instance.served = Served({**env, **own, **extra}, folder / "serve.log", workers=None, source=source)
+            servers.append(instance)
+            started.append(instance)
             instance.served.start(timeout=240)
             instance.url = instance.served.url
-            servers.append(instance)
             wait_ready(f"{instance.url}/health", name, 60)
             httpx.post(f"{instance.url}/predict", json={"text": "warm up"}, timeout=30)
         service = servers[0]
-        if "litserve" in peers:
-            servers.append(start_peer("litserve", "loadtests.peers.litserve_server", args.model, workdir))
-        if "naive" in peers:
-            servers.append(start_peer("naive", "loadtests.peers.naive_server", args.reference, workdir))
+        for peer in (p for p in ("litserve", "naive") if p in peers):
+            servers.append(start_peer(peer, args.model if peer == "litserve" else args.reference, workdir))
+            started.append(servers[-1])
         health = httpx.get(f"{service.url}/health", timeout=10).json()
-        print(
+        log(
             f"service: {health['model']['A']} ({health['model']['runtimes'][health['model']['A']]}), "
             f"{health['model']['threads']} thread(s) per worker; peers: {', '.join(peers) or 'none'}",
-            flush=True,
         )
         runs: dict[tuple[str, str, int], list[dict]] = {}
         for rnd in range(args.rounds):
@@ -279,18 +224,17 @@ def main() -> int:
                 for server in order:
                     stats = measure(server, "unique", users, args.seconds, workdir, args.texts, f"r{rnd}")
                     runs.setdefault((server.name, "unique", users), []).append(stats)
-                    print(f"  round {rnd + 1} {server.name:>8} x{users:<3} {describe(stats)}", flush=True)
+                    log(f"  round {rnd + 1} {server.name:>8} x{users:<3} {describe(stats)}")
             for server in (s for s in order if s.name in {name for name, _, _ in sources}):  # the versions served
                 stats = measure(server, "repeated", max(clients), args.seconds, workdir, args.texts, f"r{rnd}")
                 runs.setdefault((server.name, "repeated", max(clients)), []).append(stats)
-                print(
+                log(
                     f"  round {rnd + 1} {server.name:>8} x{max(clients)} cached {stats['req_per_s']} req/s  "
-                    f"p50 {stats['p50_ms']:.0f}  p95 {stats['p95_ms']:.0f} ms",
-                    flush=True,
+                    f"p50 {stats['p50_ms']:.0f}  p95 {stats['p95_ms']:.0f} ms"
                 )
         profile = None
         if args.profile_seconds:
-            print(f"profiling the service at {args.profile_clients} clients with py-spy ...", flush=True)
+            log(f"profiling the service at {args.profile_clients} clients with py-spy ...")
 
             def profiled_case(seconds: int) -> dict:
                 return measure(service, "unique", args.profile_clients, seconds, workdir, args.texts, "profiled")
@@ -298,19 +242,16 @@ def main() -> int:
             profile = profile_service(service.pid, args.profile_seconds, workdir, profiled_case)
         memory = {s.name: s.pss_mb() for s in servers}
         inference = metric_totals(service.url, ("sentiment_inference_seconds_sum", "sentiment_inferred_texts_total"))
-    finally:
-        for server in servers:
-            server.stop()
 
     cases = {key: median_case(v) for key, v in runs.items()}
-    print()
-    print(f"medians of {args.rounds} round(s) of {args.seconds} s, Locust on the same {os.cpu_count()} cores")
-    print(
+    log("")
+    log(f"medians of {args.rounds} round(s) of {args.seconds} s, Locust on the same {os.cpu_count()} cores")
+    log(
         f"{'server':<9} {'texts':<9} {'clients':>7} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
         f"{'errors':>6} {'CPU ms/req':>10} {'batch':>6}"
     )
     for (name, mode, users), c in sorted(cases.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
-        print(
+        log(
             f"{name:<9} {mode:<9} {users:>7} {c['req_per_s']:>8.1f} {c['p50_ms']:>7.0f} {c['p95_ms']:>7.0f} "
             f"{c['p99_ms']:>7.0f} {c['failures']:>6} {c['cpu_ms_per_request'] or 0:>10.2f} "
             f"{c.get('mean_batch') or '-':>6}"
@@ -322,7 +263,7 @@ def main() -> int:
             theirs = cases.get((peer, "unique", users))
             if ours and theirs and theirs["req_per_s"]:
                 ratios[f"{peer}_x{users}"] = round(ours["req_per_s"] / theirs["req_per_s"], 2)
-    print("throughput ratios, service / peer: " + ", ".join(f"{k} {v}x" for k, v in ratios.items()))
+    log("throughput ratios, service / peer: " + ", ".join(f"{k} {v}x" for k, v in ratios.items()))
     split = None
     if profile is not None:
         per_req = profile["case"]["cpu_ms_per_request"] or 0.0
@@ -333,16 +274,16 @@ def main() -> int:
             "outside_model_ms": round(per_req - model_ms, 2),
             "shares": profile["split"],
         }
-        print(
+        log(
             f"CPU per uncached request (py-spy, {args.profile_clients} clients): {per_req:.2f} ms, "
             f"model {model_ms:.2f} ms, everything else {per_req - model_ms:.2f} ms"
         )
         for bucket, share in profile["split"].items():
-            print(f"  {share * 100:5.1f}%  {bucket}")
-    print("memory (PSS): " + ", ".join(f"{k} {v:.0f} MB" for k, v in memory.items()))
+            log(f"  {share * 100:5.1f}%  {bucket}")
+    log("memory (PSS): " + ", ".join(f"{k} {v:.0f} MB" for k, v in memory.items()))
     if raw:
         one, two = raw[1]["texts_per_s"], raw[2]["texts_per_s"]
-        print(f"raw model: {one} texts/s on 1 thread, {two} on 2 (batch 32, same run)")
+        log(f"raw model: {one} texts/s on 1 thread, {two} on 2 (batch 32, same run)")
     result = {
         "model": args.model,
         "reference": args.reference,
@@ -352,11 +293,11 @@ def main() -> int:
         "cpu_split": split,
         "memory_pss_mb": memory,
         "service_inference": inference,
-        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "chart", "chart_only")},
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2, default=str))
-    print(f"wrote {args.json}")
+    log(f"wrote {args.json} and {bench_chart(result, args.chart)}")
     return 0
 
 

@@ -1,26 +1,58 @@
-"""The load-test report of one scenario, from the files loadtests/run.py leaves in its folder.
+"""The load-test report of one scenario, from the files loadtests/run.py leaves in its folder,
+and the markdown table every suite's report is written with (`table`).
 
-    python -m loadtests.report var/loadtests/<time>/<scenario> [--prometheus URL]
+    python -m loadtests.report.markdown var/loadtests/<time>/<scenario> [--prometheus URL]
 
 Inputs: Locust's CSV files (locust_stats.csv, locust_stats_history.csv, locust_failures.csv),
 outcomes.json (cache hits and their latencies, from the locustfile), the service's /metrics
 before and after, /analytics/summary after (run.json) and resources.csv (CPU and memory per
-process group), read by loadtests/figures.py. Output: report.md beside them and PNG plots in
-plots/ (loadtests/plots.py): the original report's tables filled from this run, with the
-original's figures (loadtests/plan.py) beside them.
+process group), read by figures.py. Output: report.md beside them and PNG plots in plots/
+(plots.py): the original report's tables filled from this run, with the original's figures
+(`ORIGINAL`) beside them and this project's targets (`TARGETS`) judged.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loadtests.figures import figures
-from loadtests.plan import ORIGINAL, TARGETS
-from loadtests.plots import plots
+from loadtests.report.figures import figures
+from loadtests.report.plots import plots
+
+# The original deployment's report (4 threads, a separate load generator).
+ORIGINAL: dict[str, dict[str, float]] = {
+    "baseline": {"req_s": 100, "p50": 65, "p95": 120, "p99": 180, "max": 250, "errors_pct": 0.5, "hit_rate": 72},
+    "spike": {"peak_req_s": 350, "p95": 140, "p99": 350, "rate_limited_pct": 15},
+    "cache": {"hit_rate": 95, "hit_p50": 8, "miss_p50": 65},
+}
+# This project's targets on 2 cores: (figure, limit, how it compares).
+TARGETS: dict[str, list[tuple[str, float, str]]] = {
+    "baseline": [
+        ("p50", 20, "<="),
+        ("p95", 60, "<="),
+        ("p99", 150, "<="),
+        ("errors_pct", 0, "<="),
+        ("shed_pct", 0, "<="),
+    ],
+    "spike": [
+        ("server_errors", 0, "<="),
+        ("answered_p99", 350, "<="),
+        ("max", 1000, "<="),
+        ("shed_pct", 10, "<="),
+    ],
+    "cache": [("hit_rate", 95, ">="), ("hit_p50", 3, "<=")],
+}
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A markdown table's lines: the header, its rule, a line per row (cells as given, str()ed)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
 
 LABELS = {
     "users": "users (peak)",
@@ -208,11 +240,8 @@ def _header(run: dict[str, Any], bad: list[str]) -> list[str]:
 
 def _results(figs: dict[str, Any], original: dict[str, float]) -> list[str]:
     """This run's figures beside the original's."""
-    lines = ["## Results", "", "| figure | this run | original | difference |", "|---|---|---|---|"]
-    for key in RESULTS:
-        theirs = original.get(key)
-        lines.append(f"| {LABELS[key]} | {_fmt(figs.get(key))} | {_fmt(theirs)} | {_diff(figs.get(key), theirs)} |")
-    return lines + [
+    rows = [(LABELS[k], _fmt(figs.get(k)), _fmt(original.get(k)), _diff(figs.get(k), original.get(k))) for k in RESULTS]
+    return ["## Results", "", *table(("figure", "this run", "original", "difference"), rows)] + [
         "",
         "Latency is Locust's, measured at the client on the same machine, 429s and sheds included; the",
         "answered rows count only 200s. A shed is a 503 with `Retry-After`: the service refused the request",
@@ -224,38 +253,27 @@ def _results(figs: dict[str, Any], original: dict[str, float]) -> list[str]:
 
 
 def _per_endpoint(endpoints: list[dict[str, Any]]) -> list[str]:
-    lines = [
-        "## Per endpoint",
-        "",
-        "| endpoint | requests | req/s | avg ms | p50 ms | p95 ms | p99 ms | 429 | shed | other failures"
-        " | cache hit rate % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in endpoints:
-        lines.append(
-            f"| {row['endpoint']} | {_fmt(row['requests'])} | {_fmt(row['req_s'])} | {_fmt(row['avg'])} |"
-            f" {_fmt(row['p50'])} | {_fmt(row['p95'])} | {_fmt(row['p99'])} | {_fmt(row['rate_limited'])} |"
-            f" {_fmt(row['shed'])} | {_fmt(row['other_failures'])} | {_fmt(row['hit_rate'])} |"
-        )
-    return lines
+    header = ("endpoint", "requests", "req/s", "avg ms", "p50 ms", "p95 ms", "p99 ms", "429", "shed")
+    keys = ("requests", "req_s", "avg", "p50", "p95", "p99", "rate_limited", "shed", "other_failures", "hit_rate")
+    rows = [(row["endpoint"], *(_fmt(row[k]) for k in keys)) for row in endpoints]
+    return ["## Per endpoint", "", *table((*header, "other failures", "cache hit rate %"), rows)]
 
 
 def _resources_section(resources: dict[str, dict[str, float]]) -> list[str]:
     lines = ["## Resources", ""]
     if not resources:
         return lines + ["Not sampled: the service was not started by this run."]
+    header = ("process group", "CPU mean (cores)", "CPU max (cores)", "memory mean (MB)", "memory max (MB)")
+    rows = [
+        (group, f"{u['cores_mean']:.2f}", f"{u['cores_max']:.2f}", f"{u['mb_mean']:,.0f}", f"{u['mb_max']:,.0f}")
+        for group, u in sorted(resources.items())
+        if "cores_mean" in u
+    ]
     lines += [
         "Sampled every second (CPU as cores in use; memory as PSS, so shared pages count once).",
         "",
-        "| process group | CPU mean (cores) | CPU max (cores) | memory mean (MB) | memory max (MB) |",
-        "|---|---|---|---|---|",
+        *table(header, rows),
     ]
-    for group, usage in sorted(resources.items()):
-        if "cores_mean" in usage:
-            lines.append(
-                f"| {group} | {usage['cores_mean']:.2f} | {usage['cores_max']:.2f} | {usage['mb_mean']:,.0f} |"
-                f" {usage['mb_max']:,.0f} |"
-            )
     if "used_memory_mb_max" in resources.get("redis", {}):
         lines.append(f"\nRedis `used_memory` peak: {resources['redis']['used_memory_mb_max']:.2f} MB.")
     return lines
@@ -295,9 +313,9 @@ def build(folder: Path, prometheus_url: str | None = None) -> dict[str, Any]:
         lines += ["", *_service_view(figs["analytics"], figs["predictions_answered"])]
     lines += ["", "## Analysis", "", *analysis(name, figs, run["machine"])]
     if figs["failures_by_error"]:
-        lines += ["", "## Failures", "", "| endpoint: error | count |", "|---|---|"]
-        for error, count in sorted(figs["failures_by_error"].items(), key=lambda kv: -kv[1]):
-            lines.append(f"| {error.replace('|', '/')} | {count:,} |")
+        errors = sorted(figs["failures_by_error"].items(), key=lambda kv: -kv[1])
+        rows = [(error.replace("|", "/"), f"{count:,}") for error, count in errors]
+        lines += ["", "## Failures", "", *table(("endpoint: error", "count"), rows)]
     if made:
         lines += ["", "## Plots", ""]
         for title, path in made:
@@ -318,6 +336,28 @@ def console_summary(result: dict[str, Any]) -> str:
         f" errors {figs['errors_pct']}% (+{figs['rate_limited_pct']}% 429, {figs['shed_pct']}% shed),"
         f" cache hits {figs['hit_rate']}%: {verdict}\n  report: {result['report']}"
     )
+
+
+def _step_fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def write_steps(folder: Path, rows: list[dict[str, Any]]) -> str:
+    """steps.json and steps.md in `folder`; the markdown table."""
+    (folder / "steps.json").write_text(json.dumps(rows, indent=2))
+    header: tuple[str, ...] = ("load (share of capacity)", "users", "answered req/s", "p50 ms", "p95 ms", "shed %")
+    header += ("saturation: in_flight", "saturation: queue_delay", "API cores")
+    digits = {"answered_req_s": 1, "p50_ms": 0, "p95_ms": 0}
+    keys = ("answered_req_s", "p50_ms", "p95_ms", "shed_pct", "saturation_in_flight", "saturation_queue_delay")
+    cells = [
+        (f"{r['share'] * 100:.0f}%", r["users"], *(_step_fmt(r[k], digits.get(k, 2)) for k in (*keys, "api_cores")))
+        for r in rows
+    ]
+    text = "\n".join(table(header, cells)) + "\n"
+    (folder / "steps.md").write_text(text)
+    return text
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
-"""`python -m loadtests.jobs_beside [--texts 100000] [--duration 10m]`: interactive latency with
+"""`python -m loadtests.jobs.beside [--texts 100000] [--duration 10m]`: interactive latency with
 and without bulk jobs running, back to back on one instance.
 
-The original plan's baseline scenario (loadtests/plan.py: 100 users, 72% repeated texts) runs
+The original plan's baseline scenario (loadtests/run.py: 100 users, 72% repeated texts) runs
 twice against one instance (loadtests/run.py's stack: throwaway Redis and PostgreSQL, a
 2-worker `bentoml serve` on the store's models), the cache emptied before each run:
 1. `without`: nothing else sent to the instance;
@@ -33,11 +33,10 @@ from typing import Any
 
 import httpx
 
-from loadtests import report
-from loadtests.jobs_bench import MODEL, REFERENCE, model_store
-from loadtests.plan import PLAN
-from loadtests.run import _redis_flush, parse_duration, run_scenario, start_stack
-from loadtests.texts import OUT_OF_SOURCE, load_texts
+from loadtests.harness import MODEL, OUT_OF_SOURCE, REFERENCE, load_texts, log, metric_totals, model_store, stopped
+from loadtests.report import markdown as report
+from loadtests.report.markdown import table
+from loadtests.run import PLAN, parse_duration, redis_flush, run_scenario, start_stack
 from tests.support.serving import ROOT
 
 WORKERS = 2
@@ -46,10 +45,6 @@ WORKERS = 2
 MAX_TEXTS_PER_S = 1_000
 GOAL = 1.10  # the with-jobs p95 over the without-jobs p95, at most
 FIGURES = ("requests", "req_s", "p50", "p95", "p99", "answered_p95", "answered_p99", "max", "miss_p95", "hit_p95")
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 class Jobs:
@@ -110,9 +105,12 @@ class Jobs:
         return round((d1 - d0) / (t1 - t0), 1) if t1 > t0 else 0.0
 
 
-def metric_sum(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+BUSY = "sentiment_inference_seconds_sum"
+
+
+def busy_seconds(url: str) -> float:
+    """Seconds the instance's inference threads have spent in forward calls."""
+    return metric_totals(url, [BUSY], timeout=30)[BUSY]
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -125,17 +123,15 @@ def markdown(result: dict[str, Any]) -> str:
         " emptied before each run; `with`: jobs of"
         f" {result['job_texts']:,} unique texts queued before the run, one running at every moment.",
         "",
-        "| run | requests | req/s | p50 ms | p95 ms | p99 ms | answered p95 | answered p99 | max ms"
-        " | miss p95 | hit p95 | job texts/s | inference busy |",
-        "|---|" + "---|" * 12,
     ]
+    header = ("run", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "answered p95", "answered p99", "max ms")
+    rows: list[tuple[Any, ...]] = []
     for name, run in runs.items():
         f = run["figures"]
-        lines.append(
-            f"| {name} | {f['requests']:,} | {f['req_s']} | {f['p50']:.1f} | {f['p95']:.1f} | {f['p99']:.1f}"
-            f" | {f['answered_p95']:.1f} | {f['answered_p99']:.1f} | {f['max']:.0f} | {f['miss_p95']:.1f}"
-            f" | {f['hit_p95']:.1f} | {run.get('job_texts_per_s', '–')} | {run['inference_busy_share']:.0%} |"
-        )
+        rows.append((name, f"{f['requests']:,}", f["req_s"], f"{f['p50']:.1f}", f"{f['p95']:.1f}", f"{f['p99']:.1f}"))
+        rows[-1] += (f"{f['answered_p95']:.1f}", f"{f['answered_p99']:.1f}", f"{f['max']:.0f}", f"{f['miss_p95']:.1f}")
+        rows[-1] += (f"{f['hit_p95']:.1f}", run.get("job_texts_per_s", "–"), f"{run['inference_busy_share']:.0%}")
+    lines += table((*header, "miss p95", "hit p95", "job texts/s", "inference busy"), rows)
     ratio = result["p95_ratio"]
     lines += [
         "",
@@ -189,28 +185,25 @@ def main() -> int:
         "JOB_RESULT_TTL_SECONDS": "600",
     }
     admin_key = os.environ.get("ADMIN_API_KEY")
-    servers: list[Any] = []
     runs: dict[str, dict[str, Any]] = {}
     result: dict[str, Any] = {}
-    try:
+    with stopped() as servers:
         served, roots, redis_url = start_stack(out, WORKERS, servers, env)
         url = served.url
         httpx.post(f"{url}/batch", json={"texts": ["warm up", "the first forward call"]}, timeout=60)
         phases = ["without", "with"] + (["without-again"] if args.again else [])
         jobs: Jobs | None = None
         for name in phases:
-            _redis_flush(redis_url)
+            redis_flush(redis_url)
             if name == "with":
                 log(f"[with] queueing {count} jobs of {args.texts:,} texts ...")
                 jobs = Jobs(url, args.texts, count, base)
                 jobs.submit()
                 time.sleep(5)  # the first chunks leased: a job runs when the scenario starts
             log(f"[{name}] {scenario.description} against {url}")
-            busy0 = metric_sum(url, "sentiment_inference_seconds_sum")
+            busy0 = busy_seconds(url)
             run = run_scenario(scenario, url, out / name, roots, admin_key, redis_url, WORKERS)
-            busy = (metric_sum(url, "sentiment_inference_seconds_sum") - busy0) / (
-                (run["ended"] - run["started"]) * WORKERS
-            )
+            busy = (busy_seconds(url) - busy0) / ((run["ended"] - run["started"]) * WORKERS)
             built = report.build(out / name)
             log(report.console_summary(built))
             runs[name] = {
@@ -224,16 +217,10 @@ def main() -> int:
                 result["jobs_finished"] = states.count("done")
                 result["jobs_submitted"] = len(states)
                 log(f"  jobs: {runs[name]['job_texts_per_s']} texts/s during the run; states {states}")
-    finally:
-        for server in reversed(servers):
-            try:
-                server.stop()
-            except Exception as exc:  # keep tearing down the rest
-                log(f"stopping {type(server).__name__}: {exc}")
 
     result.update(
         started=started.isoformat(timespec="seconds"),
-        command="python -m loadtests.jobs_beside " + " ".join(sys.argv[1:]),
+        command="python -m loadtests.jobs.beside " + " ".join(sys.argv[1:]),
         scenario=scenario.description,
         profile=profile,
         job_texts=args.texts,

@@ -1,8 +1,8 @@
-"""`python -m loadtests.jobs_bench [--texts 100000]`: a bulk job's throughput beside the raw model's.
+"""`python -m loadtests.jobs.throughput [--texts 100000]`: a bulk job's throughput beside the raw model's.
 
 In one run on this machine:
-1. the raw model (loadtests/bench.py's `raw_throughput`: batch forward passes in a loop, no
-   HTTP, no queue, unique texts), in two layouts: one process on every core (bench.py's figure),
+1. the raw model (`make bench`'s `raw_throughput`: batch forward passes in a loop, no HTTP, no
+   queue, unique texts), in two layouts: one process on every core (the bench's figure),
    and the service's own layout, one process per inference thread of its workers, each with the
    service's intra-op threads, all at once (summed);
 2. a job of `--texts` unique texts on an idle instance: a throwaway PostgreSQL (and, with
@@ -30,7 +30,6 @@ import json
 import multiprocessing
 import os
 import statistics
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -41,15 +40,25 @@ import httpx
 import psutil
 import sqlalchemy as sa
 
-from loadtests.bench import metric_totals, raw_throughput
-from loadtests.peers import cpu_seconds
-from loadtests.texts import OUT_OF_SOURCE, load_texts
+from loadtests.bench.peers import raw_throughput
+from loadtests.harness import (
+    MODEL,
+    OUT_OF_SOURCE,
+    REFERENCE,
+    MachineLoad,
+    busy_seconds,
+    cpu_seconds,
+    load_texts,
+    log,
+    metric_totals,
+    model_store,
+    stopped,
+)
+from loadtests.report.markdown import table
 from service.config import Settings
 from tests.support.servers import PostgresServer, RedisServer
-from tests.support.serving import ROOT, Managed, Served
+from tests.support.serving import ROOT, Served
 
-MODEL, REFERENCE = "sentiment-minilm-int8:latest", "sentiment-minilm:latest"
-QUICK_HOME = ROOT / "var" / "bentoml-quick"
 WORKERS = 2
 # Others' work on a shared machine: above this many cores in any phase or window, the run's ratio
 # says more about the neighbours than about the service (the scheduler shares the cores out by
@@ -69,24 +78,8 @@ SERIES = (
 )
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def model_store() -> tuple[str, Path]:
-    """The profile and BentoML home to use: the store's full models, or the quick ones."""
-    home = Path(os.environ.get("BENTOML_HOME") or Path.home() / "bentoml")
-    if all((home / "models" / tag.split(":")[0] / "latest").exists() for tag in (MODEL, REFERENCE)):
-        return "full", home
-    if not all((QUICK_HOME / "models" / tag.split(":")[0] / "latest").exists() for tag in (MODEL, REFERENCE)):
-        log(f"no full models in {home}: building the quick ones into {QUICK_HOME} ...")
-        env = {**os.environ, "BENTOML_HOME": str(QUICK_HOME)}
-        subprocess.run([sys.executable, "-m", "models.build", "--profile", "quick"], cwd=ROOT, env=env, check=True)
-    return "quick", QUICK_HOME
-
-
 def _raw_one(job: tuple[str, list[str], float, int]) -> dict[str, float]:
-    """bench.py's raw measurement in this process, with the cores it and the whole machine used."""
+    """The bench's raw measurement in this process, with the cores it and the whole machine used."""
     machine, own, wall = psutil.cpu_times(), time.process_time(), time.perf_counter()
     result = raw_throughput(*job, batch=BATCH)
     machine1, wall = psutil.cpu_times(), time.perf_counter() - wall
@@ -119,25 +112,6 @@ def raw_layouts(texts: list[str], seconds: float) -> dict[str, dict[str, Any]]:
     return out
 
 
-def busy_seconds() -> float:
-    """CPU seconds all the machine's cores have spent busy since boot (/proc/stat)."""
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - t.iowait
-
-
-class MachineLoad:
-    """How busy all the machine's cores were between start() and stop(), from /proc/stat."""
-
-    def start(self) -> None:
-        self.t0 = psutil.cpu_times()
-
-    def stop(self) -> float:
-        t1 = psutil.cpu_times()
-        idle = (t1.idle + t1.iowait) - (self.t0.idle + self.t0.iowait)
-        total = sum(t1) - sum(self.t0)
-        return round(1 - idle / total, 3) if total else 0.0
-
-
 def run_job(served: Served, backends: list[int], texts: list[str], poll_s: float) -> dict[str, Any]:
     """Submit the job, poll it until done; the timeline of its progress and its figures.
     `backends`: the pids of the instance's PostgreSQL (and Redis), whose work is the job's too."""
@@ -145,8 +119,7 @@ def run_job(served: Served, backends: list[int], texts: list[str], poll_s: float
     body = json.dumps({"texts": texts}).encode()
     before = metric_totals(served.url, SERIES)
     cpu0, db0 = cpu_seconds(served.proc.pid), cpu_seconds(*backends)
-    machine = MachineLoad()
-    machine.start()
+    machine = MachineLoad().start()
     busy0 = busy_seconds()
     started = time.perf_counter()
     r = httpx.post(
@@ -249,20 +222,28 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['inference_threads_per_worker']} inference thread(s) x {report['threads_per_worker']} thread(s), "
         f"{report['backends']}, {os.cpu_count()} cores.",
         "",
-        "| what | texts/s | details |",
-        "|---|---|---|",
     ]
-    for when in ("before", "after"):
-        for r in raw[when].values():
-            lines.append(
-                f"| raw model {when}, {r['processes']} process(es) x {r['threads']} thread(s) | {r['texts_per_s']} "
-                f"| batch {BATCH} in {r['batch_ms_median']} ms, {r['cpu_ms_per_text']} CPU ms per text; "
-                f"others' work took {r['others_cores']} cores meanwhile |"
-            )
+    rows = [
+        (
+            f"raw model {when}, {r['processes']} process(es) x {r['threads']} thread(s)",
+            r["texts_per_s"],
+            f"batch {BATCH} in {r['batch_ms_median']} ms, {r['cpu_ms_per_text']} CPU ms per text; "
+            f"others' work took {r['others_cores']} cores meanwhile",
+        )
+        for when in ("before", "after")
+        for r in raw[when].values()
+    ]
+    details = f"{job['seconds']} s from the POST to done (submit {job['submit_seconds']} s, {job['body_mb']} MB), "
+    details += (
+        f"{job['instance_cpu_ms_per_text']} CPU ms per text; others' work took {job['others_cores']} cores meanwhile"
+    )
+    rows.append((f"**job of {job['texts']:,} texts**", f"**{job['texts_per_s']}**", details))
+    lines += table(("what", "texts/s", "details"), rows)
+    spans = [
+        (f"{w['from_s']:.0f}-{w['to_s']:.0f}", w["texts_per_s"], w["our_cores"], w["others_cores"])
+        for w in job["windows"]
+    ]
     lines += [
-        f"| **job of {job['texts']:,} texts** | **{job['texts_per_s']}** | {job['seconds']} s from the POST to done "
-        f"(submit {job['submit_seconds']} s, {job['body_mb']} MB), {job['instance_cpu_ms_per_text']} CPU ms per text; "
-        f"others' work took {job['others_cores']} cores meanwhile |",
         "",
         f"**Ratio: {ratio['job_over_raw']:.1%}** of the raw model ({layout}, {ratio['raw_texts_per_s']} "
         f"texts/s, the mean of before and after); the goal is 80% or more: **{'met' if ratio['met'] else 'not met'}**.",
@@ -295,12 +276,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"The job in windows of about 30 s (our cores: the instance and its {report['backends'].split(',')[0]}):",
         "",
-        "| seconds | texts/s | our cores | others' cores |",
-        "|---|---|---|---|",
-        *(
-            f"| {w['from_s']:.0f}-{w['to_s']:.0f} | {w['texts_per_s']} | {w['our_cores']} | {w['others_cores']} |"
-            for w in job["windows"]
-        ),
+        *table(("seconds", "texts/s", "our cores", "others' cores"), spans),
     ]
     return "\n".join(lines) + "\n"
 
@@ -326,8 +302,7 @@ def main() -> int:
     # unique as bench.py's raw texts are: the corpus's reviews, each with a number of its own
     texts = [f"{base[k % len(base)]} [{k}]" for k in range(args.texts)]
 
-    machine = MachineLoad()
-    machine.start()
+    machine = MachineLoad().start()
     time.sleep(5)
     before_busy = machine.stop()
     load_average = [round(x, 2) for x in os.getloadavg()]
@@ -337,8 +312,7 @@ def main() -> int:
     raw["before"] = raw_layouts(base, args.raw_seconds)
     log("  " + json.dumps(raw["before"]))
 
-    servers: list[Managed] = []
-    try:
+    with stopped() as servers:
         postgres = PostgresServer()
         servers.append(postgres)  # registered before its start: a failed start is stopped too
         postgres.start()
@@ -369,9 +343,6 @@ def main() -> int:
             f"inference threads busy {job['inference_busy_share']:.0%}"
         )
         workers = chunk_workers(postgres.url, job["job_id"])
-    finally:
-        for server in reversed(servers):
-            server.stop()
 
     log("raw model after the job ...")
     raw["after"] = raw_layouts(base, args.raw_seconds)
@@ -390,7 +361,7 @@ def main() -> int:
     raw_cpu = statistics.mean(raw[when][layout]["cpu_ms_per_text"] for when in ("before", "after"))
     report = {
         "started": started.isoformat(timespec="seconds"),
-        "command": "python -m loadtests.jobs_bench " + " ".join(sys.argv[1:]),
+        "command": "python -m loadtests.jobs.throughput " + " ".join(sys.argv[1:]),
         "profile": profile,
         "model": MODEL,
         "threads_per_worker": SETTINGS.threads_per_worker,

@@ -3,7 +3,12 @@
 Locust's CSV files (locust_stats.csv, locust_stats_history.csv, locust_failures.csv), outcomes.json
 (cache hits and their latencies, from the locustfile), the service's /metrics before and after,
 run.json (the scenario, the machine, /analytics/summary after) and resources.csv (CPU and memory
-per process group). loadtests/report.py writes them up and loadtests/plots.py draws them.
+per process group). markdown.py writes them up and plots.py draws them.
+
+The capacity steps (`make loadtest SCENARIO=steps`; the table in docs/scaling.md, from which the
+autoscaler's target comes, is their output): `steps_table` reads the requests' timeline
+(the locustfile's --timeline) and the saturation sampled from /metrics every second
+(resources.csv), over each step but its first SETTLE_S seconds.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
+from loadtests.harness import metric_sum, parse_metrics, percentile
 
 AGGREGATED = "Aggregated"  # the name of Locust's row over all requests
 
@@ -67,26 +72,10 @@ def resource_groups(rows: list[dict[str, str]]) -> list[str]:
     return sorted({k.rsplit("_", 1)[0] for k in rows[0] if k.endswith("_cores")})
 
 
-def metric_totals(text: str) -> dict[tuple[str, tuple], float]:
-    """Every sample of a /metrics text, keyed by (name, sorted labels)."""
-    out: dict[tuple[str, tuple], float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def metric_sum(metrics: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
-    """The sum of the samples named `name` whose labels include `labels`."""
-    return sum(
-        v for (n, ls), v in metrics.items() if n == name and all(dict(ls).get(k) == want for k, want in labels.items())
-    )
-
-
 # --- figures -------------------------------------------------------------------------------
 
 
-def _failures(rows: list[dict[str, str]]) -> tuple[int, int, int, int, dict[str, int]]:
+def failures(rows: list[dict[str, str]]) -> tuple[int, int, int, int, dict[str, int]]:
     """(429s, sheds: 503 with Retry-After, other 5xx, other failures, count per error text)."""
     limited = shed = server = other = 0
     by_error: dict[str, int] = {}
@@ -111,7 +100,7 @@ def figures(folder: Path) -> dict[str, Any]:
     stats = locust_stats(folder)
     total = stats.get(AGGREGATED, {})
     history = aggregated_history(folder)
-    limited, shed, server, other, by_error = _failures(read_csv(folder / "locust_failures.csv"))
+    limited, shed, server, other, by_error = failures(read_csv(folder / "locust_failures.csv"))
     outcomes = json.loads((folder / "outcomes.json").read_text()) if (folder / "outcomes.json").exists() else {}
     requests = int(total.get("Request Count", 0) or 0)
     duration = run["ended"] - run["started"]
@@ -196,7 +185,7 @@ def _service_profile(folder: Path, duration: float) -> dict[str, Any]:
     after_text = (folder / "metrics_after.txt").read_text() if (folder / "metrics_after.txt").exists() else ""
     if not after_text:
         return {}
-    before, after = metric_totals(before_text), metric_totals(after_text)
+    before, after = parse_metrics(before_text), parse_metrics(after_text)
 
     def delta(name: str, **labels: str) -> float:
         return metric_sum(after, name, **labels) - metric_sum(before, name, **labels)
@@ -247,3 +236,50 @@ def _resources(folder: Path) -> dict[str, dict[str, float]]:
     if redis:
         out.setdefault("redis", {})["used_memory_mb_max"] = max(redis)
     return out
+
+
+# --- the capacity steps --------------------------------------------------------------------
+
+SETTLE_S = 20.0  # of each step (a quarter of a shorter one), left out: users spawning, the adaptive limit moving
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def steps_table(folder: Path, users: int, step_s: float, step_shares: list[float]) -> list[dict[str, Any]]:
+    """One row per step: its share and users, answered requests a second, their p95, the shed
+    share, and the mean of each saturation signal and of the API's cores in use."""
+    with (folder / "timeline.csv").open() as f:
+        rows = list(csv.reader(f))
+    start = float(rows[0][1])  # the header line: "start", the test's start time
+    events = [(float(t), kind, float(ms)) for t, kind, ms in rows[1:]]
+    with (folder / "resources.csv").open() as f:
+        samples = list(csv.DictReader(f))
+    result = []
+    settle = min(SETTLE_S, step_s / 4)
+    for i, share in enumerate(step_shares):
+        lo, hi = start + i * step_s + settle, start + (i + 1) * step_s
+        inside = [(kind, ms) for t, kind, ms in events if lo <= t < hi]
+        answered = [ms for kind, ms in inside if kind == "answered"]
+        shed = sum(1 for kind, _ in inside if kind == "shed")
+        window = [s for s in samples if lo <= float(s["t"]) < hi]
+
+        def mean_of(column: str, window: list[dict[str, str]] = window) -> float | None:
+            values = [float(s[column]) for s in window if s.get(column) not in (None, "")]
+            return _mean(values)
+
+        result.append(
+            {
+                "share": share,
+                "users": max(1, round(users * share)),
+                "answered_req_s": round(len(answered) / (hi - lo), 1),
+                "p50_ms": percentile(answered, 0.5),
+                "p95_ms": percentile(answered, 0.95),
+                "shed_pct": round(100 * shed / max(1, len(answered) + shed), 2),
+                "saturation_in_flight": mean_of("saturation_in_flight"),
+                "saturation_queue_delay": mean_of("saturation_queue_delay"),
+                "api_cores": mean_of("api_cores"),
+            }
+        )
+    return result
