@@ -37,9 +37,9 @@ TRACE_PREFIX = "model"  # the traced module's attribute holding the transformers
 TRACE_INPUTS = "inputs.json"  # in the trace: the names of its positional inputs, in order
 # Texts are forwarded in groups of at most this many, sorted by token count.
 CHUNK_SIZE = 64
-# A forward call costs a fixed part plus a part per token of its padded input: on this 2-core
-# machine the int8 model's fixed part was about that of 6 tokens (`python -m
-# loadtests.model_knobs`). A sorted batch is cut where the padding saved pays for one more call.
+# A forward call costs a fixed part plus a part per token of its padded input: the int8 model's
+# fixed part is about that of 6 tokens (docs/decisions.md, "Tokenizer and ONNX Runtime
+# settings"). A sorted batch is cut where the padding saved pays for one more call.
 CALL_COST_TOKENS = 6
 
 

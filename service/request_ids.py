@@ -26,7 +26,7 @@ class RandomBytes:
     os.urandom releases the GIL around its getrandom(2) call. On a busy worker another thread
     (the inference thread between forward calls, the analytics writer) takes the GIL then, and
     the event loop waits for it to come back, up to the interpreter's switch interval (5 ms) per
-    call (`python -m loadtests.gil_handover`). Two such calls per prediction (its request id and
+    call (docs/decisions.md, "The GIL on the request path"). Two such calls per prediction (its request id and
     the response's X-Request-ID) become one per 128 predictions.
     """
 

@@ -84,7 +84,7 @@ def insert_new_rows(conn: Connection, rows: list[Row]) -> set[str]:
     The multi-row INSERT that SQLAlchemy builds for a batch (500 rows x 12 parameters) is
     rewritten by psycopg from named to numbered parameters in Python on every call (too long for
     its statement cache): 120-150 us of the worker's CPU per row, holding the GIL the event loop
-    waits for; this statement is rewritten once and cached (python -m loadtests.writer_cpu).
+    waits for; this statement is rewritten once and cached (docs/decisions.md, "The analytics writer").
     COPY through a staging table costs less again, but a temporary table needs a privilege the
     replicas' role does not have (deploy/postgres/app-role.sh). Errors are raised as SQLAlchemy's
     (is_transient tells an outage from a refused row)."""
