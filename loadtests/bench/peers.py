@@ -217,10 +217,11 @@ def profile_service(pid: int, seconds: int, workdir: Path, run_case: Callable[[i
 # --- the peers --------------------------------------------------------------------------------
 
 
-def serve_litserve(model: str, port: int, workers: int = 2, max_batch: int = 32, wait_ms: float = 5.0) -> None:
-    """The lean batching peer: LitServe around the store's ONNX int8 model, batches of up to 32
-    texts with a 5 ms wait, 2 inference workers of 1 ONNX Runtime thread each (the service's own
-    layout on 2 cores)."""
+def _lit_api() -> type:
+    """LitServe's API class for the lean peer. LitServe starts its workers with spawn, which
+    pickles the API by reference, so the class must be this module's attribute; it is built on
+    first use (module __getattr__ below) so that litserve, the bench extra, is imported only by
+    the bench."""
     import litserve as ls
 
     class SentimentAPI(ls.LitAPI):  # type: ignore[misc]
@@ -244,7 +245,24 @@ def serve_litserve(model: str, port: int, workers: int = 2, max_batch: int = 32,
         def encode_response(self, output: Any) -> dict[str, Any]:
             return {"label": output.label, "score": output.score, "probabilities": output.probabilities}
 
-    api = SentimentAPI(model, max_batch_size=max_batch, batch_timeout=wait_ms / 1000)
+    SentimentAPI.__qualname__ = "SentimentAPI"
+    globals()["SentimentAPI"] = SentimentAPI
+    return SentimentAPI
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SentimentAPI":
+        return _lit_api()
+    raise AttributeError(name)
+
+
+def serve_litserve(model: str, port: int, workers: int = 2, max_batch: int = 32, wait_ms: float = 5.0) -> None:
+    """The lean batching peer: LitServe around the store's ONNX int8 model, batches of up to 32
+    texts with a 5 ms wait, 2 inference workers of 1 ONNX Runtime thread each (the service's own
+    layout on 2 cores)."""
+    import litserve as ls
+
+    api = _lit_api()(model, max_batch_size=max_batch, batch_timeout=wait_ms / 1000)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=workers, timeout=60)
     server.run(host="127.0.0.1", port=port, generate_client_file=False, log_level="warning")
 
