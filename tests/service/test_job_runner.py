@@ -80,26 +80,10 @@ async def test_job_sub_batches_wait_for_a_quiet_instance_and_grow_after_a_long_q
     # Imported here, not at collection: service.jobs imports service.schemas, which reads the
     # settings once, and the other service tests set the environment they are read from first.
     from service import jobs as job_module
-    from service.jobs import JobRunner
-    from service.predictions import Predictions
 
-    model, rows, database = Model(), Rows(), DatabaseCalls()
-    batcher = Batcher(model, max_batch=32)
-    activity = Activity(tmp_path / "spill")
-    predictions = Predictions(MemoryPredictionCache(60), batcher, rows, activity=activity)  # type: ignore[arg-type]
-    runner = JobRunner(
-        queue,
-        database.run,
-        predictions,
-        batcher,
-        activity,
-        rows,
-        32,
-        [MODEL],
-        timedelta(seconds=30),
-        poll_s=0.05,
-        quiet_s=QUIET_S,
-    )
+    model = Model()
+    runner, close = _runner(queue, model, tmp_path, quiet_s=QUIET_S, lease=timedelta(seconds=30))
+    rows = runner.analytics
     busy_until = time.monotonic() + 1.0
     runner.start()
     try:
@@ -124,10 +108,7 @@ async def test_job_sub_batches_wait_for_a_quiet_instance_and_grow_after_a_long_q
         await _until(lambda: (queue.status(later, None) or {}).get("status") == "done")
         assert [len(texts) for _, texts, _ in model.calls] == [32, 32]  # after a long quiet: full sub-batches
     finally:
-        await runner.stop()
-        batcher.close()
-        database.close()
-        activity.close()
+        await close()
 
 
 class Broken(Model):
@@ -143,27 +124,9 @@ async def test_a_chunk_that_always_fails_ends_its_job_after_its_attempts(
     queue: JobQueue, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     from service import metrics
-    from service.jobs import JobRunner
-    from service.predictions import Predictions
 
-    model, rows, database = Broken(), Rows(), DatabaseCalls()
-    batcher = Batcher(model, max_batch=32)
-    activity = Activity(tmp_path / "spill")
-    predictions = Predictions(MemoryPredictionCache(60), batcher, rows, activity=activity)  # type: ignore[arg-type]
-    runner = JobRunner(
-        queue,
-        database.run,
-        predictions,
-        batcher,
-        activity,
-        rows,
-        32,
-        [MODEL],
-        timedelta(seconds=30),
-        poll_s=0.05,
-        quiet_s=0,
-        max_attempts=3,
-    )
+    model = Broken()
+    runner, close = _runner(queue, model, tmp_path, lease=timedelta(seconds=30))
     failures = metrics.JOB_CHUNK_FAILURES
     before = {o: failures.labels(o)._value.get() for o in ("retried", "job_failed")}
     runner.start()
@@ -176,10 +139,7 @@ async def test_a_chunk_that_always_fails_ends_its_job_after_its_attempts(
         await asyncio.sleep(0.5)  # no endless retry: the model is not called again
         assert calls == len(model.calls) == 3
     finally:
-        await runner.stop()
-        batcher.close()
-        database.close()
-        activity.close()
+        await close()
     assert failures.labels("retried")._value.get() - before["retried"] == 2
     assert failures.labels("job_failed")._value.get() - before["job_failed"] == 1
     tracebacks = [r for r in caplog.records if r.exc_info and "job" in r.getMessage()]
@@ -206,7 +166,16 @@ class Gated(Model):
         return super().__call__(tag, texts)
 
 
-def _runner(queue: JobQueue, model: Model, tmp_path: Path, quiet_s: float = 0.0, timeout_s: float = 10.0):  # type: ignore[no-untyped-def]
+def _runner(  # type: ignore[no-untyped-def]
+    queue: JobQueue,
+    model: Model,
+    tmp_path: Path,
+    quiet_s: float = 0.0,
+    timeout_s: float = 10.0,
+    lease: timedelta = LEASE,
+):
+    """A runner on `model` with an in-process cache and a Rows analytics store (runner.analytics),
+    and the coroutine that stops it and closes its parts."""
     from service.jobs import JobRunner
     from service.predictions import Predictions
 
@@ -214,7 +183,7 @@ def _runner(queue: JobQueue, model: Model, tmp_path: Path, quiet_s: float = 0.0,
     batcher, activity, rows = Batcher(model, max_batch=32), Activity(tmp_path / "spill"), Rows()
     predictions = Predictions(MemoryPredictionCache(60), batcher, rows, activity=activity)  # type: ignore[arg-type]
     runner = JobRunner(
-        queue, database.run, predictions, batcher, activity, rows, 32, [MODEL], LEASE, poll_s=0.05, quiet_s=quiet_s
+        queue, database.run, predictions, batcher, activity, rows, 32, [MODEL], lease, poll_s=0.05, quiet_s=quiet_s
     )
 
     async def close() -> None:
