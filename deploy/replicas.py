@@ -22,7 +22,7 @@ it, which this script writes the same for N=2). For N replicas it writes to --ou
 It needs PyYAML only (docker-compose 1.29 itself runs on it; else `pip install pyyaml`), not the
 project's environment: the host that runs compose may have none. Every replica
 shares Redis, PostgreSQL, ADMIN_API_KEY and REQUEST_ID_KEY (the secrets are the stack's), as
-replicas must (README, Scaling).
+replicas must (README, "Deploy and scale").
 """
 
 from __future__ import annotations

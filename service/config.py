@@ -73,7 +73,7 @@ class Settings(db.DatabaseSettings):
     max_job_body_bytes: int = Field(64 * 1_048_576, gt=0)
     job_result_ttl_seconds: int = Field(604_800, gt=0)
     # Queued work: per client (429 over it) and for every client together (503), so the texts
-    # waiting in the database are bounded (README, Limits).
+    # waiting in the database are bounded (docs/api.md, "Bulk jobs: ownership, quotas, failures").
     max_active_jobs_per_client: int = Field(5, gt=0)
     max_queued_texts_per_client: int = Field(200_000, gt=0)
     max_queued_texts: int = Field(1_000_000, gt=0)
