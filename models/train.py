@@ -54,10 +54,6 @@ class TrainConfig:
     # Batches are drawn from pools of this many batches sorted by length: near-equal lengths
     # in a batch halved the time per step here against random batches (less padding).
     length_group_batches: int = 64
-    # With teacher logits given to train(): the loss is (1 - w) * cross-entropy on the labels
-    # + w * T^2 * KL(teacher || student), both softened by temperature T (Hinton et al., 2015).
-    distill_weight: float = 0.0
-    distill_temperature: float = 2.0
 
 
 def bf16_native() -> bool:
@@ -104,29 +100,13 @@ def load_base(encoder_dir: Path):
     return tokenizer, model
 
 
-def distill_loss(logits: torch.Tensor, target: torch.Tensor, teacher: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    hard = torch.nn.functional.cross_entropy(logits, target)
-    t = cfg.distill_temperature
-    soft = torch.nn.functional.kl_div(
-        torch.log_softmax(logits / t, dim=-1),
-        torch.log_softmax(teacher / t, dim=-1),
-        log_target=True,
-        reduction="batchmean",
-    )
-    return (1 - cfg.distill_weight) * hard + cfg.distill_weight * t * t * soft
-
-
-def train(encoder_dir: Path, examples: list[Example], cfg: TrainConfig, out_dir: Path, teacher_logits=None) -> dict:
-    """Fine-tune, save weights and tokenizer to `out_dir`, and return training statistics.
-    `teacher_logits` (one row per example) turns on distillation (TrainConfig.distill_weight)."""
+def train(encoder_dir: Path, examples: list[Example], cfg: TrainConfig, out_dir: Path) -> dict:
+    """Fine-tune, save weights and tokenizer to `out_dir`, and return training statistics."""
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = random.Random(cfg.seed)
-    teacher = None if teacher_logits is None else torch.as_tensor(teacher_logits, dtype=torch.float32)
     if cfg.max_examples is not None and cfg.max_examples < len(examples):
-        keep = rng.sample(range(len(examples)), cfg.max_examples)
-        examples = [examples[i] for i in keep]
-        teacher = None if teacher is None else teacher[keep]
+        examples = rng.sample(examples, cfg.max_examples)
     tokenizer, model = load_base(encoder_dir)
     encoded = [
         head_and_tail(ids, cfg.max_length, cfg.head_tokens)
@@ -171,11 +151,7 @@ def train(encoder_dir: Path, examples: list[Example], cfg: TrainConfig, out_dir:
             inputs = tokenizer.pad({"input_ids": [encoded[i] for i in batch]}, return_tensors="pt")
             target = torch.tensor([labels[i] for i in batch])
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                if teacher is None or cfg.distill_weight == 0:
-                    loss = model(**inputs, labels=target).loss
-                else:
-                    logits = model(**inputs).logits.float()
-                    loss = distill_loss(logits, target, teacher[batch], cfg)
+                loss = model(**inputs, labels=target).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable_weights, 1.0)
             optimizer.step()
